@@ -1,0 +1,405 @@
+"""The run configuration: one YAML file, validated on load.
+
+The schema is a tree of dataclasses; every field has a type, a default and a comment
+(``metadata["doc"]``), from which :func:`template` writes the commented file of
+``tiahnm init`` and ``docs/configuration.md`` is generated. Unknown keys and values of
+the wrong type raise :class:`~tiahnm.errors.ConfigError` naming the dotted key.
+Component options (``head.options`` ...) are checked against the plugin's factory when
+the component is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from tiahnm.errors import ConfigError
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class ComponentConfig:
+    """A plugin by name plus its keyword options."""
+
+    name: str = _f("none", "Registered plugin name (see `tiahnm plugins`).")
+    options: dict[str, Any] = _f({}, "Keyword options passed to the plugin's factory.")
+
+
+@dataclass
+class HeadConfig(ComponentConfig):
+    """The MIL head."""
+
+    name: str = _f("abmil", "MIL head: abmil, abmil_gated, dsmil, transmil, clam_sb, ...")
+
+
+@dataclass
+class LossConfig(ComponentConfig):
+    """An extra loss added to the head's own loss."""
+
+    name: str = _f("mirank", "Loss plugin name.")
+    weight: float = _f(1.0, "Multiplier of this loss.")
+
+
+@dataclass
+class DataConfig:
+    """Where the bags come from."""
+
+    source: str = _f("h5_folder", "Bag source plugin: h5_folder, mil_csv, ...")
+    options: dict[str, Any] = _f(
+        {},
+        "Options of the bag source, e.g. {features_dir: feats/, labels_csv: labels.csv} "
+        "for h5_folder or {path: musk1.csv} for mil_csv.",
+    )
+    standardize: bool = _f(
+        False, "Standardise features with the mean/std of each fold's training bags."
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop."""
+
+    epochs: int = _f(100, "Maximum epochs per round.")
+    rounds: int = _f(1, "Training rounds (miners such as li2019 add bags between rounds).")
+    optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", "Optimiser.")
+    lr: float = _f(2e-4, "Learning rate.")
+    weight_decay: float = _f(1e-5, "Weight decay.")
+    momentum: float = _f(0.9, "SGD momentum (sgd only).")
+    scheduler: Literal["none", "cosine", "step"] = _f("cosine", "Learning-rate schedule.")
+    step_size: int = _f(50, "Epochs between decays (step scheduler).")
+    gamma: float = _f(0.5, "Decay factor (step scheduler).")
+    grad_clip: float | None = _f(None, "Clip the gradient norm to this value.")
+    monitor: Literal["val_loss", "val_auc", "val_acc"] = _f(
+        "val_loss", "Validation metric for early stopping and model selection."
+    )
+    patience: int = _f(20, "Stop after this many epochs without improvement.")
+    min_epochs: int = _f(0, "Never stop before this epoch.")
+    amp: Literal["auto", "off", "bf16", "fp16"] = _f(
+        "auto", "Mixed precision on GPU (auto: bf16 when supported); always off on CPU."
+    )
+    device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
+    num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice).")
+    checkpoint_every: int = _f(1, "Save a resumable checkpoint every N epochs.")
+    progress: bool = _f(True, "Show progress bars.")
+
+
+@dataclass
+class CVConfig:
+    """Cross-validation and the validation split."""
+
+    folds: int = _f(5, "Stratified folds (ignored when the data fixes the split).")
+    repeats: int = _f(1, "Repeats of the k-fold CV with different shuffles.")
+    val_fraction: float = _f(
+        0.1, "Fraction of each training part held out (stratified) for validation."
+    )
+    split_file: str | None = _f(
+        None,
+        "CSV slide_id,repeat,fold,split assigning bags to folds; overrides folds/repeats.",
+    )
+    use_source_split: bool = _f(
+        True, "Use the train/val/test split column of the data when it has one."
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation."""
+
+    threshold: Literal["0.5", "youden"] = _f(
+        "0.5", "Decision threshold: 0.5, or Youden's J chosen on the validation split."
+    )
+
+
+@dataclass
+class Config:
+    """A tiahnm run."""
+
+    output_dir: str = _f("runs/tiahnm", "Where results, checkpoints and the config go.")
+    seed: int = _f(0, "Seed of every random choice (splits, init, shuffling, masking).")
+    data: DataConfig = _f(None, "Input bags.", )
+    head: HeadConfig = _f(None, "The MIL head.")
+    miner: ComponentConfig = _f(None, "The hard-instance miner (none = plain training).")
+    losses: list[LossConfig] = _f([], "Extra losses, e.g. [{name: mirank, weight: 0.1}].")
+    train: TrainConfig = _f(None, "Training loop.")
+    cv: CVConfig = _f(None, "Cross-validation.")
+    evaluation: EvalConfig = _f(None, "Evaluation.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and dataclasses.is_dataclass(_resolve(Config, f.name)):
+                setattr(self, f.name, _resolve(Config, f.name)())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what is saved as ``config.yaml``)."""
+        return dataclasses.asdict(self)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _resolve(cls: type, name: str) -> Any:
+    return _hints(cls)[name]
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``; return it converted where lossless."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise _type_error(key, value, tp)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(key, value, tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value in allowed:
+            return value
+        if isinstance(value, (int, float)) and str(value) in allowed:
+            return str(value)
+        msg = f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}."
+        raise ConfigError(msg)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, value, tp)
+        (item,) = get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return {str(k): v for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, value, tp)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(key, value, tp)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, value, tp)
+    raise _type_error(key, value, tp)  # pragma: no cover
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(
+        f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}."
+    )
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        msg = f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}."
+        raise ConfigError(msg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            msg = f"Unknown config key {where!r}. Known keys here: {', '.join(sorted(names))}."
+            raise ConfigError(msg)
+    kwargs = {}
+    hints = _hints(cls)
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Validate a nested dict into a :class:`Config`."""
+    config = _build(Config, data or {}, "")
+    _check_values(config)
+    return config
+
+
+def _check_values(config: Config) -> None:
+    checks = [
+        (config.train.epochs >= 1, "train.epochs must be >= 1"),
+        (config.train.rounds >= 1, "train.rounds must be >= 1"),
+        (config.train.lr > 0, "train.lr must be > 0"),
+        (config.train.patience >= 1, "train.patience must be >= 1"),
+        (config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (config.cv.folds >= 2, "cv.folds must be >= 2"),
+        (config.cv.repeats >= 1, "cv.repeats must be >= 1"),
+        (0.0 <= config.cv.val_fraction < 1.0, "cv.val_fraction must be in [0, 1)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg + ".")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Read, override and validate a config.
+
+    Args:
+        path (str | PathLike | None): YAML file (``None`` for all defaults).
+        overrides (list[str] | None): ``key.sub=value`` strings; values are parsed as
+            YAML (``train.epochs=5``, ``head.options.gated=true``, ``losses=[]``).
+
+    Returns:
+        Config: The validated config.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            msg = f"{p}: config file not found."
+            raise ConfigError(msg)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            msg = f"{p}: not valid YAML ({exc})."
+            raise ConfigError(msg) from None
+        except UnicodeDecodeError:
+            msg = f"{p}: not a text file."
+            raise ConfigError(msg) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            msg = f"{p}: the top level must be a mapping, got {type(loaded).__name__}."
+            raise ConfigError(msg)
+        data = loaded
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override to a nested dict in place."""
+    if "=" not in item:
+        msg = f"--set {item!r}: expected key=value."
+        raise ConfigError(msg)
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        msg = f"--set {item!r}: empty key."
+        raise ConfigError(msg)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            msg = f"--set {item!r}: {part!r} is not a mapping."
+            raise ConfigError(msg)
+        node = child
+    node[parts[-1]] = value
+
+
+def save_config(config: Config, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from tiahnm.utils.io import atomic_open
+
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+
+
+def iter_schema(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Rows ``(key, type, default, doc)`` of the whole schema, depth first."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows.append((key, "mapping", None, f.metadata.get("doc", "")))
+            rows.extend(iter_schema(tp, key + "."))
+        else:
+            rows.append((key, _type_name(tp), value, f.metadata.get("doc", "")))
+    return rows
+
+
+def template() -> str:
+    """The commented YAML written by ``tiahnm init``."""
+    lines = [
+        "# tiahnm run configuration. Every key is optional; defaults are shown.",
+        "# Check plugin names with `tiahnm plugins`; override any key on the command line",
+        "# with `--set key.sub=value`. The resolved config is saved in output_dir.",
+        "",
+    ]
+    lines.extend(_template_lines(Config, 0))
+    return "\n".join(lines) + "\n"
+
+
+def _template_lines(cls: type, indent: int) -> list[str]:
+    pad = "  " * indent
+    out = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        doc = f.metadata.get("doc", "")
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(tp):
+            out.append(f"{pad}# {doc}")
+            out.append(f"{pad}{f.name}:")
+            out.extend(_template_lines(tp, indent + 1))
+            continue
+        out.append(f"{pad}# {doc} ({_type_name(tp)})")
+        dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=10_000)
+        out.append(pad + dumped.strip()[1:-1])
+    return out

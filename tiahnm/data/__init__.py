@@ -1,0 +1,5 @@
+"""Bags and bag sources (dataset readers)."""
+
+from tiahnm.data.bag import Bag, BagSource
+
+__all__ = ["Bag", "BagSource"]

@@ -1,0 +1,194 @@
+"""Per-slide HDF5 feature files in the CLAM / TRIDENT layout, plus a labels CSV."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiahnm.data.bag import Bag
+from tiahnm.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_labels_csv(
+    path: str | Path, *, classes: list[str] | None = None
+) -> tuple[dict[str, int], dict[str, str], list[str]]:
+    """Read ``slide_id,label[,split]``.
+
+    Labels may be integers or class names; class names are mapped to indices in the
+    order of ``classes`` (or sorted order when not given).
+
+    Args:
+        path (str | Path): The CSV (with a header row).
+        classes (list[str] | None): Allowed class names, in index order.
+
+    Returns:
+        tuple: ``(labels, splits, classes)``: slide id to class index, slide id to split
+        (only for rows that give one), and the class names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: labels CSV not found."
+        raise DataError(msg)
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        for needed in ("slide_id", "label"):
+            if needed not in fields:
+                msg = f"{path}: missing column {needed!r} (columns: {', '.join(fields)})."
+                raise DataError(msg)
+        raw: dict[str, str] = {}
+        splits: dict[str, str] = {}
+        for lineno, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            sid = row["slide_id"]
+            if not sid:
+                msg = f"{path}, row {lineno}: empty slide_id."
+                raise DataError(msg)
+            if sid in raw:
+                msg = f"{path}, row {lineno}: duplicate slide_id {sid!r}."
+                raise DataError(msg)
+            if not row["label"]:
+                msg = f"{path}, row {lineno}: missing label for {sid!r}."
+                raise DataError(msg)
+            raw[sid] = row["label"]
+            split = row.get("split", "")
+            if split:
+                if split not in SPLITS:
+                    msg = f"{path}, row {lineno}: split {split!r} is not one of {SPLITS}."
+                    raise DataError(msg)
+                splits[sid] = split
+    if not raw:
+        msg = f"{path}: no rows."
+        raise DataError(msg)
+    values = sorted(set(raw.values()))
+    if classes is None:
+        if all(v.lstrip("-").isdigit() for v in values):
+            ints = sorted({int(v) for v in values})
+            classes = [str(i) for i in range(max(ints) + 1)]
+        else:
+            classes = values
+    index = {c: i for i, c in enumerate(classes)}
+    labels = {}
+    for sid, value in raw.items():
+        if value not in index:
+            msg = (
+                f"{path}: label {value!r} of slide {sid!r} is not one of the classes "
+                f"{classes}."
+            )
+            raise DataError(msg)
+        labels[sid] = index[value]
+    return labels, splits, classes
+
+
+def read_feature_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read ``features`` ``[N, D]`` and ``coords`` ``[N, 2]`` from one HDF5 file.
+
+    Both the CLAM/TRIDENT layout (``features`` maybe ``[1, N, D]``) and files with an
+    extra leading axis are accepted. Errors name the file and the problem.
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                msg = f"{path}: no 'features' dataset (keys: {', '.join(f.keys())})."
+                raise DataError(msg)
+            feats = np.asarray(f["features"][()], dtype=np.float32)
+            coords = np.asarray(f["coords"][()]) if "coords" in f else None
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        msg = f"{path}: unreadable HDF5 feature file ({exc})."
+        raise DataError(msg) from None
+    if feats.ndim == 3 and feats.shape[0] == 1:
+        feats = feats[0]
+    if feats.ndim != 2:
+        msg = f"{path}: 'features' must be [N, D], got shape {feats.shape}."
+        raise DataError(msg)
+    if feats.shape[0] == 0:
+        msg = f"{path}: empty bag (0 instances)."
+        raise DataError(msg)
+    if not np.isfinite(feats).all():
+        msg = f"{path}: 'features' contains NaN or infinite values."
+        raise DataError(msg)
+    if coords is not None:
+        if coords.ndim == 3 and coords.shape[0] == 1:
+            coords = coords[0]
+        if coords.ndim != 2 or coords.shape[0] != feats.shape[0]:
+            msg = f"{path}: 'coords' shape {coords.shape} does not match {feats.shape[0]} instances."
+            raise DataError(msg)
+    return feats, coords
+
+
+class H5FeatureFolder:
+    """A folder of ``<slide_id>.h5`` feature files and a ``slide_id,label[,split]`` CSV.
+
+    Args:
+        features_dir (str): Folder with one HDF5 file per slide.
+        labels_csv (str): Labels CSV with header ``slide_id,label`` and optional
+            ``split`` (``train``/``val``/``test``).
+        classes (list[str] | None): Class names in index order (default: sorted labels).
+        missing (str): ``"error"`` (default) or ``"skip"`` for slides in the CSV
+            without a feature file.
+    """
+
+    def __init__(
+        self,
+        features_dir: str,
+        labels_csv: str,
+        *,
+        classes: list[str] | None = None,
+        missing: str = "error",
+    ) -> None:
+        self.features_dir = Path(features_dir)
+        self.labels_csv = Path(labels_csv)
+        self.classes = classes
+        if missing not in ("error", "skip"):
+            msg = f"data.options.missing must be 'error' or 'skip', got {missing!r}."
+            raise DataError(msg)
+        self.missing = missing
+
+    def load(self) -> list[Bag]:
+        """Read every labelled slide's features."""
+        labels, splits, _ = read_labels_csv(self.labels_csv, classes=self.classes)
+        if not self.features_dir.is_dir():
+            msg = f"{self.features_dir}: features folder not found."
+            raise DataError(msg)
+        bags = []
+        width = None
+        for sid, label in labels.items():
+            path = self.features_dir / f"{sid}.h5"
+            if not path.is_file():
+                if self.missing == "skip":
+                    continue
+                msg = (
+                    f"{self.labels_csv}: slide {sid!r} has no feature file {path} "
+                    "(set data.options.missing: skip to ignore)."
+                )
+                raise DataError(msg)
+            feats, coords = read_feature_file(path)
+            if width is None:
+                width = feats.shape[1]
+            elif feats.shape[1] != width:
+                msg = f"{path}: feature width {feats.shape[1]}, other slides have {width}."
+                raise DataError(msg)
+            bags.append(
+                Bag(
+                    slide_id=sid,
+                    label=label,
+                    features=torch.from_numpy(feats),
+                    coords=coords,
+                    split=splits.get(sid),
+                    source=str(path),
+                )
+            )
+        if not bags:
+            msg = f"{self.features_dir}: no feature files for the slides in {self.labels_csv}."
+            raise DataError(msg)
+        return bags

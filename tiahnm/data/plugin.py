@@ -1,0 +1,20 @@
+"""Built-in bag sources, registered through the public hook."""
+
+from __future__ import annotations
+
+from tiahnm.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def tiahnm_register_bag_sources(register: Register) -> None:
+    """Register the built-in dataset readers."""
+    # The factories are the classes, so option checking sees their real signatures.
+    from tiahnm.data.h5_features import H5FeatureFolder
+    from tiahnm.data.mil_csv import MILCSVSource
+
+    register(
+        "h5_folder",
+        H5FeatureFolder,
+        description="Per-slide HDF5 features (CLAM/TRIDENT layout) + labels CSV",
+    )
+    register("mil_csv", MILCSVSource, description="Classic MIL CSV: label, bag_id, features")

@@ -1,0 +1,1 @@
+"""Patch encoders: images to feature vectors."""

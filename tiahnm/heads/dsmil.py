@@ -1,0 +1,92 @@
+"""Dual-stream MIL (Li, Li and Eliceiri, CVPR 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiahnm.heads.base import MILHead, MILOutput
+
+
+class DSMIL(MILHead):
+    """DSMIL: a max-pooling instance stream and a critical-instance attention stream.
+
+    The instance classifier gives ``c = W h`` ``[N, C]``; for each class the critical
+    instance ``m_c = argmax_i c_ic`` is the query, ``A_ic = softmax_i(<q_i, q_m_c> /
+    sqrt(d_q))``, and the bag logit of class c is a linear map of ``B_c = sum_i A_ic
+    v_i`` (the paper's Conv1d over the C rows). The loss is ``w_bag * CE(bag) + (1 -
+    w_bag) * CE(max-instance)``.
+
+    Args:
+        in_dim (int): Instance feature width ``D``.
+        n_classes (int): Number of classes ``C``.
+        embed_dim (int): Projection width ``E``.
+        query_dim (int): Width of the query/key space (128 in the paper).
+        bag_weight (float): Weight of the bag-stream loss (0.5 in the paper).
+        passing_v (bool): Pass values through a ReLU+Linear (True) or use ``h``.
+        dropout (float): Dropout after the projection.
+        act (str): ``relu`` or ``gelu``.
+    """
+
+    supported_scores = ("attention", "instance_prob", "class_aware", "instance_logit")
+    default_eval_score = "instance_prob"
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        *,
+        embed_dim: int = 512,
+        query_dim: int = 128,
+        bag_weight: float = 0.5,
+        passing_v: bool = True,
+        dropout: float = 0.25,
+        act: str = "relu",
+    ) -> None:
+        super().__init__(in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act)
+        self.instance_classifier = nn.Linear(embed_dim, n_classes)
+        self.q = nn.Sequential(
+            nn.Linear(embed_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh()
+        )
+        self.v = (
+            nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU())
+            if passing_v
+            else nn.Identity()
+        )
+        # Conv1d(C, C, kernel=E) of the paper: one logit per class from all C rows.
+        self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=embed_dim)
+        self.bag_weight = bag_weight
+        self._scale = 1.0 / math.sqrt(query_dim)
+
+    def aggregate(self, h: torch.Tensor, *, label: torch.Tensor | None = None) -> MILOutput:
+        """Dual-stream pooling."""
+        c = self.instance_classifier(h)  # [N, C]
+        q = self.q(h)  # [N, Q]
+        v = self.v(h)  # [N, E]
+        critical = c.argmax(dim=0)  # [C]
+        q_max = q.index_select(0, critical)  # [C, Q]
+        attn = torch.softmax((q @ q_max.T) * self._scale, dim=0)  # [N, C]
+        bag_repr = attn.T @ v  # [C, E]
+        bag_logits = self.bag_classifier(bag_repr.unsqueeze(0)).view(1, -1)  # [1, C]
+        max_logits = c.max(dim=0).values.unsqueeze(0)  # [1, C]
+        return MILOutput(
+            bag_logits=bag_logits,
+            bag_embedding=bag_repr.unsqueeze(0),
+            instance_embeddings=h,
+            attention=attn.T,
+            instance_logits=c,
+            extras={"max_instance_logits": max_logits},
+        )
+
+    def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
+        """``bag_weight * CE(bag) + (1 - bag_weight) * CE(max instance)``."""
+        y = label.view(1)
+        bag = F.cross_entropy(out.bag_logits.float(), y)
+        inst = F.cross_entropy(out.extras["max_instance_logits"].float(), y)
+        loss = self.bag_weight * bag + (1.0 - self.bag_weight) * inst
+        for value in out.aux_losses.values():
+            loss = loss + value
+        return loss

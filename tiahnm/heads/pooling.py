@@ -1,0 +1,90 @@
+"""Mean- and max-pooling baselines over instance logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tiahnm.heads.base import MILHead, MILOutput
+
+
+class PoolingMIL(MILHead):
+    """Instance classifier on projected instances, pooled by mean or max.
+
+    Args:
+        in_dim (int): Instance feature width ``D``.
+        n_classes (int): Number of classes ``C``.
+        pool (str): ``mean`` or ``max`` over the instance logits.
+        embed_dim (int): Projection width ``E``.
+        dropout (float): Dropout after the projection.
+        act (str): ``relu`` or ``gelu``.
+    """
+
+    supported_scores = ("instance_prob", "class_aware", "instance_logit")
+    default_eval_score = "instance_prob"
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        *,
+        pool: str = "mean",
+        embed_dim: int = 512,
+        dropout: float = 0.25,
+        act: str = "relu",
+    ) -> None:
+        super().__init__(in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act)
+        if pool not in ("mean", "max"):
+            from tiahnm.errors import ConfigError
+
+            msg = f"head.options.pool must be 'mean' or 'max', got {pool!r}."
+            raise ConfigError(msg)
+        self.pool = pool
+        self.classifier = nn.Linear(embed_dim, n_classes)
+
+    def aggregate(self, h: torch.Tensor, *, label: torch.Tensor | None = None) -> MILOutput:
+        """Pool instance logits (and embeddings, for the bag embedding)."""
+        c = self.classifier(h)
+        if self.pool == "mean":
+            bag_logits = c.mean(0, keepdim=True)
+            z = h.mean(0, keepdim=True)
+        else:
+            bag_logits = c.max(0, keepdim=True).values
+            z = h.max(0, keepdim=True).values
+        return MILOutput(
+            bag_logits=bag_logits, bag_embedding=z, instance_embeddings=h, instance_logits=c
+        )
+
+
+class MeanPoolingMIL(PoolingMIL):
+    """Mean pooling of instance logits."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        *,
+        embed_dim: int = 512,
+        dropout: float = 0.25,
+        act: str = "relu",
+    ) -> None:
+        super().__init__(
+            in_dim, n_classes, pool="mean", embed_dim=embed_dim, dropout=dropout, act=act
+        )
+
+
+class MaxPoolingMIL(PoolingMIL):
+    """Max pooling of instance logits."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        *,
+        embed_dim: int = 512,
+        dropout: float = 0.25,
+        act: str = "relu",
+    ) -> None:
+        super().__init__(
+            in_dim, n_classes, pool="max", embed_dim=embed_dim, dropout=dropout, act=act
+        )

@@ -1,0 +1,17 @@
+"""Built-in losses, registered through the public hook."""
+
+from __future__ import annotations
+
+from tiahnm.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def tiahnm_register_losses(register: Register) -> None:
+    """Register the built-in losses."""
+    from tiahnm.losses.ranking import MIRankLoss
+
+    register(
+        "mirank",
+        MIRankLoss,
+        description="MI ranking loss max(0, m - mean topK pos + mean topK neg) (HNM-WSI)",
+    )

@@ -1,0 +1,110 @@
+"""The :class:`Miner` protocol: the hooks a miner may override in the shared loop.
+
+The shared loop (:func:`tiahnm.training.loop.fit`) calls, for each training round::
+
+    miner.on_fit_start(ctx)
+    for epoch:
+        miner.on_epoch_start(ctx, epoch)
+        for batch in miner.batches(ctx, train_bags, generator):   # lists of bags
+            for bag in batch: out, extra = miner.forward(ctx, bag, step)
+            loss = mean(head.loss(out, y) + sum(extra)) + sum(w * loss(outs, labels))
+            optimizer step
+            miner.after_step(ctx, step)
+    new_bags = miner.on_round_end(ctx, train_bags)   # bags to add before the next round
+
+A miner overrides only what it needs: MHIM overrides ``forward`` (teacher scoring,
+masking, consistency) and ``after_step`` (EMA), HNM overrides ``batches`` (bag pairs)
+and Li 2019 overrides ``on_round_end`` (generated hard-negative bags).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiahnm.data.bag import Bag
+    from tiahnm.heads.base import MILHead, MILOutput
+
+
+@dataclass
+class FitContext:
+    """State the shared loop shares with the miner.
+
+    Attributes:
+        head (MILHead): The student head being trained.
+        device (torch.device): Where the head lives.
+        epochs (int): Epochs in this round.
+        steps_per_epoch (int): Optimiser steps per epoch (from the first epoch).
+        round (int): Training round index (0-based).
+        generator (torch.Generator): The loop's seeded CPU generator.
+        state (dict): Free space for miners (saved with the checkpoint if tensors).
+    """
+
+    head: MILHead
+    device: torch.device
+    epochs: int
+    steps_per_epoch: int
+    round: int = 0
+    generator: torch.Generator | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        """Total optimiser steps of this round."""
+        return self.epochs * self.steps_per_epoch
+
+
+class Miner:
+    """Plain training: every bag, shuffled, one per step. Subclass to mine."""
+
+    name = "none"
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        """Called once per round before the first epoch."""
+
+    def on_epoch_start(self, ctx: FitContext, epoch: int) -> None:
+        """Called at the start of every epoch."""
+
+    def batches(
+        self, ctx: FitContext, bags: Sequence[Bag], generator: torch.Generator
+    ) -> Iterator[list[Bag]]:
+        """Yield the bags of one epoch, one optimiser step per yielded list."""
+        order = torch.randperm(len(bags), generator=generator).tolist()
+        for i in order:
+            yield [bags[i]]
+
+    def n_steps(self, n_bags: int) -> int:
+        """Optimiser steps per epoch for ``n_bags`` training bags."""
+        return n_bags
+
+    def forward(
+        self, ctx: FitContext, features: torch.Tensor, label: torch.Tensor, step: int
+    ) -> tuple[MILOutput, dict[str, torch.Tensor]]:
+        """Forward one training bag; return the output and extra weighted losses."""
+        out = ctx.head(features, label=label if ctx.head.needs_label_in_forward else None)
+        return out, {}
+
+    def after_step(self, ctx: FitContext, step: int) -> None:
+        """Called after every optimiser step (e.g. to update an EMA teacher)."""
+
+    def on_round_end(self, ctx: FitContext, train_bags: Sequence[Bag]) -> list[Bag]:
+        """Return new bags for the next round's training set (default: none)."""
+        return []
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Extra modules the miner trains or keeps (checkpointed with the head)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values to checkpoint (loaded with ``weights_only``)."""
+        return {name: m.state_dict() for name, m in self.modules().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for name, module in self.modules().items():
+            if name in state:
+                module.load_state_dict(state[name])

@@ -1,0 +1,316 @@
+"""Plugin manager and the component registries built from the hooks.
+
+Built-in components register through the same hooks as third-party packages; entry
+points in the ``tiahnm`` group are loaded one by one so that a plugin that fails to
+import is reported by name and does not stop the others.
+
+Environment switches:
+
+* ``TIAHNM_DISABLE_PLUGIN_AUTOLOAD=1``: load no third-party entry points.
+* ``TIAHNM_LOAD_PLUGINS=a,b``: load only the entry points with these names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from tiahnm import hookspecs
+from tiahnm.errors import ConfigError, PluginError
+
+logger = logging.getLogger(__name__)
+
+KINDS: dict[str, str] = {
+    "head": "tiahnm_register_heads",
+    "miner": "tiahnm_register_miners",
+    "loss": "tiahnm_register_losses",
+    "encoder": "tiahnm_register_encoders",
+    "bag_source": "tiahnm_register_bag_sources",
+}
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "tiahnm.heads.plugin",
+    "tiahnm.miners.plugin",
+    "tiahnm.losses.plugin",
+    "tiahnm.data.plugin",
+    "tiahnm.encoders.plugin",
+)
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """One registered component.
+
+    Attributes:
+        name (str): Name used in configs.
+        kind (str): One of :data:`KINDS`.
+        factory (Callable): Builds the component from keyword options.
+        plugin (str): Name of the pluggy plugin that registered it.
+        package (str): Distribution that provides it.
+        version (str): Version of that distribution.
+        description (str): One line for ``tiahnm plugins``.
+    """
+
+    name: str
+    kind: str
+    factory: Callable[..., Any]
+    plugin: str
+    package: str
+    version: str
+    description: str = ""
+
+
+@dataclass
+class LoadFailure:
+    """An entry point that could not be loaded."""
+
+    name: str
+    package: str
+    error: str
+
+
+@dataclass
+class Registry(Mapping[str, PluginEntry]):
+    """Components of one kind, by name."""
+
+    kind: str
+    entries: dict[str, PluginEntry] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> PluginEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            known = ", ".join(sorted(self.entries)) or "(none)"
+            msg = f"Unknown {self.kind} {name!r}. Registered {self.kind}s: {known}."
+            raise PluginError(msg) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.entries))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def create(self, name: str, *args: Any, key: str = "", **options: Any) -> Any:
+        """Build component ``name`` after checking ``options`` against its factory.
+
+        Args:
+            name (str): Registered name.
+            *args: Positional arguments (e.g. ``in_dim``, ``n_classes`` for heads).
+            key (str): Config key the options came from, for error messages.
+            **options: Keyword options from the config.
+
+        Returns:
+            Any: The component.
+        """
+        entry = self[name]
+        check_options(entry.factory, options, key=key or f"{self.kind}.options", n_args=len(args))
+        return entry.factory(*args, **options)
+
+
+def check_options(
+    factory: Callable[..., Any], options: Mapping[str, Any], *, key: str, n_args: int = 0
+) -> None:
+    """Raise :class:`ConfigError` naming any option ``factory`` does not accept."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signature
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [
+        p.name
+        for p in params[n_args:]
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    for opt in options:
+        if opt not in accepted:
+            msg = (
+                f"Unknown option {key}.{opt}. Accepted options: "
+                f"{', '.join(accepted) or '(none)'}."
+            )
+            raise ConfigError(msg)
+
+
+class PluginManager:
+    """Loads plugins and builds one :class:`Registry` per component kind."""
+
+    def __init__(self, *, autoload: bool | None = None) -> None:
+        self.pm = pluggy.PluginManager("tiahnm")
+        self.pm.add_hookspecs(hookspecs)
+        self.failures: list[LoadFailure] = []
+        for modname in DEFAULT_PLUGINS:
+            self.pm.register(importlib.import_module(modname), name=modname)
+        if autoload is None:
+            autoload = not os.environ.get("TIAHNM_DISABLE_PLUGIN_AUTOLOAD")
+        if autoload:
+            self._load_entrypoints()
+        self.pm.check_pending()
+        self._registries: dict[str, Registry] | None = None
+
+    def _load_entrypoints(self) -> None:
+        only = os.environ.get("TIAHNM_LOAD_PLUGINS")
+        allowed = {n.strip() for n in only.split(",")} if only else None
+        seen: set[str] = set()
+        for ep in md.entry_points(group="tiahnm"):
+            if ep.name in seen or (allowed is not None and ep.name not in allowed):
+                continue
+            seen.add(ep.name)
+            try:
+                self.pm.load_setuptools_entrypoints("tiahnm", name=ep.name)
+            except Exception as exc:  # noqa: BLE001 - one bad plugin must not stop the rest
+                package = ep.dist.name if ep.dist else "?"
+                failure = LoadFailure(ep.name, package, f"{type(exc).__name__}: {exc}")
+                self.failures.append(failure)
+                logger.warning(
+                    "tiahnm plugin %r from package %r failed to load and is skipped: %s",
+                    ep.name,
+                    package,
+                    failure.error,
+                )
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        """Register a plugin object or module at run time (e.g. in tests)."""
+        self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+        self._registries = None
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin registered with :meth:`register`."""
+        self.pm.unregister(name=name)
+        self._registries = None
+
+    def _distinfo(self) -> dict[int, tuple[str, str]]:
+        info = {}
+        for plugin, dist in self.pm.list_plugin_distinfo():
+            info[id(plugin)] = (dist.project_name, dist.version)
+        return info
+
+    @property
+    def registries(self) -> dict[str, Registry]:
+        """The component registries, built on first use."""
+        if self._registries is None:
+            self._registries = self._build()
+        return self._registries
+
+    def _build(self) -> dict[str, Registry]:
+        distinfo = self._distinfo()
+        own_version = _own_version()
+        registries = {kind: Registry(kind) for kind in KINDS}
+        for kind, hookname in KINDS.items():
+            registry = registries[kind]
+            for impl in getattr(self.pm.hook, hookname).get_hookimpls():
+                plugin_name = impl.plugin_name
+                if plugin_name in DEFAULT_PLUGINS:
+                    package, version = "tiahnm", own_version
+                else:
+                    package, version = distinfo.get(id(impl.plugin), (plugin_name, "?"))
+                impl.function(
+                    register=_make_register(registry, plugin_name, package, version)
+                )
+        return registries
+
+    def get(self, kind: str) -> Registry:
+        """Registry of ``kind`` (``head``, ``miner``, ``loss``, ``encoder``, ``bag_source``)."""
+        if kind not in KINDS:
+            msg = f"Unknown plugin kind {kind!r}. Kinds: {', '.join(KINDS)}."
+            raise PluginError(msg)
+        return self.registries[kind]
+
+    def table(self) -> list[dict[str, str]]:
+        """Rows for ``tiahnm plugins``: name, kind, package, version, description."""
+        rows = []
+        for kind in KINDS:
+            for name in self.get(kind):
+                e = self.get(kind)[name]
+                rows.append(
+                    {
+                        "name": e.name,
+                        "kind": e.kind,
+                        "package": e.package,
+                        "version": e.version,
+                        "plugin": e.plugin,
+                        "description": e.description,
+                    }
+                )
+        return rows
+
+
+def _make_register(
+    registry: Registry, plugin_name: str, package: str, version: str
+) -> Callable[..., None]:
+    def register(name: str, factory: Callable[..., Any], *, description: str = "") -> None:
+        if not isinstance(name, str) or not name:
+            msg = f"Plugin {plugin_name!r} registered a {registry.kind} with an empty name."
+            raise PluginError(msg)
+        if name in registry.entries:
+            other = registry.entries[name]
+            msg = (
+                f"Duplicate {registry.kind} name {name!r}: registered by "
+                f"{other.plugin!r} ({other.package}) and by {plugin_name!r} ({package}). "
+                f"Registered {registry.kind}s: {', '.join(sorted(registry.entries))}."
+            )
+            raise PluginError(msg)
+        if not callable(factory):
+            msg = f"Plugin {plugin_name!r}: factory for {registry.kind} {name!r} is not callable."
+            raise PluginError(msg)
+        registry.entries[name] = PluginEntry(
+            name=name,
+            kind=registry.kind,
+            factory=factory,
+            plugin=plugin_name,
+            package=package,
+            version=version,
+            description=description,
+        )
+
+    return register
+
+
+def _own_version() -> str:
+    try:
+        return md.version("tiahnm")
+    except md.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        from tiahnm import __version__
+
+        return __version__
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager (created on first use)."""
+    global _MANAGER  # noqa: PLW0603
+    if _MANAGER is None:
+        _MANAGER = PluginManager()
+    return _MANAGER
+
+
+def reset_plugin_manager() -> None:
+    """Forget the process-wide manager so the next call reloads plugins (tests)."""
+    global _MANAGER  # noqa: PLW0603
+    _MANAGER = None
+
+
+def get_registry(kind: str) -> Registry:
+    """Shortcut for ``get_plugin_manager().get(kind)``."""
+    return get_plugin_manager().get(kind)
+
+
+def ensure_options_mapping(value: Any, key: str) -> dict[str, Any]:
+    """Validate that a config value is a mapping of options."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        msg = f"{key} must be a mapping of option names to values, got {type(value).__name__}."
+        raise ConfigError(msg)
+    return dict(value)

@@ -1,0 +1,35 @@
+"""Checkpoints: atomic ``torch.save`` and safe ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiahnm.errors import DataError
+from tiahnm.utils.io import atomic_path
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Save ``obj`` (tensors and plain values only) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: checkpoint not found."
+        raise DataError(msg)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        msg = f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})."
+        raise DataError(msg) from None
+    if not isinstance(obj, dict):
+        msg = f"{path}: checkpoint is a {type(obj).__name__}, expected a dict."
+        raise DataError(msg)
+    return obj

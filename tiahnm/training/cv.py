@@ -1,0 +1,298 @@
+"""Cross-validated training from a :class:`~tiahnm.config.Config`.
+
+Writes, in ``config.output_dir``:
+
+* ``config.yaml``: the resolved config;
+* ``splits.csv``: every bag's repeat, fold and split;
+* ``folds/<r>_<f>/``: ``last.pt`` (resumable), ``best.pt`` (best validation state),
+  ``result.json`` (metrics, threshold, history); a fold with ``result.json`` is done
+  and skipped on resume;
+* ``predictions.csv``: slide_id, repeat, fold, label, probability, prediction;
+* ``summary.json``: ``metrics.<name>.mean`` / ``.std`` over folds, the same over
+  repeats (``repeat_metrics``), and the per-fold rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tiahnm.config import Config, save_config
+from tiahnm.data.bag import Bag
+from tiahnm.errors import DataError
+from tiahnm.plugins import ensure_options_mapping, get_registry
+from tiahnm.training.checkpoint import save_checkpoint
+from tiahnm.training.device import amp_dtype, resolve_device
+from tiahnm.training.loop import fit, predict
+from tiahnm.training.metrics import METRICS, aggregate, binary_metrics, choose_threshold
+from tiahnm.training.splits import Fold, fixed_split, kfold_splits, read_split_file, write_split_file
+from tiahnm.utils.io import atomic_open, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def load_bags(config: Config) -> list[Bag]:
+    """Build the configured bag source and read its bags."""
+    options = ensure_options_mapping(config.data.options, "data.options")
+    source = get_registry("bag_source").create(config.data.source, key="data.options", **options)
+    bags = source.load()
+    ids = [b.slide_id for b in bags]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        msg = f"data source {config.data.source!r} returned duplicate bag ids: {dup}."
+        raise DataError(msg)
+    widths = {b.features.shape[1] for b in bags}
+    if len(widths) != 1:
+        msg = f"data source {config.data.source!r}: bags have different feature widths {sorted(widths)}."
+        raise DataError(msg)
+    return bags
+
+
+def make_folds(config: Config, bags: Sequence[Bag]) -> list[Fold]:
+    """Folds from the data's split column, a split file, or stratified k-fold CV."""
+    if config.cv.split_file:
+        return read_split_file(config.cv.split_file, [b.slide_id for b in bags])
+    splits = [b.split for b in bags]
+    if config.cv.use_source_split and all(s is not None for s in splits):
+        return fixed_split(splits)
+    return kfold_splits(
+        [b.label for b in bags],
+        folds=config.cv.folds,
+        repeats=config.cv.repeats,
+        val_fraction=config.cv.val_fraction,
+        seed=config.seed,
+    )
+
+
+def _standardise(bags: Sequence[Bag], train_idx: Sequence[int]) -> tuple[list[Bag], torch.Tensor, torch.Tensor]:
+    feats = torch.cat([bags[i].features for i in train_idx])
+    mean = feats.mean(0)
+    std = feats.std(0).clamp_min(1e-6)
+    out = [replace(b, features=(b.features - mean) / std) for b in bags]
+    return out, mean, std
+
+
+def build_head(config: Config, in_dim: int, n_classes: int) -> torch.nn.Module:
+    """The configured head."""
+    options = ensure_options_mapping(config.head.options, "head.options")
+    return get_registry("head").create(
+        config.head.name, in_dim, n_classes, key="head.options", **options
+    )
+
+
+def build_miner(config: Config) -> Any:
+    """The configured miner."""
+    options = ensure_options_mapping(config.miner.options, "miner.options")
+    return get_registry("miner").create(config.miner.name, key="miner.options", **options)
+
+
+def build_losses(config: Config) -> list[tuple[Any, float]]:
+    """The configured extra losses with their weights."""
+    out = []
+    for i, spec in enumerate(config.losses):
+        options = ensure_options_mapping(spec.options, f"losses[{i}].options")
+        loss = get_registry("loss").create(spec.name, key=f"losses[{i}].options", **options)
+        out.append((loss, spec.weight))
+    return out
+
+
+def _fold_metrics(labels: list[int], probs: np.ndarray, threshold: float) -> dict[str, float]:
+    if probs.shape[1] == 2:
+        return binary_metrics(labels, probs[:, 1], threshold)
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    pred = probs.argmax(1)
+    try:
+        auc = float(roc_auc_score(labels, probs, multi_class="ovr"))
+    except ValueError:
+        auc = math.nan
+    return {
+        "auc": auc,
+        "accuracy": float(accuracy_score(labels, pred)),
+        "f1": float(f1_score(labels, pred, average="macro")),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+    }
+
+
+def _instance_auc(bags: Sequence[Bag], scores: list[np.ndarray] | None) -> float:
+    if scores is None or any(b.instance_labels is None for b in bags):
+        return math.nan
+    from sklearn.metrics import roc_auc_score
+
+    y = np.concatenate([b.instance_labels for b in bags])
+    s = np.concatenate(scores)
+    return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else math.nan
+
+
+def run_fold(
+    config: Config,
+    bags: Sequence[Bag],
+    fold: Fold,
+    fold_dir: Path,
+    *,
+    n_classes: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train and evaluate one fold; returns (and writes) its result."""
+    result_path = fold_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    seed = config.seed + 1000 * fold.repeat + fold.fold
+    torch.manual_seed(seed)
+    norm = None
+    if config.data.standardize:
+        bags, mean, std = _standardise(bags, fold.train)
+        norm = {"mean": mean, "std": std}
+    in_dim = int(bags[0].features.shape[1])
+    head = build_head(config, in_dim, n_classes)
+    miner = build_miner(config)
+    losses = build_losses(config)
+    train = [bags[i] for i in fold.train]
+    val = [bags[i] for i in fold.val]
+    test = [bags[i] for i in fold.test]
+    t0 = time.perf_counter()
+    res = fit(
+        head,
+        train,
+        val,
+        config.train,
+        miner=miner,
+        losses=losses,
+        device=device,
+        seed=seed,
+        checkpoint_dir=fold_dir,
+    )
+    fit_seconds = time.perf_counter() - t0
+    head.load_state_dict(res.best_state)
+    dtype = amp_dtype(device, config.train.amp)
+    val_probs, _, _ = predict(head, val, device, amp=dtype)
+    threshold = 0.5
+    if n_classes == 2 and val:
+        threshold = choose_threshold([b.label for b in val], val_probs[:, 1], config.evaluation.threshold)
+    want_inst = all(b.instance_labels is not None for b in test)
+    test_probs, test_loss, inst_scores = predict(head, test, device, amp=dtype, instance_scores=want_inst)
+    labels = [b.label for b in test]
+    metrics = _fold_metrics(labels, test_probs, threshold)
+    metrics["loss"] = test_loss
+    if want_inst:
+        metrics["instance_auc"] = _instance_auc(test, inst_scores)
+    save_checkpoint(
+        {
+            "head": config.head.name,
+            "head_options": dict(config.head.options),
+            "in_dim": in_dim,
+            "n_classes": n_classes,
+            "state_dict": res.best_state,
+            "threshold": threshold,
+            "normalisation": norm,
+            "best_epoch": res.best_epoch,
+        },
+        fold_dir / "best.pt",
+    )
+    result = {
+        "repeat": fold.repeat,
+        "fold": fold.fold,
+        "n_train": len(res.train_bags),
+        "n_generated": sum(b.origin == "generated" for b in res.train_bags),
+        "n_val": len(val),
+        "n_test": len(test),
+        "best_epoch": res.best_epoch,
+        "epochs_run": len(res.history),
+        "threshold": threshold,
+        "seconds": fit_seconds,
+        "seconds_per_epoch": res.seconds_per_epoch,
+        "metrics": metrics,
+        "predictions": [
+            {
+                "slide_id": b.slide_id,
+                "label": b.label,
+                "probability": float(test_probs[i, 1] if n_classes == 2 else test_probs[i].max()),
+                "prediction": int(test_probs[i, 1] >= threshold) if n_classes == 2 else int(test_probs[i].argmax()),
+            }
+            for i, b in enumerate(test)
+        ],
+        "history": res.history,
+    }
+    write_json(result_path, result)
+    (fold_dir / "last.pt").unlink(missing_ok=True)
+    return result
+
+
+def run_training(config: Config, *, bags: Sequence[Bag] | None = None) -> dict[str, Any]:
+    """Cross-validate the configured head + miner + losses; write and return the summary.
+
+    Args:
+        config (Config): The run config.
+        bags (Sequence[Bag] | None): Bags to use instead of the configured source.
+
+    Returns:
+        dict: The content of ``summary.json``.
+    """
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    bags = list(bags) if bags is not None else load_bags(config)
+    n_classes = max(2, max(b.label for b in bags) + 1)
+    folds = make_folds(config, bags)
+    write_split_file(out / "splits.csv", folds, [b.slide_id for b in bags])
+    device = resolve_device(config.train.device)
+    # Builds every component once before training, so a bad name or option fails fast.
+    build_head(config, int(bags[0].features.shape[1]), n_classes)
+    build_miner(config)
+    build_losses(config)
+    from tqdm.auto import tqdm
+
+    progress = config.train.progress and os.environ.get("TIAHNM_NO_PROGRESS") is None
+    results = []
+    for fold in tqdm(folds, desc="folds", disable=not progress):
+        results.append(
+            run_fold(config, bags, fold, out / "folds" / fold.name, n_classes=n_classes, device=device)
+        )
+    summary = summarise(results, config)
+    write_json(out / "summary.json", summary)
+    with atomic_open(out / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "repeat", "fold", "label", "probability", "prediction"])
+        for r in results:
+            for p in r["predictions"]:
+                w.writerow([p["slide_id"], r["repeat"], r["fold"], p["label"], f"{p['probability']:.6f}", p["prediction"]])
+    return summary
+
+
+def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, Any]:
+    """Aggregate fold results: over folds, and over repeats (mean of each repeat)."""
+    keys = [*METRICS, "instance_auc"]
+    rows = [r["metrics"] for r in results]
+    repeats = sorted({r["repeat"] for r in results})
+    repeat_rows = []
+    for rep in repeats:
+        agg = aggregate([r["metrics"] for r in results if r["repeat"] == rep], keys)
+        repeat_rows.append({k: v["mean"] for k, v in agg.items()})
+    return {
+        "head": config.head.name,
+        "miner": config.miner.name,
+        "losses": [loss.name for loss in config.losses],
+        "n_folds": len(results),
+        "metrics": {k: v for k, v in aggregate(rows, keys).items() if v["n"]},
+        "repeat_metrics": {k: v for k, v in aggregate(repeat_rows, keys).items() if v["n"]},
+        "seconds_per_epoch": float(np.nanmedian([r["seconds_per_epoch"] for r in results])),
+        "folds": [
+            {k: r[k] for k in ("repeat", "fold", "best_epoch", "epochs_run", "threshold", "n_train", "n_generated")}
+            | {"metrics": r["metrics"]}
+            for r in results
+        ],
+    }

@@ -1,0 +1,323 @@
+"""The shared training loop used by every head and miner.
+
+One bag per forward pass (heads take ``[N, D]``); a step's batch is whatever the
+miner's :meth:`~tiahnm.miners.Miner.batches` yields. Model selection and early stopping
+use the validation bags only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tiahnm.miners.base import FitContext, Miner
+from tiahnm.training.checkpoint import load_checkpoint, save_checkpoint
+from tiahnm.training.device import amp_dtype, autocast
+from tiahnm.training.metrics import binary_metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiahnm.config import TrainConfig
+    from tiahnm.data.bag import Bag
+    from tiahnm.heads.base import MILHead
+    from tiahnm.losses.base import BatchLoss
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_bags: list[Bag] = field(default_factory=list)
+    seconds_per_epoch: float = math.nan
+
+
+def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD as configured."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+
+
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-epoch schedule, or None."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+@torch.inference_mode()
+def predict(
+    head: MILHead,
+    bags: Sequence[Bag],
+    device: torch.device,
+    *,
+    amp: torch.dtype | None = None,
+    instance_scores: bool = False,
+) -> tuple[np.ndarray, float, list[np.ndarray] | None]:
+    """Deterministic forward over ``bags``.
+
+    Returns:
+        tuple: ``(probs [n, C], mean loss, instance scores per bag or None)``.
+    """
+    was_training = head.training
+    head.eval()
+    probs, losses, scores = [], [], []
+    for bag in bags:
+        x = bag.features.to(device, non_blocking=True)
+        y = torch.tensor([bag.label], device=device)
+        with autocast(device, amp):
+            out = head(x)
+            losses.append(head.loss(out, y).float())
+        probs.append(out.bag_probabilities())
+        if instance_scores:
+            scores.append(head.instance_scores(out).float().cpu().numpy())
+    head.train(was_training)
+    if not bags:
+        return np.zeros((0, head.n_classes)), math.nan, None
+    p = torch.stack(probs).cpu().numpy().astype(np.float64)
+    loss = float(torch.stack(losses).mean())
+    return p, loss, (scores if instance_scores else None)
+
+
+def _score(metric: str, val_loss: float, val_probs: np.ndarray, labels: list[int]) -> tuple[float, float]:
+    """Higher is better: (primary, tie-break by lower loss)."""
+    if metric == "val_loss":
+        return (-val_loss, 0.0)
+    p = val_probs[:, 1] if val_probs.shape[1] == 2 else val_probs.max(1)
+    m = binary_metrics(labels, p) if val_probs.shape[1] == 2 else {}
+    key = "auc" if metric == "val_auc" else "accuracy"
+    value = m.get(key, math.nan)
+    if math.isnan(value):
+        value = -math.inf
+    return (value, -val_loss)
+
+
+def fit(
+    head: MILHead,
+    train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
+    cfg: TrainConfig,
+    *,
+    miner: Miner | None = None,
+    losses: Sequence[tuple[BatchLoss, float]] = (),
+    device: torch.device | None = None,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``head`` with the shared loop; return the best (validation) state.
+
+    Args:
+        head (MILHead): Freshly initialised head.
+        train_bags (Sequence[Bag]): Training bags.
+        val_bags (Sequence[Bag]): Validation bags for model selection and early
+            stopping (if empty, the last epoch is kept).
+        cfg (TrainConfig): Loop settings.
+        miner (Miner | None): Miner (default: plain training).
+        losses (Sequence[tuple[BatchLoss, float]]): Extra losses and their weights.
+        device (torch.device | None): Device (default CPU).
+        seed (int): Seed of shuffling and of the miner's randomness.
+        checkpoint_dir (str | Path | None): Where ``last.pt`` is written every
+            ``cfg.checkpoint_every`` epochs; an existing ``last.pt`` is resumed.
+        on_epoch_end (Callable | None): Called with each epoch's history row.
+
+    Returns:
+        FitResult: Best state dict, its epoch and the history.
+    """
+    miner = miner or Miner()
+    device = device or torch.device("cpu")
+    dtype = amp_dtype(device, cfg.amp)
+    head.to(device)
+    for module in miner.modules().values():
+        module.to(device)
+    train_bags = list(train_bags)
+    generator = torch.Generator().manual_seed(seed)
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+
+    round_idx, start_epoch = 0, 0
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"score": (-math.inf, -math.inf), "epoch": -1, "state": None, "bad": 0}
+    resume = load_checkpoint(ckpt_path) if ckpt_path is not None and ckpt_path.is_file() else None
+    if resume is not None:
+        round_idx = int(resume["round"])
+        for item in resume.get("added_bags", []):
+            train_bags.append(_bag_from_dict(item))
+
+    val_labels = [b.label for b in val_bags]
+    epoch_seconds: list[float] = []
+    while round_idx < cfg.rounds:
+        params = list(head.parameters())
+        for module in miner.modules().values():
+            params += [p for p in module.parameters() if p.requires_grad]
+        opt = make_optimizer([p for p in params if p.requires_grad], cfg)
+        sched = make_scheduler(opt, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+        ctx = FitContext(
+            head=head,
+            device=device,
+            epochs=cfg.epochs,
+            steps_per_epoch=max(1, miner.n_steps(len(train_bags))),
+            round=round_idx,
+            generator=generator,
+        )
+        miner.on_fit_start(ctx)
+        if resume is not None:
+            head.load_state_dict(resume["head"])
+            miner.load_state_dict(resume["miner"])
+            opt.load_state_dict(resume["optimizer"])
+            if sched is not None and resume.get("scheduler") is not None:
+                sched.load_state_dict(resume["scheduler"])
+            generator.set_state(resume["generator"])
+            torch.set_rng_state(resume["torch_rng"])
+            history = list(resume["history"])
+            best = {
+                "score": tuple(resume["best_score"]),
+                "epoch": int(resume["best_epoch"]),
+                "state": resume["best_state"],
+                "bad": int(resume["bad_epochs"]),
+            }
+            start_epoch = int(resume["epoch"]) + 1
+            stopped = bool(resume.get("stopped", False))
+            resume = None
+            if stopped:
+                start_epoch = cfg.epochs
+        step = start_epoch * ctx.steps_per_epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            head.train()
+            miner.on_epoch_start(ctx, epoch)
+            loss_sum = torch.zeros((), device=device)
+            n_steps = 0
+            for batch in miner.batches(ctx, train_bags, generator):
+                outs, labels, bag_losses = [], [], []
+                with autocast(device, dtype):
+                    for bag in batch:
+                        x = bag.features.to(device, non_blocking=True)
+                        y = torch.tensor([bag.label], device=device)
+                        out, extra = miner.forward(ctx, x, y, step)
+                        bag_loss = head.loss(out, y)
+                        for value in extra.values():
+                            bag_loss = bag_loss + value
+                        bag_losses.append(bag_loss)
+                        outs.append(out)
+                        labels.append(bag.label)
+                    loss = torch.stack(bag_losses).mean()
+                    for loss_fn, weight in losses:
+                        value = loss_fn(head, outs, labels)
+                        if value is not None:
+                            loss = loss + weight * value
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                miner.after_step(ctx, step)
+                loss_sum += loss.detach().float()
+                n_steps += 1
+                step += 1
+            if sched is not None:
+                sched.step()
+            train_loss = float(loss_sum) / max(n_steps, 1)
+            epoch_seconds.append(time.perf_counter() - t0)
+            row: dict[str, float] = {"round": round_idx, "epoch": epoch, "train_loss": train_loss}
+            if val_bags:
+                val_probs, val_loss, _ = predict(head, val_bags, device, amp=dtype)
+                score = _score(cfg.monitor, val_loss, val_probs, val_labels)
+                row["val_loss"] = val_loss
+                if val_probs.shape[1] == 2:
+                    vm = binary_metrics(val_labels, val_probs[:, 1])
+                    row["val_auc"] = vm["auc"]
+                    row["val_acc"] = vm["accuracy"]
+            else:
+                score = (float(epoch), 0.0)
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch, "state": _cpu_state(head), "bad": 0}
+            else:
+                best["bad"] += 1
+            history.append(row)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+            stop = bool(val_bags) and best["bad"] >= cfg.patience and epoch + 1 >= cfg.min_epochs
+            last_epoch = stop or epoch + 1 == cfg.epochs
+            if ckpt_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
+                save_checkpoint(
+                    {
+                        "round": round_idx,
+                        "epoch": epoch,
+                        "stopped": stop,
+                        "head": head.state_dict(),
+                        "miner": miner.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None,
+                        "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "history": history,
+                        "best_score": list(best["score"]),
+                        "best_epoch": best["epoch"],
+                        "best_state": best["state"],
+                        "bad_epochs": best["bad"],
+                        "added_bags": [
+                            _bag_to_dict(b) for b in train_bags if b.origin == "generated"
+                        ],
+                    },
+                    ckpt_path,
+                )
+            if stop:
+                break
+        start_epoch = 0
+        round_idx += 1
+        if round_idx < cfg.rounds:
+            head.load_state_dict(best["state"])
+            new_bags = miner.on_round_end(ctx, train_bags)
+            for b in new_bags:
+                b.origin = "generated"
+            train_bags.extend(new_bags)
+            best = {"score": (-math.inf, -math.inf), "epoch": -1, "state": None, "bad": 0}
+    return FitResult(
+        best_state=best["state"],
+        best_epoch=best["epoch"],
+        history=history,
+        train_bags=train_bags,
+        seconds_per_epoch=float(np.median(epoch_seconds)) if epoch_seconds else math.nan,
+    )
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _bag_to_dict(bag: Bag) -> dict[str, Any]:
+    return {"slide_id": bag.slide_id, "label": bag.label, "features": bag.features.cpu()}
+
+
+def _bag_from_dict(item: dict[str, Any]) -> Bag:
+    from tiahnm.data.bag import Bag
+
+    return Bag(
+        slide_id=str(item["slide_id"]),
+        label=int(item["label"]),
+        features=item["features"],
+        origin="generated",
+    )
+
+
+__all__ = ["FitResult", "fit", "make_optimizer", "make_scheduler", "predict"]

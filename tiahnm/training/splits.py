@@ -1,0 +1,134 @@
+"""Stratified k-fold cross-validation with repeats and a validation hold-out."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tiahnm.errors import DataError
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Indices (into the bag list) of one train/val/test split."""
+
+    repeat: int
+    fold: int
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    test: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """``r{repeat}_f{fold}``."""
+        return f"r{self.repeat}_f{self.fold}"
+
+
+def _holdout(
+    indices: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified hold-out: at least one bag of each class when possible."""
+    if fraction <= 0:
+        return indices, indices[:0]
+    val = []
+    for c in np.unique(labels[indices]):
+        members = indices[labels[indices] == c]
+        members = members[rng.permutation(len(members))]
+        n = round(fraction * len(members))
+        n = max(1, n) if len(members) > 1 else 0
+        val.extend(members[:n].tolist())
+    val_arr = np.asarray(sorted(val), dtype=np.int64)
+    train = np.setdiff1d(indices, val_arr)
+    return train, val_arr
+
+
+def kfold_splits(
+    labels: Sequence[int], *, folds: int, repeats: int, val_fraction: float, seed: int
+) -> list[Fold]:
+    """Repeated stratified k-fold; each training part keeps a stratified validation set.
+
+    The test fold never contributes to training, validation, early stopping or
+    thresholds.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(labels)
+    counts = np.bincount(y)
+    if counts[counts > 0].min() < folds:
+        msg = (
+            f"cv.folds={folds} but the smallest class has only {counts[counts > 0].min()} "
+            "bags; lower cv.folds."
+        )
+        raise DataError(msg)
+    out = []
+    for r in range(repeats):
+        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + r)
+        rng = np.random.default_rng(seed * 1000 + r)
+        for k, (train_idx, test_idx) in enumerate(skf.split(np.zeros(len(y)), y)):
+            train, val = _holdout(train_idx, y, val_fraction, rng)
+            out.append(Fold(r, k, tuple(train.tolist()), tuple(val.tolist()), tuple(test_idx.tolist())))
+    return out
+
+
+def fixed_split(splits: Sequence[str | None]) -> list[Fold]:
+    """One fold from per-bag ``train``/``val``/``test`` tags."""
+    idx = {s: tuple(i for i, t in enumerate(splits) if t == s) for s in ("train", "val", "test")}
+    if not idx["train"] or not idx["test"]:
+        msg = "The data's split column needs at least one 'train' and one 'test' bag."
+        raise DataError(msg)
+    return [Fold(0, 0, idx["train"], idx["val"], idx["test"])]
+
+
+def read_split_file(path: str | Path, slide_ids: Sequence[str]) -> list[Fold]:
+    """Folds from a CSV ``slide_id,repeat,fold,split`` (split in train/val/test)."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: split file not found."
+        raise DataError(msg)
+    pos = {s: i for i, s in enumerate(slide_ids)}
+    table: dict[tuple[int, int], dict[str, list[int]]] = {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"slide_id", "repeat", "fold", "split"} - set(reader.fieldnames or [])
+        if missing:
+            msg = f"{path}: missing columns {sorted(missing)}."
+            raise DataError(msg)
+        for lineno, row in enumerate(reader, start=2):
+            sid = row["slide_id"].strip()
+            if sid not in pos:
+                msg = f"{path}, row {lineno}: unknown slide_id {sid!r}."
+                raise DataError(msg)
+            split = row["split"].strip()
+            if split not in ("train", "val", "test"):
+                msg = f"{path}, row {lineno}: split {split!r} is not train/val/test."
+                raise DataError(msg)
+            try:
+                key = (int(row["repeat"]), int(row["fold"]))
+            except ValueError:
+                msg = f"{path}, row {lineno}: repeat and fold must be integers."
+                raise DataError(msg) from None
+            table.setdefault(key, {"train": [], "val": [], "test": []})[split].append(pos[sid])
+    if not table:
+        msg = f"{path}: no rows."
+        raise DataError(msg)
+    return [
+        Fold(r, k, tuple(v["train"]), tuple(v["val"]), tuple(v["test"]))
+        for (r, k), v in sorted(table.items())
+    ]
+
+
+def write_split_file(path: str | Path, folds: Sequence[Fold], slide_ids: Sequence[str]) -> None:
+    """Write folds in the format :func:`read_split_file` reads, atomically."""
+    from tiahnm.utils.io import atomic_open
+
+    with atomic_open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "repeat", "fold", "split"])
+        for f in folds:
+            for split, idx in (("train", f.train), ("val", f.val), ("test", f.test)):
+                for i in idx:
+                    w.writerow([slide_ids[i], f.repeat, f.fold, split])

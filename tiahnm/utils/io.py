@@ -1,0 +1,76 @@
+"""Atomic file output: write to a temporary file beside the target, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path that is renamed onto ``path`` when the block succeeds.
+
+    A crash inside the block leaves ``path`` untouched (old content or absent), and the
+    temporary file is removed.
+
+    Args:
+        path (str | PathLike): Final destination.
+
+    Yields:
+        Path: Temporary file in the same directory (same filesystem, so the rename is
+        atomic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], mode: str = "w", **kwargs: Any
+) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that replaces ``path`` atomically on close.
+
+    Args:
+        path (str | PathLike): Final destination.
+        mode (str): ``"w"`` or ``"wb"``.
+        **kwargs: Passed to :func:`open`.
+
+    Yields:
+        IO: The open temporary file.
+    """
+    with atomic_path(path) as tmp, tmp.open(mode, **kwargs) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+        fh.write("\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    msg = f"Object of type {type(obj).__name__} is not JSON serialisable"
+    raise TypeError(msg)
