@@ -1,5 +1,6 @@
 """Bags and bag sources (dataset readers)."""
 
-from tiahnm.data.bag import Bag, BagSource
+from tiahnm.utils.lazy import lazy_exports
 
-__all__ = ["Bag", "BagSource"]
+__all__ = ['Bag', 'BagSource']
+__getattr__ = lazy_exports(__name__, "tiahnm.data.bag", __all__)

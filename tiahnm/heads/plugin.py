@@ -9,11 +9,24 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_heads(register: Register) -> None:
     """Register the built-in heads."""
     from tiahnm.heads.abmil import ABMIL, GatedABMIL
+    from tiahnm.heads.clam import CLAMMB, CLAMSB
     from tiahnm.heads.dsmil import DSMIL
+    from tiahnm.heads.dtfd import DTFD
     from tiahnm.heads.pooling import MaxPoolingMIL, MeanPoolingMIL
+    from tiahnm.heads.transmil import TransMIL
 
     register("abmil", ABMIL, description="Attention MIL (Ilse et al. 2018)")
-    register("abmil_gated", GatedABMIL, description="Gated attention MIL (Ilse et al. 2018)")
+    register(
+        "abmil_gated", GatedABMIL, description="Gated attention MIL (Ilse et al. 2018)"
+    )
     register("dsmil", DSMIL, description="Dual-stream MIL (Li et al. 2021)")
     register("mean_pool", MeanPoolingMIL, description="Mean of instance logits")
     register("max_pool", MaxPoolingMIL, description="Max of instance logits")
+    register(
+        "transmil", TransMIL, description="Nystrom Transformer MIL (Shao et al. 2021)"
+    )
+    register("clam_sb", CLAMSB, description="CLAM single-branch (Lu et al. 2021)")
+    register("clam_mb", CLAMMB, description="CLAM multi-branch (Lu et al. 2021)")
+    register(
+        "dtfd", DTFD, description="Double-tier feature distillation MIL (Zhang 2022)"
+    )

@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from tests.synthetic import make_bags
+from tiahnm.config import TrainConfig
+from tiahnm.heads.abmil import ABMIL
+from tiahnm.miners.base import Miner
+from tiahnm.training.loop import fit, predict
+from tiahnm.training.metrics import binary_metrics
+
+
+def cfg(**kw):
+    base = {"epochs": 6, "lr": 5e-3, "weight_decay": 0.0, "patience": 100, "progress": False}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def new_head(seed=0):
+    torch.manual_seed(seed)
+    return ABMIL(8, 2, embed_dim=16, attn_dim=8, dropout=0.25)
+
+
+def test_learns_synthetic_witnesses():
+    bags = make_bags(40)
+    train, val, test = bags[:24], bags[24:30], bags[30:]
+    head = new_head()
+    res = fit(head, train, val, cfg(epochs=15), seed=0)
+    head.load_state_dict(res.best_state)
+    probs, _, _ = predict(head, test, torch.device("cpu"))
+    assert binary_metrics([b.label for b in test], probs[:, 1])["auc"] >= 0.9
+
+
+def test_deterministic_under_seed():
+    bags = make_bags(16)
+    a = fit(new_head(), bags[:12], bags[12:], cfg(), seed=3)
+    b = fit(new_head(), bags[:12], bags[12:], cfg(), seed=3)
+    assert a.history == b.history
+    for k in a.best_state:
+        assert torch.equal(a.best_state[k], b.best_state[k])
+    c = fit(new_head(), bags[:12], bags[12:], cfg(), seed=4)
+    assert c.history != a.history
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
+    bags = make_bags(16)
+    full = fit(new_head(), bags[:12], bags[12:], cfg(epochs=8), seed=1, checkpoint_dir=tmp_path / "full")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(row):
+        if row["epoch"] == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(new_head(), bags[:12], bags[12:], cfg(epochs=8), seed=1, checkpoint_dir=tmp_path / "cut", on_epoch_end=stop_at_5)
+    assert (tmp_path / "cut" / "last.pt").is_file()
+    seen = []
+    # A different init proves the state comes from the checkpoint, not from the seed.
+    resumed = fit(new_head(seed=99), bags[:12], bags[12:], cfg(epochs=8), seed=1, checkpoint_dir=tmp_path / "cut", on_epoch_end=lambda r: seen.append(r["epoch"]))
+    assert seen == [5, 6, 7]  # epoch 5 was lost with the kill and is redone, nothing else
+    assert resumed.history == full.history
+    assert resumed.best_epoch == full.best_epoch
+    for k in full.best_state:
+        assert torch.equal(resumed.best_state[k], full.best_state[k])
+
+
+def test_early_stopping_uses_patience_and_min_epochs():
+    bags = make_bags(12)
+    res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=30, lr=0.0, patience=3, min_epochs=0), seed=0)
+    assert len(res.history) == 4  # lr 0: no improvement after epoch 0
+    res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=30, lr=0.0, patience=3, min_epochs=10), seed=0)
+    assert len(res.history) == 10
+
+
+def test_no_validation_keeps_last_epoch():
+    bags = make_bags(8)
+    res = fit(new_head(), bags, [], cfg(epochs=3), seed=0)
+    assert res.best_epoch == 2
+    assert "val_loss" not in res.history[0]
+
+
+class CountingMiner(Miner):
+    def __init__(self):
+        self.seen = set()
+        self.steps = 0
+
+    def forward(self, ctx, features, label, step):
+        self.steps += 1
+        return super().forward(ctx, features, label, step)
+
+
+def test_miner_sees_only_training_bags_and_val_selects():
+    bags = make_bags(12)
+    miner = CountingMiner()
+    res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=2), miner=miner, seed=0)
+    assert miner.steps == 16
+    assert res.best_epoch in (0, 1)
+    assert all(not math.isnan(r["val_loss"]) for r in res.history)
+
+
+def test_extra_losses_are_added():
+    from tiahnm.losses.ranking import MIRankLoss
+
+    class PairMiner(Miner):
+        def batches(self, ctx, bags, generator):
+            pos = [b for b in bags if b.label == 1]
+            neg = [b for b in bags if b.label == 0]
+            for p, n in zip(pos, neg, strict=False):
+                yield [p, n]
+
+        def n_steps(self, n_bags):
+            return n_bags // 2
+
+    bags = make_bags(12)
+    res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=2), miner=PairMiner(), losses=[(MIRankLoss(k=2), 0.5)], seed=0)
+    assert len(res.history) == 2

@@ -1,0 +1,3 @@
+from tiahnm.cli import main
+
+main()
