@@ -85,3 +85,12 @@ def test_override_wrong_type_names_key():
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_configuration_reference_is_current():
+    from pathlib import Path
+
+    from tiahnm.config import reference_markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "run: python -m tiahnm.config > docs/configuration.md"

@@ -403,3 +403,32 @@ def _template_lines(cls: type, indent: int) -> list[str]:
         dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=10_000)
         out.append(pad + dumped.strip()[1:-1])
     return out
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every key with its type, default and meaning."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the schema in `tiahnm/config.py` by",
+        "`python -m tiahnm.config > docs/configuration.md`; a test checks it is current.",
+        "",
+        "Every key is optional. Unknown keys and wrong types are errors naming the key.",
+        "`*.options` mappings are passed to the plugin named beside them and checked",
+        "against its signature. Override any key with `--set key.sub=value`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, tp, default, doc in iter_schema():
+        shown = ""
+        if tp != "mapping":
+            dumped = yaml.safe_dump(default, default_flow_style=True)
+            shown = "`" + dumped.strip().removesuffix("...").strip() + "`"
+        escaped = tp.replace("|", r"\|")
+        lines.append(f"| `{key}` | {escaped} | {shown} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -92,6 +92,13 @@ class Registry(Mapping[str, PluginEntry]):
             msg = f"Unknown {self.kind} {name!r}. Registered {self.kind}s: {known}."
             raise PluginError(msg) from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def get(self, name: str, default: PluginEntry | None = None) -> PluginEntry | None:  # type: ignore[override]
+        """The entry named ``name``, or ``default``."""
+        return self.entries.get(name, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self.entries))
 
@@ -166,7 +173,11 @@ class PluginManager:
             seen.add(ep.name)
             try:
                 self.pm.load_setuptools_entrypoints("tiahnm", name=ep.name)
+                # A misspelled hook in this plugin fails here, not for every plugin.
+                self.pm.check_pending()
             except Exception as exc:  # noqa: BLE001 - one bad plugin must not stop the rest
+                if self.pm.get_plugin(ep.name) is not None:
+                    self.pm.unregister(name=ep.name)
                 package = ep.dist.name if ep.dist else "?"
                 failure = LoadFailure(ep.name, package, f"{type(exc).__name__}: {exc}")
                 self.failures.append(failure)
@@ -178,9 +189,17 @@ class PluginManager:
                 )
 
     def register(self, plugin: object, name: str | None = None) -> None:
-        """Register a plugin object or module at run time (e.g. in tests)."""
-        self.pm.register(plugin, name=name)
-        self.pm.check_pending()
+        """Register a plugin object or module at run time (e.g. in tests).
+
+        A plugin with a misspelled hook is rejected (and not left registered).
+        """
+        registered = self.pm.register(plugin, name=name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=registered)
+            msg = f"Plugin {registered!r} implements unknown hooks: {exc}"
+            raise PluginError(msg) from None
         self._registries = None
 
     def unregister(self, name: str) -> None:

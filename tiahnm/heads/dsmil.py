@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiahnm.errors import ConfigError
 from tiahnm.heads.base import MILHead, MILOutput
 
 
@@ -18,7 +19,9 @@ class DSMIL(MILHead):
     instance ``m_c = argmax_i c_ic`` is the query, ``A_ic = softmax_i(<q_i, q_m_c> /
     sqrt(d_q))``, and the bag logit of class c is a linear map of ``B_c = sum_i A_ic
     v_i`` (the paper's Conv1d over the C rows). The loss is ``w_bag * CE(bag) + (1 -
-    w_bag) * CE(max-instance)``.
+    w_bag) * CE(max-instance)``. The prediction (``bag_logits``) combines the two
+    streams: their mean logits (``combine="mean"``, as DSMIL's evaluation and MHIM-v2
+    do) or the bag stream alone (``combine="bag"``).
 
     Args:
         in_dim (int): Instance feature width ``D``.
@@ -27,6 +30,7 @@ class DSMIL(MILHead):
         query_dim (int): Width of the query/key space (128 in the paper).
         bag_weight (float): Weight of the bag-stream loss (0.5 in the paper).
         passing_v (bool): Pass values through a ReLU+Linear (True) or use ``h``.
+        combine (str): ``mean`` of the bag and max-instance logits, or ``bag`` only.
         dropout (float): Dropout after the projection.
         act (str): ``relu`` or ``gelu``.
     """
@@ -43,6 +47,7 @@ class DSMIL(MILHead):
         query_dim: int = 128,
         bag_weight: float = 0.5,
         passing_v: bool = True,
+        combine: str = "mean",
         dropout: float = 0.25,
         act: str = "relu",
     ) -> None:
@@ -59,6 +64,10 @@ class DSMIL(MILHead):
         # Conv1d(C, C, kernel=E) of the paper: one logit per class from all C rows.
         self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=embed_dim)
         self.bag_weight = bag_weight
+        if combine not in ("mean", "bag"):
+            msg = f"head.options.combine must be 'mean' or 'bag', got {combine!r}."
+            raise ConfigError(msg)
+        self.combine = combine
         self._scale = 1.0 / math.sqrt(query_dim)
 
     def aggregate(self, h: torch.Tensor, *, label: torch.Tensor | None = None) -> MILOutput:
@@ -70,21 +79,22 @@ class DSMIL(MILHead):
         q_max = q.index_select(0, critical)  # [C, Q]
         attn = torch.softmax((q @ q_max.T) * self._scale, dim=0)  # [N, C]
         bag_repr = attn.T @ v  # [C, E]
-        bag_logits = self.bag_classifier(bag_repr.unsqueeze(0)).view(1, -1)  # [1, C]
+        stream_logits = self.bag_classifier(bag_repr.unsqueeze(0)).view(1, -1)  # [1, C]
         max_logits = c.max(dim=0).values.unsqueeze(0)  # [1, C]
+        bag_logits = stream_logits if self.combine == "bag" else 0.5 * (stream_logits + max_logits)
         return MILOutput(
             bag_logits=bag_logits,
             bag_embedding=bag_repr.unsqueeze(0),
             instance_embeddings=h,
             attention=attn.T,
             instance_logits=c,
-            extras={"max_instance_logits": max_logits},
+            extras={"bag_stream_logits": stream_logits, "max_instance_logits": max_logits},
         )
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         """``bag_weight * CE(bag) + (1 - bag_weight) * CE(max instance)``."""
         y = label.view(1)
-        bag = F.cross_entropy(out.bag_logits.float(), y)
+        bag = F.cross_entropy(out.extras["bag_stream_logits"].float(), y)
         inst = F.cross_entropy(out.extras["max_instance_logits"].float(), y)
         loss = self.bag_weight * bag + (1.0 - self.bag_weight) * inst
         for value in out.aux_losses.values():

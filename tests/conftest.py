@@ -1,0 +1,33 @@
+"""Shared fixtures of the test suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tiahnm.plugins import reset_plugin_manager
+
+REPO_ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (real-data tests); skip when absent."""
+    path = REPO_ROOT.parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(
+            "../shared/data not found: "
+            "real-data tests need the shared folder beside the repo"
+        )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No progress bars, and a fresh process-wide plugin manager for every test."""
+    monkeypatch.setenv("TIAHNM_NO_PROGRESS", "1")
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
