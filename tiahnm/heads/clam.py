@@ -231,9 +231,7 @@ class CLAM(MILHead):
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         """``bag_weight * CE(bag) + (1 - bag_weight) * instance loss``."""
-        loss = self.bag_weight * F.cross_entropy(
-            out.bag_logits.float(), label.view(1)
-        )
+        loss = self.bag_weight * F.cross_entropy(out.bag_logits.float(), label.view(1))
         for value in out.aux_losses.values():
             loss = loss + value
         return loss

@@ -80,7 +80,7 @@ class DSMIL(MILHead):
         attn = torch.softmax((q @ q_max.T) * self._scale, dim=0)  # [N, C]
         bag_repr = attn.T @ v  # [C, E]
         stream_logits = self.bag_classifier(bag_repr.unsqueeze(0)).view(1, -1)  # [1, C]
-        max_logits = c.max(dim=0).values.unsqueeze(0)  # [1, C]
+        max_logits = self._max_instance_logits(c)  # [1, C]
         bag_logits = stream_logits if self.combine == "bag" else 0.5 * (stream_logits + max_logits)
         return MILOutput(
             bag_logits=bag_logits,
@@ -90,6 +90,18 @@ class DSMIL(MILHead):
             instance_logits=c,
             extras={"bag_stream_logits": stream_logits, "max_instance_logits": max_logits},
         )
+
+    def _max_instance_logits(self, c: torch.Tensor) -> torch.Tensor:
+        """Logits of the max-pooling stream ``[1, C]``.
+
+        Binary: the logits of the instance with the largest positive margin
+        ``c_i1 - c_i0`` (the standard MIL assumption: a bag is as positive as its most
+        positive instance). More classes: the per-class maximum over instances.
+        """
+        if self.n_classes == 2:
+            top = (c[:, 1] - c[:, 0]).argmax()
+            return c[top].unsqueeze(0)
+        return c.max(dim=0).values.unsqueeze(0)
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         """``bag_weight * CE(bag) + (1 - bag_weight) * CE(max instance)``."""

@@ -142,18 +142,31 @@ class NystromAttention(nn.Module):
         if n <= self.num_landmarks:
             out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
         else:
-            m = self.num_landmarks
-            q_l = segment_means(q, m)
-            k_l = segment_means(k, m)
-            kernel1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # [H, n, m]
-            kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # [H, m, m]
-            kernel3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)  # [H, m, n]
-            kernel2_inv = iterative_pinv(kernel2, self.pinv_iterations)
-            out = (kernel1 @ kernel2_inv) @ (kernel3 @ v)
+            out = self._nystrom(q, k, v)
         out = out + self.res_conv(v.unsqueeze(0)).squeeze(0)
         cls_attention = torch.softmax(q[:, :1] @ k.transpose(-1, -2), dim=-1)[:, 0]
         out = out.permute(1, 0, 2).reshape(n, self.n_heads * self.head_dim)
         return self.dropout(self.to_out(out)), cls_attention, v
+
+    def _nystrom(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Nystrom attention output ``[H, n, d]`` from scaled ``q``, ``k``, ``v``.
+
+        Computed in float32 with autocast off: the pseudo-inverse of the
+        landmark kernel can have large entries that overflow half precision.
+        """
+        m = self.num_landmarks
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qf, kf, vf = q.float(), k.float(), v.float()
+            q_l = segment_means(qf, m)
+            k_l = segment_means(kf, m)
+            kernel1 = torch.softmax(qf @ k_l.transpose(-1, -2), dim=-1)  # [H, n, m]
+            kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # [H, m, m]
+            kernel3 = torch.softmax(q_l @ kf.transpose(-1, -2), dim=-1)  # [H, m, n]
+            kernel2_inv = iterative_pinv(kernel2, self.pinv_iterations)
+            out = (kernel1 @ kernel2_inv) @ (kernel3 @ vf)
+        return out.to(v.dtype)
 
 
 class TransLayer(nn.Module):
