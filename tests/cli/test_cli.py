@@ -29,7 +29,9 @@ def test_version(runner):
 
 def test_help_does_not_import_torch():
     code = "import sys; from tiahnm.cli import cli\ntry:\n    cli(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip().endswith("False")
 
 
@@ -38,7 +40,10 @@ def test_plugins_table_and_json(runner):
     assert res.exit_code == 0
     header = res.output.splitlines()[0].split()
     assert header == ["name", "kind", "package", "version", "description"]
-    assert any(line.split()[:3] == ["abmil_gated", "head", "tiahnm"] for line in res.output.splitlines())
+    assert any(
+        line.split()[:3] == ["abmil_gated", "head", "tiahnm"]
+        for line in res.output.splitlines()
+    )
     res = runner.invoke(cli, ["plugins", "--json"])
     data = json.loads(res.output)
     kinds = {r["kind"] for r in data["plugins"]}
@@ -61,8 +66,23 @@ def test_train_end_to_end_and_resume(runner, tmp_path):
     csv = tmp_path / "bags.csv"
     write_mil_csv(csv, make_bags(20))
     out = tmp_path / "out"
-    args = ["train", "--mil-csv", str(csv), "--head", "abmil", "--folds", "2", "--epochs", "3",
-            "--output-path", str(out), "--set", "head.options.embed_dim=16", "--set", "train.lr=0.005"]
+    args = [
+        "train",
+        "--mil-csv",
+        str(csv),
+        "--head",
+        "abmil",
+        "--folds",
+        "2",
+        "--epochs",
+        "3",
+        "--output-path",
+        str(out),
+        "--set",
+        "head.options.embed_dim=16",
+        "--set",
+        "train.lr=0.005",
+    ]
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
@@ -82,13 +102,19 @@ def test_train_end_to_end_and_resume(runner, tmp_path):
     res = runner.invoke(cli, args)
     assert res.exit_code == 0
     assert (out / "folds" / "r0_f0" / "result.json").stat().st_mtime_ns == mtime
-    assert json.loads((out / "summary.json").read_text())["metrics"] == summary["metrics"]
+    assert (
+        json.loads((out / "summary.json").read_text())["metrics"] == summary["metrics"]
+    )
 
 
 @pytest.mark.parametrize(
     ("extra", "code", "fragment"),
     [
-        (["--head", "abmill"], 2, "Unknown head 'abmill'. Registered heads: abmil, abmil_gated"),
+        (
+            ["--head", "abmill"],
+            2,
+            "Unknown head 'abmill'. Registered heads: abmil, abmil_gated",
+        ),
         (["--miner", "nope"], 2, "Unknown miner 'nope'"),
         (["--set", "head.options.hidden=3"], 2, "Unknown option head.options.hidden"),
         (["--set", "train.epoch=3"], 2, "Unknown config key 'train.epoch'"),
@@ -97,13 +123,36 @@ def test_train_end_to_end_and_resume(runner, tmp_path):
 def test_train_errors(runner, tmp_path, extra, code, fragment):
     csv = tmp_path / "bags.csv"
     write_mil_csv(csv, make_bags(8))
-    res = runner.invoke(cli, ["train", "--mil-csv", str(csv), "--folds", "2", "--epochs", "1", "--output-path", str(tmp_path / "o"), *extra])
+    res = runner.invoke(
+        cli,
+        [
+            "train",
+            "--mil-csv",
+            str(csv),
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--output-path",
+            str(tmp_path / "o"),
+            *extra,
+        ],
+    )
     assert res.exit_code == code, res.output
     assert fragment in res.output
 
 
 def test_train_missing_data_file(runner, tmp_path):
-    res = runner.invoke(cli, ["train", "--mil-csv", str(tmp_path / "none.csv"), "--output-path", str(tmp_path / "o")])
+    res = runner.invoke(
+        cli,
+        [
+            "train",
+            "--mil-csv",
+            str(tmp_path / "none.csv"),
+            "--output-path",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 1
     assert "none.csv: MIL CSV file not found" in res.output
 
@@ -114,5 +163,7 @@ def test_run_requires_config(runner):
 
 
 def test_console_script_runs(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tiahnm", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tiahnm", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "plugins" in out.stdout

@@ -62,8 +62,10 @@ def test_label_csv_errors(tmp_path, labels, fragment):
 
 
 def test_label_outside_classes(tmp_path):
-    fd, csv = folder(tmp_path, "slide_id,label\na,normal\nb,lymph\n")
-    with pytest.raises(DataError, match="label 'lymph' of slide 'b' is not one of the classes"):
+    _, csv = folder(tmp_path, "slide_id,label\na,normal\nb,lymph\n")
+    with pytest.raises(
+        DataError, match="label 'lymph' of slide 'b' is not one of the classes"
+    ):
         read_labels_csv(csv, classes=["normal", "tumor"])
 
 

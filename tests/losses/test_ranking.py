@@ -12,13 +12,17 @@ def t(*v):
 
 def test_hand_computed():
     # top-2 pos mean = (1.5 + 1) / 2 = 1.25 ; top-2 neg mean = (1 + 0.5) / 2 = 0.75
-    assert mi_rank_loss(t(1.5, -1, 1), t(0, 1, 0.5), k=2).item() == pytest.approx(1 - 1.25 + 0.75)
+    assert mi_rank_loss(t(1.5, -1, 1), t(0, 1, 0.5), k=2).item() == pytest.approx(
+        1 - 1.25 + 0.75
+    )
     # well separated: hinge at zero
     assert mi_rank_loss(t(5, 4), t(0, -1), k=1).item() == 0.0
 
 
 def test_k_larger_than_bag_is_clipped():
-    assert mi_rank_loss(t(1.0, 0.0), t(0.5), k=10).item() == pytest.approx(1 - 0.5 + 0.5)
+    assert mi_rank_loss(t(1.0, 0.0), t(0.5), k=10).item() == pytest.approx(
+        1 - 0.5 + 0.5
+    )
 
 
 def test_ties_and_all_equal():
@@ -47,7 +51,9 @@ def test_batch_loss_needs_both_classes_and_uses_head_scores():
     expected = mi_rank_loss(op.instance_logits[:, 1], on.instance_logits[:, 1], k=3)
     assert value.item() == pytest.approx(expected.item())
     prob = MIRankLoss(k=3, on="prob")(head, [op, on], [1, 0])
-    expected = mi_rank_loss(op.instance_logits.softmax(-1)[:, 1], on.instance_logits.softmax(-1)[:, 1], k=3)
+    expected = mi_rank_loss(
+        op.instance_logits.softmax(-1)[:, 1], on.instance_logits.softmax(-1)[:, 1], k=3
+    )
     assert prob.item() == pytest.approx(expected.item())
 
 

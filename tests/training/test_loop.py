@@ -12,7 +12,13 @@ from tiahnm.training.metrics import binary_metrics
 
 
 def cfg(**kw):
-    base = {"epochs": 6, "lr": 5e-3, "weight_decay": 0.0, "patience": 100, "progress": False}
+    base = {
+        "epochs": 6,
+        "lr": 5e-3,
+        "weight_decay": 0.0,
+        "patience": 100,
+        "progress": False,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -45,7 +51,14 @@ def test_deterministic_under_seed():
 
 def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
     bags = make_bags(16)
-    full = fit(new_head(), bags[:12], bags[12:], cfg(epochs=8), seed=1, checkpoint_dir=tmp_path / "full")
+    full = fit(
+        new_head(),
+        bags[:12],
+        bags[12:],
+        cfg(epochs=8),
+        seed=1,
+        checkpoint_dir=tmp_path / "full",
+    )
 
     class Interrupt(Exception):
         pass
@@ -55,12 +68,32 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(new_head(), bags[:12], bags[12:], cfg(epochs=8), seed=1, checkpoint_dir=tmp_path / "cut", on_epoch_end=stop_at_5)
+        fit(
+            new_head(),
+            bags[:12],
+            bags[12:],
+            cfg(epochs=8),
+            seed=1,
+            checkpoint_dir=tmp_path / "cut",
+            on_epoch_end=stop_at_5,
+        )
     assert (tmp_path / "cut" / "last.pt").is_file()
     seen = []
     # A different init proves the state comes from the checkpoint, not from the seed.
-    resumed = fit(new_head(seed=99), bags[:12], bags[12:], cfg(epochs=8), seed=1, checkpoint_dir=tmp_path / "cut", on_epoch_end=lambda r: seen.append(r["epoch"]))
-    assert seen == [5, 6, 7]  # epoch 5 was lost with the kill and is redone, nothing else
+    resumed = fit(
+        new_head(seed=99),
+        bags[:12],
+        bags[12:],
+        cfg(epochs=8),
+        seed=1,
+        checkpoint_dir=tmp_path / "cut",
+        on_epoch_end=lambda r: seen.append(r["epoch"]),
+    )
+    assert seen == [
+        5,
+        6,
+        7,
+    ]  # epoch 5 was lost with the kill and is redone, nothing else
     assert resumed.history == full.history
     assert resumed.best_epoch == full.best_epoch
     for k in full.best_state:
@@ -69,9 +102,21 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
 
 def test_early_stopping_uses_patience_and_min_epochs():
     bags = make_bags(12)
-    res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=30, lr=0.0, patience=3, min_epochs=0), seed=0)
+    res = fit(
+        new_head(),
+        bags[:8],
+        bags[8:],
+        cfg(epochs=30, lr=0.0, patience=3, min_epochs=0),
+        seed=0,
+    )
     assert len(res.history) == 4  # lr 0: no improvement after epoch 0
-    res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=30, lr=0.0, patience=3, min_epochs=10), seed=0)
+    res = fit(
+        new_head(),
+        bags[:8],
+        bags[8:],
+        cfg(epochs=30, lr=0.0, patience=3, min_epochs=10),
+        seed=0,
+    )
     assert len(res.history) == 10
 
 
@@ -115,5 +160,13 @@ def test_extra_losses_are_added():
             return n_bags // 2
 
     bags = make_bags(12)
-    res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=2), miner=PairMiner(), losses=[(MIRankLoss(k=2), 0.5)], seed=0)
+    res = fit(
+        new_head(),
+        bags[:8],
+        bags[8:],
+        cfg(epochs=2),
+        miner=PairMiner(),
+        losses=[(MIRankLoss(k=2), 0.5)],
+        seed=0,
+    )
     assert len(res.history) == 2

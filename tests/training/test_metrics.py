@@ -19,7 +19,7 @@ def test_binary_metrics_match_sklearn():
     assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
     assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
     assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
-    tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+    tn, fp, _fn, _tp = skm.confusion_matrix(y, pred).ravel()
     assert m["fpr"] == pytest.approx(fp / (fp + tn))
 
 

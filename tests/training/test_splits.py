@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from tiahnm.errors import DataError
-from tiahnm.training.splits import fixed_split, kfold_splits, read_split_file, write_split_file
+from tiahnm.training.splits import (
+    fixed_split,
+    kfold_splits,
+    read_split_file,
+    write_split_file,
+)
 
 
 def test_kfold_partitions_and_stratifies():
@@ -11,7 +16,9 @@ def test_kfold_partitions_and_stratifies():
     assert len(folds) == 10
     for r in range(2):
         tests = [i for f in folds if f.repeat == r for i in f.test]
-        assert sorted(tests) == list(range(50))  # every bag tested exactly once per repeat
+        assert sorted(tests) == list(
+            range(50)
+        )  # every bag tested exactly once per repeat
     for f in folds:
         assert not set(f.train) & set(f.test)
         assert not set(f.val) & set(f.test)
@@ -20,7 +27,9 @@ def test_kfold_partitions_and_stratifies():
         y = np.asarray(labels)
         assert set(y[list(f.val)]) == {0, 1}
         assert sum(y[list(f.test)]) == 4
-    assert [f.test for f in folds if f.repeat == 0] != [f.test for f in folds if f.repeat == 1]
+    assert [f.test for f in folds if f.repeat == 0] != [
+        f.test for f in folds if f.repeat == 1
+    ]
 
 
 def test_kfold_deterministic():
@@ -47,8 +56,12 @@ def test_split_file_round_trip(tmp_path):
     folds = kfold_splits([0, 1] * 6, folds=3, repeats=2, val_fraction=0.2, seed=1)
     write_split_file(tmp_path / "splits.csv", folds, ids)
     again = read_split_file(tmp_path / "splits.csv", ids)
-    assert [(f.repeat, f.fold, sorted(f.train), sorted(f.val), sorted(f.test)) for f in again] == [
-        (f.repeat, f.fold, sorted(f.train), sorted(f.val), sorted(f.test)) for f in folds
+    assert [
+        (f.repeat, f.fold, sorted(f.train), sorted(f.val), sorted(f.test))
+        for f in again
+    ] == [
+        (f.repeat, f.fold, sorted(f.train), sorted(f.val), sorted(f.test))
+        for f in folds
     ]
 
 

@@ -77,7 +77,9 @@ def cli() -> None:
     """tiahnm: hard-instance mining for weakly supervised WSI classification (MIL)."""
 
 
-def _load(config_path: str | None, overrides: tuple[str, ...], **cli_values: Any) -> Any:
+def _load(
+    config_path: str | None, overrides: tuple[str, ...], **cli_values: Any
+) -> Any:
     from tiahnm.config import load_config
 
     extra = [f"{k}={v}" for k, v in cli_values.items() if v is not None]
@@ -85,7 +87,9 @@ def _load(config_path: str | None, overrides: tuple[str, ...], **cli_values: Any
 
 
 def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
-    click.echo(f"\n{summary['head']} + miner {summary['miner']}: {summary['n_folds']} folds")
+    click.echo(
+        f"\n{summary['head']} + miner {summary['miner']}: {summary['n_folds']} folds"
+    )
     click.echo(f"{'metric':<20}{'mean':>8}{'std':>8}")
     for name, stats in summary["metrics"].items():
         click.echo(f"{name:<20}{stats['mean']:>8.3f}{stats['std']:>8.3f}")
@@ -112,8 +116,15 @@ def run(
     resumes where it stopped. `tiahnm init` writes a commented CONFIG.
     """
     if config is None:
-        raise click.UsageError("give a CONFIG file; `tiahnm init config.yaml` writes one.")
-    cfg = _load(config, overrides, output_dir=output_path, **{"train.device": device, "seed": seed})
+        raise click.UsageError(
+            "give a CONFIG file; `tiahnm init config.yaml` writes one."
+        )
+    cfg = _load(
+        config,
+        overrides,
+        output_dir=output_path,
+        **{"train.device": device, "seed": seed},
+    )
     from tiahnm.training.cv import run_training
 
     summary = run_training(cfg)
@@ -122,9 +133,19 @@ def run(
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("--features-dir", type=click.Path(file_okay=False), help="Folder of <slide_id>.h5 feature files.")
-@click.option("--labels-csv", type=click.Path(dir_okay=False), help="CSV slide_id,label[,split].")
-@click.option("--mil-csv", type=click.Path(dir_okay=False), help="Classic MIL CSV (label, bag_id, features).")
+@click.option(
+    "--features-dir",
+    type=click.Path(file_okay=False),
+    help="Folder of <slide_id>.h5 feature files.",
+)
+@click.option(
+    "--labels-csv", type=click.Path(dir_okay=False), help="CSV slide_id,label[,split]."
+)
+@click.option(
+    "--mil-csv",
+    type=click.Path(dir_okay=False),
+    help="Classic MIL CSV (label, bag_id, features).",
+)
 @click.option("--head", default=None, help="MIL head name (see `tiahnm plugins`).")
 @click.option("--miner", default=None, help="Miner name (see `tiahnm plugins`).")
 @click.option("--folds", type=int, default=None, help="Cross-validation folds.")
@@ -178,7 +199,9 @@ def train(
             "data.options.labels_csv": labels_csv,
         }
     elif config is None:
-        raise click.UsageError("give a CONFIG, --mil-csv, or --features-dir with --labels-csv.")
+        raise click.UsageError(
+            "give a CONFIG, --mil-csv, or --features-dir with --labels-csv."
+        )
     cfg = _load(config, overrides, **values)
     from tiahnm.training.cv import run_training
 
@@ -188,7 +211,11 @@ def train(
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--kind", default=None, help="Only this kind (head, miner, loss, encoder, bag_source).")
+@click.option(
+    "--kind",
+    default=None,
+    help="Only this kind (head, miner, loss, encoder, bag_source).",
+)
 @_guard
 def plugins(as_json: bool, kind: str | None) -> None:  # noqa: FBT001 - click flag
     """List registered heads, miners, losses, encoders and bag sources."""
@@ -207,18 +234,24 @@ def plugins(as_json: bool, kind: str | None) -> None:  # noqa: FBT001 - click fl
         click.echo(json.dumps(payload, indent=2))
         return
     cols = ("name", "kind", "package", "version", "description")
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
+    widths = {
+        c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols
+    }
     widths["description"] = min(widths["description"], 60)
     click.echo("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
     click.echo("  ".join("-" * widths[c] for c in cols))
     for r in rows:
         click.echo("  ".join(r[c][: widths[c]].ljust(widths[c]) for c in cols).rstrip())
     for f in pm.failures:
-        click.echo(f"FAILED to load plugin {f.name!r} ({f.package}): {f.error}", err=True)
+        click.echo(
+            f"FAILED to load plugin {f.name!r} ({f.package}): {f.error}", err=True
+        )
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("path", required=False, default="tiahnm.yaml", type=click.Path(dir_okay=False))
+@click.argument(
+    "path", required=False, default="tiahnm.yaml", type=click.Path(dir_okay=False)
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @_guard
 def init(path: str, force: bool) -> None:  # noqa: FBT001 - click flag

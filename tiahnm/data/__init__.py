@@ -2,5 +2,5 @@
 
 from tiahnm.utils.lazy import lazy_exports
 
-__all__ = ['Bag', 'BagSource']
+__all__ = ["Bag", "BagSource"]
 __getattr__ = lazy_exports(__name__, "tiahnm.data.bag", __all__)

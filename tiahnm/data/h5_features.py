@@ -39,7 +39,9 @@ def read_labels_csv(
         fields = [f.strip() for f in (reader.fieldnames or [])]
         for needed in ("slide_id", "label"):
             if needed not in fields:
-                msg = f"{path}: missing column {needed!r} (columns: {', '.join(fields)})."
+                msg = (
+                    f"{path}: missing column {needed!r} (columns: {', '.join(fields)})."
+                )
                 raise DataError(msg)
         raw: dict[str, str] = {}
         splits: dict[str, str] = {}
@@ -59,7 +61,9 @@ def read_labels_csv(
             split = row.get("split", "")
             if split:
                 if split not in SPLITS:
-                    msg = f"{path}, row {lineno}: split {split!r} is not one of {SPLITS}."
+                    msg = (
+                        f"{path}, row {lineno}: split {split!r} is not one of {SPLITS}."
+                    )
                     raise DataError(msg)
                 splits[sid] = split
     if not raw:

@@ -28,7 +28,11 @@ class MILCSVSource:
     """
 
     def __init__(
-        self, path: str, *, header: bool = False, instance_label_column: int | None = None
+        self,
+        path: str,
+        *,
+        header: bool = False,
+        instance_label_column: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.header = header
@@ -39,7 +43,9 @@ class MILCSVSource:
         if not self.path.is_file():
             msg = f"{self.path}: MIL CSV file not found."
             raise DataError(msg)
-        rows: OrderedDict[str, list[tuple[int, list[float], int | None]]] = OrderedDict()
+        rows: OrderedDict[str, list[tuple[int, list[float], int | None]]] = (
+            OrderedDict()
+        )
         width = None
         try:
             with self.path.open(newline="") as fh:
@@ -76,7 +82,9 @@ class MILCSVSource:
                         )
                         raise DataError(msg)
                     if not np.all(np.isfinite(feats)):
-                        msg = f"{self.path}, row {lineno}: NaN or infinite feature value."
+                        msg = (
+                            f"{self.path}, row {lineno}: NaN or infinite feature value."
+                        )
                         raise DataError(msg)
                     rows.setdefault(row[1].strip(), []).append((label, feats, inst))
         except UnicodeDecodeError as exc:

@@ -17,4 +17,6 @@ def tiahnm_register_bag_sources(register: Register) -> None:
         H5FeatureFolder,
         description="Per-slide HDF5 features (CLAM/TRIDENT layout) + labels CSV",
     )
-    register("mil_csv", MILCSVSource, description="Classic MIL CSV: label, bag_id, features")
+    register(
+        "mil_csv", MILCSVSource, description="Classic MIL CSV: label, bag_id, features"
+    )

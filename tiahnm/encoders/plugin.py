@@ -10,4 +10,6 @@ def tiahnm_register_encoders(register: Register) -> None:
     """Register the built-in encoders."""
     from tiahnm.encoders.small_cnn import SmallCNN
 
-    register("small_cnn", SmallCNN, description="Small 3-block CNN, trainable end to end")
+    register(
+        "small_cnn", SmallCNN, description="Small 3-block CNN, trainable end to end"
+    )

@@ -15,7 +15,9 @@ class SmallCNN(nn.Module):
         width (int): Channels of the first block (doubled twice).
     """
 
-    def __init__(self, *, out_dim: int = 128, in_channels: int = 3, width: int = 32) -> None:
+    def __init__(
+        self, *, out_dim: int = 128, in_channels: int = 3, width: int = 32
+    ) -> None:
         super().__init__()
         self.out_dim = out_dim
         self.net = nn.Sequential(

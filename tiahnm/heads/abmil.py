@@ -11,7 +11,9 @@ from tiahnm.heads.base import MILHead, MILOutput
 class AttentionPool(nn.Module):
     """``e_i = w^T tanh(V h_i)`` or, gated, ``w^T (tanh(V h_i) * sigmoid(U h_i))``."""
 
-    def __init__(self, embed_dim: int, attn_dim: int, *, gated: bool, n_branches: int = 1) -> None:
+    def __init__(
+        self, embed_dim: int, attn_dim: int, *, gated: bool, n_branches: int = 1
+    ) -> None:
         super().__init__()
         self.V = nn.Linear(embed_dim, attn_dim)
         self.U = nn.Linear(embed_dim, attn_dim) if gated else None
@@ -52,7 +54,9 @@ class ABMIL(MILHead):
         dropout: float = 0.25,
         act: str = "relu",
     ) -> None:
-        super().__init__(in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act)
+        super().__init__(
+            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+        )
         self.attention = AttentionPool(embed_dim, attn_dim, gated=gated)
         self.classifier = nn.Linear(embed_dim, n_classes)
 
@@ -60,7 +64,9 @@ class ABMIL(MILHead):
         """Softmax attention ``[1, N]`` over the projected instances."""
         return torch.softmax(self.attention(h), dim=-1)
 
-    def aggregate(self, h: torch.Tensor, *, label: torch.Tensor | None = None) -> MILOutput:
+    def aggregate(
+        self, h: torch.Tensor, *, label: torch.Tensor | None = None
+    ) -> MILOutput:
         """Attention pooling."""
         a = self.attention_weights(h)
         z = a @ h

@@ -138,7 +138,9 @@ class MILHead(nn.Module):
             h = torch.cat([h, extra_tokens.to(h.dtype)], dim=0)
         return self.aggregate(h, label=label)
 
-    def aggregate(self, h: torch.Tensor, *, label: torch.Tensor | None = None) -> MILOutput:
+    def aggregate(
+        self, h: torch.Tensor, *, label: torch.Tensor | None = None
+    ) -> MILOutput:
         """Pool projected instances ``h`` ``[N, E]`` into a :class:`MILOutput`."""
         raise NotImplementedError
 
@@ -203,5 +205,7 @@ class MILHead(nn.Module):
         if not isinstance(classifier, nn.Linear) or out.attention is None:
             msg = f"{type(self).__name__} has no instance classifier or CAM."
             raise ValueError(msg)
-        weighted = out.attention.float().mean(0, keepdim=True).T * out.instance_embeddings
+        weighted = (
+            out.attention.float().mean(0, keepdim=True).T * out.instance_embeddings
+        )
         return F.linear(weighted, classifier.weight.float(), classifier.bias.float())

@@ -51,10 +51,15 @@ class DSMIL(MILHead):
         dropout: float = 0.25,
         act: str = "relu",
     ) -> None:
-        super().__init__(in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act)
+        super().__init__(
+            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+        )
         self.instance_classifier = nn.Linear(embed_dim, n_classes)
         self.q = nn.Sequential(
-            nn.Linear(embed_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh()
+            nn.Linear(embed_dim, query_dim),
+            nn.ReLU(),
+            nn.Linear(query_dim, query_dim),
+            nn.Tanh(),
         )
         self.v = (
             nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU())
@@ -70,7 +75,9 @@ class DSMIL(MILHead):
         self.combine = combine
         self._scale = 1.0 / math.sqrt(query_dim)
 
-    def aggregate(self, h: torch.Tensor, *, label: torch.Tensor | None = None) -> MILOutput:
+    def aggregate(
+        self, h: torch.Tensor, *, label: torch.Tensor | None = None
+    ) -> MILOutput:
         """Dual-stream pooling."""
         c = self.instance_classifier(h)  # [N, C]
         q = self.q(h)  # [N, Q]
@@ -81,14 +88,21 @@ class DSMIL(MILHead):
         bag_repr = attn.T @ v  # [C, E]
         stream_logits = self.bag_classifier(bag_repr.unsqueeze(0)).view(1, -1)  # [1, C]
         max_logits = self._max_instance_logits(c)  # [1, C]
-        bag_logits = stream_logits if self.combine == "bag" else 0.5 * (stream_logits + max_logits)
+        bag_logits = (
+            stream_logits
+            if self.combine == "bag"
+            else 0.5 * (stream_logits + max_logits)
+        )
         return MILOutput(
             bag_logits=bag_logits,
             bag_embedding=bag_repr.unsqueeze(0),
             instance_embeddings=h,
             attention=attn.T,
             instance_logits=c,
-            extras={"bag_stream_logits": stream_logits, "max_instance_logits": max_logits},
+            extras={
+                "bag_stream_logits": stream_logits,
+                "max_instance_logits": max_logits,
+            },
         )
 
     def _max_instance_logits(self, c: torch.Tensor) -> torch.Tensor:

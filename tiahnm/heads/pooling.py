@@ -33,7 +33,9 @@ class PoolingMIL(MILHead):
         dropout: float = 0.25,
         act: str = "relu",
     ) -> None:
-        super().__init__(in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act)
+        super().__init__(
+            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+        )
         if pool not in ("mean", "max"):
             from tiahnm.errors import ConfigError
 
@@ -42,7 +44,9 @@ class PoolingMIL(MILHead):
         self.pool = pool
         self.classifier = nn.Linear(embed_dim, n_classes)
 
-    def aggregate(self, h: torch.Tensor, *, label: torch.Tensor | None = None) -> MILOutput:
+    def aggregate(
+        self, h: torch.Tensor, *, label: torch.Tensor | None = None
+    ) -> MILOutput:
         """Pool instance logits (and embeddings, for the bag embedding)."""
         c = self.classifier(h)
         if self.pool == "mean":
@@ -52,7 +56,10 @@ class PoolingMIL(MILHead):
             bag_logits = c.max(0, keepdim=True).values
             z = h.max(0, keepdim=True).values
         return MILOutput(
-            bag_logits=bag_logits, bag_embedding=z, instance_embeddings=h, instance_logits=c
+            bag_logits=bag_logits,
+            bag_embedding=z,
+            instance_embeddings=h,
+            instance_logits=c,
         )
 
 
@@ -69,7 +76,12 @@ class MeanPoolingMIL(PoolingMIL):
         act: str = "relu",
     ) -> None:
         super().__init__(
-            in_dim, n_classes, pool="mean", embed_dim=embed_dim, dropout=dropout, act=act
+            in_dim,
+            n_classes,
+            pool="mean",
+            embed_dim=embed_dim,
+            dropout=dropout,
+            act=act,
         )
 
 

@@ -2,5 +2,5 @@
 
 from tiahnm.utils.lazy import lazy_exports
 
-__all__ = ['BatchLoss']
+__all__ = ["BatchLoss"]
 __getattr__ = lazy_exports(__name__, "tiahnm.losses.base", __all__)

@@ -15,7 +15,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def mi_rank_loss(
-    pos_scores: torch.Tensor, neg_scores: torch.Tensor, *, k: int = 10, margin: float = 1.0
+    pos_scores: torch.Tensor,
+    neg_scores: torch.Tensor,
+    *,
+    k: int = 10,
+    margin: float = 1.0,
 ) -> torch.Tensor:
     """``max(0, margin - mean(topK pos) + mean(topK neg))``; K is clipped per bag.
 
@@ -46,7 +50,12 @@ class MIRankLoss(BatchLoss):
     """
 
     def __init__(
-        self, *, k: int = 10, margin: float = 1.0, on: str = "logit", score: str | None = None
+        self,
+        *,
+        k: int = 10,
+        margin: float = 1.0,
+        on: str = "logit",
+        score: str | None = None,
     ) -> None:
         if on not in ("logit", "prob"):
             msg = f"losses[mirank].options.on must be 'logit' or 'prob', got {on!r}."

@@ -2,5 +2,5 @@
 
 from tiahnm.utils.lazy import lazy_exports
 
-__all__ = ['FitContext', 'Miner']
+__all__ = ["FitContext", "Miner"]
 __getattr__ = lazy_exports(__name__, "tiahnm.miners.base", __all__)

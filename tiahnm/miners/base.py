@@ -85,7 +85,9 @@ class Miner:
         self, ctx: FitContext, features: torch.Tensor, label: torch.Tensor, step: int
     ) -> tuple[MILOutput, dict[str, torch.Tensor]]:
         """Forward one training bag; return the output and extra weighted losses."""
-        out = ctx.head(features, label=label if ctx.head.needs_label_in_forward else None)
+        out = ctx.head(
+            features, label=label if ctx.head.needs_label_in_forward else None
+        )
         return out, {}
 
     def after_step(self, ctx: FitContext, step: int) -> None:

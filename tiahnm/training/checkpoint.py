@@ -18,7 +18,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; errors name the file."""
     path = Path(path)
     if not path.is_file():
@@ -26,7 +28,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise DataError(msg)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as exc:
         msg = f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})."
         raise DataError(msg) from None
     if not isinstance(obj, dict):

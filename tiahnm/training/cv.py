@@ -36,7 +36,13 @@ from tiahnm.training.checkpoint import save_checkpoint
 from tiahnm.training.device import amp_dtype, resolve_device
 from tiahnm.training.loop import fit, predict
 from tiahnm.training.metrics import METRICS, aggregate, binary_metrics, choose_threshold
-from tiahnm.training.splits import Fold, fixed_split, kfold_splits, read_split_file, write_split_file
+from tiahnm.training.splits import (
+    Fold,
+    fixed_split,
+    kfold_splits,
+    read_split_file,
+    write_split_file,
+)
 from tiahnm.utils.io import atomic_open, write_json
 
 logger = logging.getLogger(__name__)
@@ -45,7 +51,9 @@ logger = logging.getLogger(__name__)
 def load_bags(config: Config) -> list[Bag]:
     """Build the configured bag source and read its bags."""
     options = ensure_options_mapping(config.data.options, "data.options")
-    source = get_registry("bag_source").create(config.data.source, key="data.options", **options)
+    source = get_registry("bag_source").create(
+        config.data.source, key="data.options", **options
+    )
     bags = source.load()
     ids = [b.slide_id for b in bags]
     if len(set(ids)) != len(ids):
@@ -75,7 +83,9 @@ def make_folds(config: Config, bags: Sequence[Bag]) -> list[Fold]:
     )
 
 
-def _standardise(bags: Sequence[Bag], train_idx: Sequence[int]) -> tuple[list[Bag], torch.Tensor, torch.Tensor]:
+def _standardise(
+    bags: Sequence[Bag], train_idx: Sequence[int]
+) -> tuple[list[Bag], torch.Tensor, torch.Tensor]:
     feats = torch.cat([bags[i].features for i in train_idx])
     mean = feats.mean(0)
     std = feats.std(0).clamp_min(1e-6)
@@ -94,7 +104,9 @@ def build_head(config: Config, in_dim: int, n_classes: int) -> torch.nn.Module:
 def build_miner(config: Config) -> Any:
     """The configured miner."""
     options = ensure_options_mapping(config.miner.options, "miner.options")
-    return get_registry("miner").create(config.miner.name, key="miner.options", **options)
+    return get_registry("miner").create(
+        config.miner.name, key="miner.options", **options
+    )
 
 
 def build_losses(config: Config) -> list[tuple[Any, float]]:
@@ -102,15 +114,24 @@ def build_losses(config: Config) -> list[tuple[Any, float]]:
     out = []
     for i, spec in enumerate(config.losses):
         options = ensure_options_mapping(spec.options, f"losses[{i}].options")
-        loss = get_registry("loss").create(spec.name, key=f"losses[{i}].options", **options)
+        loss = get_registry("loss").create(
+            spec.name, key=f"losses[{i}].options", **options
+        )
         out.append((loss, spec.weight))
     return out
 
 
-def _fold_metrics(labels: list[int], probs: np.ndarray, threshold: float) -> dict[str, float]:
+def _fold_metrics(
+    labels: list[int], probs: np.ndarray, threshold: float
+) -> dict[str, float]:
     if probs.shape[1] == 2:
         return binary_metrics(labels, probs[:, 1], threshold)
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        f1_score,
+        roc_auc_score,
+    )
 
     pred = probs.argmax(1)
     try:
@@ -180,9 +201,13 @@ def run_fold(
     val_probs, _, _ = predict(head, val, device, amp=dtype)
     threshold = 0.5
     if n_classes == 2 and val:
-        threshold = choose_threshold([b.label for b in val], val_probs[:, 1], config.evaluation.threshold)
+        threshold = choose_threshold(
+            [b.label for b in val], val_probs[:, 1], config.evaluation.threshold
+        )
     want_inst = all(b.instance_labels is not None for b in test)
-    test_probs, test_loss, inst_scores = predict(head, test, device, amp=dtype, instance_scores=want_inst)
+    test_probs, test_loss, inst_scores = predict(
+        head, test, device, amp=dtype, instance_scores=want_inst
+    )
     labels = [b.label for b in test]
     metrics = _fold_metrics(labels, test_probs, threshold)
     metrics["loss"] = test_loss
@@ -218,8 +243,12 @@ def run_fold(
             {
                 "slide_id": b.slide_id,
                 "label": b.label,
-                "probability": float(test_probs[i, 1] if n_classes == 2 else test_probs[i].max()),
-                "prediction": int(test_probs[i, 1] >= threshold) if n_classes == 2 else int(test_probs[i].argmax()),
+                "probability": float(
+                    test_probs[i, 1] if n_classes == 2 else test_probs[i].max()
+                ),
+                "prediction": int(test_probs[i, 1] >= threshold)
+                if n_classes == 2
+                else int(test_probs[i].argmax()),
             }
             for i, b in enumerate(test)
         ],
@@ -230,7 +259,9 @@ def run_fold(
     return result
 
 
-def run_training(config: Config, *, bags: Sequence[Bag] | None = None) -> dict[str, Any]:
+def run_training(
+    config: Config, *, bags: Sequence[Bag] | None = None
+) -> dict[str, Any]:
     """Cross-validate the configured head + miner + losses; write and return the summary.
 
     Args:
@@ -260,7 +291,14 @@ def run_training(config: Config, *, bags: Sequence[Bag] | None = None) -> dict[s
     results = []
     for fold in tqdm(folds, desc="folds", disable=not progress):
         results.append(
-            run_fold(config, bags, fold, out / "folds" / fold.name, n_classes=n_classes, device=device)
+            run_fold(
+                config,
+                bags,
+                fold,
+                out / "folds" / fold.name,
+                n_classes=n_classes,
+                device=device,
+            )
         )
     summary = summarise(results, config)
     write_json(out / "summary.json", summary)
@@ -269,7 +307,16 @@ def run_training(config: Config, *, bags: Sequence[Bag] | None = None) -> dict[s
         w.writerow(["slide_id", "repeat", "fold", "label", "probability", "prediction"])
         for r in results:
             for p in r["predictions"]:
-                w.writerow([p["slide_id"], r["repeat"], r["fold"], p["label"], f"{p['probability']:.6f}", p["prediction"]])
+                w.writerow(
+                    [
+                        p["slide_id"],
+                        r["repeat"],
+                        r["fold"],
+                        p["label"],
+                        f"{p['probability']:.6f}",
+                        p["prediction"],
+                    ]
+                )
     return summary
 
 
@@ -288,10 +335,25 @@ def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, An
         "losses": [loss.name for loss in config.losses],
         "n_folds": len(results),
         "metrics": {k: v for k, v in aggregate(rows, keys).items() if v["n"]},
-        "repeat_metrics": {k: v for k, v in aggregate(repeat_rows, keys).items() if v["n"]},
-        "seconds_per_epoch": float(np.nanmedian([r["seconds_per_epoch"] for r in results])),
+        "repeat_metrics": {
+            k: v for k, v in aggregate(repeat_rows, keys).items() if v["n"]
+        },
+        "seconds_per_epoch": float(
+            np.nanmedian([r["seconds_per_epoch"] for r in results])
+        ),
         "folds": [
-            {k: r[k] for k in ("repeat", "fold", "best_epoch", "epochs_run", "threshold", "n_train", "n_generated")}
+            {
+                k: r[k]
+                for k in (
+                    "repeat",
+                    "fold",
+                    "best_epoch",
+                    "epochs_run",
+                    "threshold",
+                    "n_train",
+                    "n_generated",
+                )
+            }
             | {"metrics": r["metrics"]}
             for r in results
         ],

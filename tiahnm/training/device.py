@@ -20,7 +20,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         msg = f"train.device: {name!r} is not a device name (auto, cpu, cuda, cuda:0 ...)."
         raise ConfigError(msg) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        msg = f"train.device is {name!r} but CUDA is not available here; use auto or cpu."
+        msg = (
+            f"train.device is {name!r} but CUDA is not available here; use auto or cpu."
+        )
         raise ConfigError(msg)
     return device
 

@@ -58,7 +58,9 @@ def make_scheduler(
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+        return torch.optim.lr_scheduler.StepLR(
+            opt, step_size=cfg.step_size, gamma=cfg.gamma
+        )
     return None
 
 
@@ -96,7 +98,9 @@ def predict(
     return p, loss, (scores if instance_scores else None)
 
 
-def _score(metric: str, val_loss: float, val_probs: np.ndarray, labels: list[int]) -> tuple[float, float]:
+def _score(
+    metric: str, val_loss: float, val_probs: np.ndarray, labels: list[int]
+) -> tuple[float, float]:
     """Higher is better: (primary, tie-break by lower loss)."""
     if metric == "val_loss":
         return (-val_loss, 0.0)
@@ -153,8 +157,17 @@ def fit(
 
     round_idx, start_epoch = 0, 0
     history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"score": (-math.inf, -math.inf), "epoch": -1, "state": None, "bad": 0}
-    resume = load_checkpoint(ckpt_path) if ckpt_path is not None and ckpt_path.is_file() else None
+    best: dict[str, Any] = {
+        "score": (-math.inf, -math.inf),
+        "epoch": -1,
+        "state": None,
+        "bad": 0,
+    }
+    resume = (
+        load_checkpoint(ckpt_path)
+        if ckpt_path is not None and ckpt_path.is_file()
+        else None
+    )
     if resume is not None:
         round_idx = int(resume["round"])
         for item in resume.get("added_bags", []):
@@ -238,7 +251,11 @@ def fit(
                 sched.step()
             train_loss = float(loss_sum) / max(n_steps, 1)
             epoch_seconds.append(time.perf_counter() - t0)
-            row: dict[str, float] = {"round": round_idx, "epoch": epoch, "train_loss": train_loss}
+            row: dict[str, float] = {
+                "round": round_idx,
+                "epoch": epoch,
+                "train_loss": train_loss,
+            }
             if val_bags:
                 val_probs, val_loss, _ = predict(head, val_bags, device, amp=dtype)
                 score = _score(cfg.monitor, val_loss, val_probs, val_labels)
@@ -250,15 +267,26 @@ def fit(
             else:
                 score = (float(epoch), 0.0)
             if score > best["score"]:
-                best = {"score": score, "epoch": epoch, "state": _cpu_state(head), "bad": 0}
+                best = {
+                    "score": score,
+                    "epoch": epoch,
+                    "state": _cpu_state(head),
+                    "bad": 0,
+                }
             else:
                 best["bad"] += 1
             history.append(row)
             if on_epoch_end is not None:
                 on_epoch_end(row)
-            stop = bool(val_bags) and best["bad"] >= cfg.patience and epoch + 1 >= cfg.min_epochs
+            stop = (
+                bool(val_bags)
+                and best["bad"] >= cfg.patience
+                and epoch + 1 >= cfg.min_epochs
+            )
             last_epoch = stop or epoch + 1 == cfg.epochs
-            if ckpt_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
+            if ckpt_path is not None and (
+                (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch
+            ):
                 save_checkpoint(
                     {
                         "round": round_idx,
@@ -276,7 +304,9 @@ def fit(
                         "best_state": best["state"],
                         "bad_epochs": best["bad"],
                         "added_bags": [
-                            _bag_to_dict(b) for b in train_bags if b.origin == "generated"
+                            _bag_to_dict(b)
+                            for b in train_bags
+                            if b.origin == "generated"
                         ],
                     },
                     ckpt_path,
@@ -291,13 +321,20 @@ def fit(
             for b in new_bags:
                 b.origin = "generated"
             train_bags.extend(new_bags)
-            best = {"score": (-math.inf, -math.inf), "epoch": -1, "state": None, "bad": 0}
+            best = {
+                "score": (-math.inf, -math.inf),
+                "epoch": -1,
+                "state": None,
+                "bad": 0,
+            }
     return FitResult(
         best_state=best["state"],
         best_epoch=best["epoch"],
         history=history,
         train_bags=train_bags,
-        seconds_per_epoch=float(np.median(epoch_seconds)) if epoch_seconds else math.nan,
+        seconds_per_epoch=float(np.median(epoch_seconds))
+        if epoch_seconds
+        else math.nan,
     )
 
 
@@ -306,7 +343,11 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _bag_to_dict(bag: Bag) -> dict[str, Any]:
-    return {"slide_id": bag.slide_id, "label": bag.label, "features": bag.features.cpu()}
+    return {
+        "slide_id": bag.slide_id,
+        "label": bag.label,
+        "features": bag.features.cpu(),
+    }
 
 
 def _bag_from_dict(item: dict[str, Any]) -> Bag:

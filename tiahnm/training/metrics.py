@@ -69,7 +69,9 @@ def binary_metrics(
     return out
 
 
-def aggregate(rows: Sequence[dict[str, float]], keys: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+def aggregate(
+    rows: Sequence[dict[str, float]], keys: Sequence[str] = METRICS
+) -> dict[str, dict[str, float]]:
     """Mean and sample standard deviation of each metric over rows (NaNs ignored)."""
     out = {}
     for key in keys:

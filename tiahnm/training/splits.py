@@ -70,13 +70,24 @@ def kfold_splits(
         rng = np.random.default_rng(seed * 1000 + r)
         for k, (train_idx, test_idx) in enumerate(skf.split(np.zeros(len(y)), y)):
             train, val = _holdout(train_idx, y, val_fraction, rng)
-            out.append(Fold(r, k, tuple(train.tolist()), tuple(val.tolist()), tuple(test_idx.tolist())))
+            out.append(
+                Fold(
+                    r,
+                    k,
+                    tuple(train.tolist()),
+                    tuple(val.tolist()),
+                    tuple(test_idx.tolist()),
+                )
+            )
     return out
 
 
 def fixed_split(splits: Sequence[str | None]) -> list[Fold]:
     """One fold from per-bag ``train``/``val``/``test`` tags."""
-    idx = {s: tuple(i for i, t in enumerate(splits) if t == s) for s in ("train", "val", "test")}
+    idx = {
+        s: tuple(i for i, t in enumerate(splits) if t == s)
+        for s in ("train", "val", "test")
+    }
     if not idx["train"] or not idx["test"]:
         msg = "The data's split column needs at least one 'train' and one 'test' bag."
         raise DataError(msg)
@@ -111,7 +122,9 @@ def read_split_file(path: str | Path, slide_ids: Sequence[str]) -> list[Fold]:
             except ValueError:
                 msg = f"{path}, row {lineno}: repeat and fold must be integers."
                 raise DataError(msg) from None
-            table.setdefault(key, {"train": [], "val": [], "test": []})[split].append(pos[sid])
+            table.setdefault(key, {"train": [], "val": [], "test": []})[split].append(
+                pos[sid]
+            )
     if not table:
         msg = f"{path}: no rows."
         raise DataError(msg)
@@ -121,7 +134,9 @@ def read_split_file(path: str | Path, slide_ids: Sequence[str]) -> list[Fold]:
     ]
 
 
-def write_split_file(path: str | Path, folds: Sequence[Fold], slide_ids: Sequence[str]) -> None:
+def write_split_file(
+    path: str | Path, folds: Sequence[Fold], slide_ids: Sequence[str]
+) -> None:
     """Write folds in the format :func:`read_split_file` reads, atomically."""
     from tiahnm.utils.io import atomic_open
 
