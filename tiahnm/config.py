@@ -120,6 +120,12 @@ class CVConfig:
         None,
         "CSV slide_id,repeat,fold,split assigning bags to folds; overrides folds/repeats.",
     )
+    refit: bool = _f(
+        False,
+        "After choosing the epoch on validation, retrain on training + validation bags "
+        "for that many epochs (same seed) and evaluate that model; the threshold still "
+        "comes from the validation predictions of the first model.",
+    )
     use_source_split: bool = _f(
         True, "Use the train/val/test split column of the data when it has one."
     )

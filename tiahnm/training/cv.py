@@ -195,7 +195,6 @@ def run_fold(
         seed=seed,
         checkpoint_dir=fold_dir,
     )
-    fit_seconds = time.perf_counter() - t0
     head.load_state_dict(res.best_state)
     dtype = amp_dtype(device, config.train.amp)
     val_probs, _, _ = predict(head, val, device, amp=dtype)
@@ -204,6 +203,25 @@ def run_fold(
         threshold = choose_threshold(
             [b.label for b in val], val_probs[:, 1], config.evaluation.threshold
         )
+    best_epoch = res.best_epoch
+    if config.cv.refit and val:
+        # The epoch count was chosen on validation; the final model also learns from
+        # the validation bags. Nothing here looks at the test fold.
+        torch.manual_seed(seed)
+        head = build_head(config, in_dim, n_classes)
+        res = fit(
+            head,
+            train + val,
+            [],
+            replace(config.train, epochs=best_epoch + 1),
+            miner=build_miner(config),
+            losses=build_losses(config),
+            device=device,
+            seed=seed,
+            checkpoint_dir=fold_dir / "refit",
+        )
+        head.load_state_dict(res.best_state)
+    fit_seconds = time.perf_counter() - t0
     want_inst = all(b.instance_labels is not None for b in test)
     test_probs, test_loss, inst_scores = predict(
         head, test, device, amp=dtype, instance_scores=want_inst
@@ -222,7 +240,8 @@ def run_fold(
             "state_dict": res.best_state,
             "threshold": threshold,
             "normalisation": norm,
-            "best_epoch": res.best_epoch,
+            "best_epoch": best_epoch,
+            "refit": bool(config.cv.refit and val),
         },
         fold_dir / "best.pt",
     )
@@ -233,7 +252,7 @@ def run_fold(
         "n_generated": sum(b.origin == "generated" for b in res.train_bags),
         "n_val": len(val),
         "n_test": len(test),
-        "best_epoch": res.best_epoch,
+        "best_epoch": best_epoch,
         "epochs_run": len(res.history),
         "threshold": threshold,
         "seconds": fit_seconds,
@@ -256,6 +275,7 @@ def run_fold(
     }
     write_json(result_path, result)
     (fold_dir / "last.pt").unlink(missing_ok=True)
+    (fold_dir / "refit" / "last.pt").unlink(missing_ok=True)
     return result
 
 

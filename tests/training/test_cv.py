@@ -1,0 +1,102 @@
+import csv
+import json
+
+import pytest
+
+from tests.synthetic import make_bags, write_mil_csv
+from tiahnm.config import from_dict
+from tiahnm.hookspecs import hookimpl
+from tiahnm.miners.base import Miner
+from tiahnm.plugins import get_plugin_manager
+from tiahnm.training.cv import run_training
+
+SPIES: list["SpyMiner"] = []
+
+
+class SpyMiner(Miner):
+    """Records every bag the loop trains on."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        SPIES.append(self)
+
+    def batches(self, ctx, bags, generator):
+        for batch in super().batches(ctx, bags, generator):
+            self.seen.update(b.slide_id for b in batch)
+            yield batch
+
+
+class SpyPlugin:
+    @hookimpl
+    def tiahnm_register_miners(self, register):
+        register("spy", SpyMiner)
+
+
+def config(tmp_path, **over):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    csv_path = tmp_path / "bags.csv"
+    write_mil_csv(csv_path, make_bags(24))
+    data = {
+        "output_dir": str(tmp_path / "out"),
+        "data": {"source": "mil_csv", "options": {"path": str(csv_path)}},
+        "head": {"name": "abmil", "options": {"embed_dim": 16, "attn_dim": 8}},
+        "train": {"epochs": 3, "lr": 0.005, "progress": False},
+        "cv": {"folds": 3, "repeats": 2, "val_fraction": 0.2},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        data.setdefault(section, {})[name] = value
+    return from_dict(data)
+
+
+def read_splits(path):
+    folds: dict[tuple[str, str], dict[str, set[str]]] = {}
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            folds.setdefault(
+                (row["repeat"], row["fold"]),
+                {"train": set(), "val": set(), "test": set()},
+            )[row["split"]].add(row["slide_id"])
+    return folds
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_training_never_sees_test_bags(tmp_path, refit):
+    SPIES.clear()
+    get_plugin_manager().register(SpyPlugin(), name="spy")
+    cfg = config(tmp_path, miner__name="spy", cv__refit=refit)
+    run_training(cfg)
+    folds = read_splits(tmp_path / "out" / "splits.csv")
+    fold_spies = SPIES[1:]  # the first miner is built only to validate the config
+    per_fold = 2 if refit else 1
+    assert len(fold_spies) == per_fold * len(folds)
+    for i, (_, split) in enumerate(
+        sorted(folds.items(), key=lambda kv: (int(kv[0][0]), int(kv[0][1])))
+    ):
+        first = fold_spies[per_fold * i]
+        assert first.seen == split["train"]
+        if refit:
+            assert fold_spies[per_fold * i + 1].seen == split["train"] | split["val"]
+        assert not (first.seen & split["test"])
+
+
+def test_refit_writes_results_and_cleans_checkpoints(tmp_path):
+    cfg = config(tmp_path, cv__refit=True)
+    summary = run_training(cfg)
+    assert summary["n_folds"] == 6
+    fold = tmp_path / "out" / "folds" / "r0_f0"
+    assert (fold / "best.pt").is_file()
+    assert not (fold / "last.pt").exists()
+    assert not (fold / "refit" / "last.pt").exists()
+    result = json.loads((fold / "result.json").read_text())
+    assert result["n_train"] + result["n_test"] == 24
+
+
+def test_summary_shape_and_determinism(tmp_path):
+    a = run_training(config(tmp_path / "a"))
+    b = run_training(config(tmp_path / "b"))
+    assert a["metrics"] == b["metrics"]
+    assert set(a["metrics"]) >= {"auc", "accuracy", "f1", "balanced_accuracy"}
+    assert set(a["repeat_metrics"]["accuracy"]) == {"mean", "std", "n"}
+    assert a["repeat_metrics"]["accuracy"]["n"] == 2
+    assert "instance_auc" not in a["metrics"]  # the CSV carries no instance labels
