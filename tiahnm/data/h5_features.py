@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,38 @@ def read_labels_csv(
     return labels, splits, classes
 
 
+@dataclass
+class FeatureArrays:
+    """The arrays of one feature file.
+
+    Attributes:
+        features (np.ndarray): ``[N, D]`` float32.
+        coords (np.ndarray | None): ``[N, 2]`` patch coordinates (level-0 pixels in
+            files written by ``tiahnm extract``).
+        instance_labels (np.ndarray | None): ``[N]`` int64 patch labels (evaluation
+            ground truth from annotations), when the file has them.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray | None = None
+    instance_labels: np.ndarray | None = None
+
+
 def read_feature_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Read ``features`` ``[N, D]`` and ``coords`` ``[N, 2]`` from one HDF5 file.
 
     Both the CLAM/TRIDENT layout (``features`` maybe ``[1, N, D]``) and files with an
     extra leading axis are accepted. Errors name the file and the problem.
+    """
+    arrays = read_feature_arrays(path)
+    return arrays.features, arrays.coords
+
+
+def read_feature_arrays(path: str | Path) -> FeatureArrays:
+    """Read ``features``, ``coords`` and (if present) ``instance_labels``.
+
+    See :func:`read_feature_file`; ``instance_labels`` must hold one value per
+    instance.
     """
     import h5py
 
@@ -105,6 +133,9 @@ def read_feature_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
                 raise DataError(msg)
             feats = np.asarray(f["features"][()], dtype=np.float32)
             coords = np.asarray(f["coords"][()]) if "coords" in f else None
+            labels = (
+                np.asarray(f["instance_labels"][()]) if "instance_labels" in f else None
+            )
     except DataError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -127,7 +158,13 @@ def read_feature_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         if coords.ndim != 2 or coords.shape[0] != feats.shape[0]:
             msg = f"{path}: 'coords' shape {coords.shape} does not match {feats.shape[0]} instances."
             raise DataError(msg)
-    return feats, coords
+    if labels is not None:
+        labels = labels.reshape(-1) if labels.size == feats.shape[0] else labels
+        if labels.shape != (feats.shape[0],):
+            msg = f"{path}: 'instance_labels' shape {labels.shape} does not match {feats.shape[0]} instances."
+            raise DataError(msg)
+        labels = labels.astype(np.int64)
+    return FeatureArrays(feats, coords, labels)
 
 
 class H5FeatureFolder:
@@ -176,7 +213,8 @@ class H5FeatureFolder:
                     "(set data.options.missing: skip to ignore)."
                 )
                 raise DataError(msg)
-            feats, coords = read_feature_file(path)
+            arrays = read_feature_arrays(path)
+            feats, coords = arrays.features, arrays.coords
             if width is None:
                 width = feats.shape[1]
             elif feats.shape[1] != width:
@@ -188,6 +226,7 @@ class H5FeatureFolder:
                     label=label,
                     features=torch.from_numpy(feats),
                     coords=coords,
+                    instance_labels=arrays.instance_labels,
                     split=splits.get(sid),
                     source=str(path),
                 )

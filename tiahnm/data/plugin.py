@@ -11,6 +11,7 @@ def tiahnm_register_bag_sources(register: Register) -> None:
     # The factories are the classes, so option checking sees their real signatures.
     from tiahnm.data.h5_features import H5FeatureFolder
     from tiahnm.data.mil_csv import MILCSVSource
+    from tiahnm.data.mnist_bags import MNISTBags
 
     register(
         "h5_folder",
@@ -19,4 +20,9 @@ def tiahnm_register_bag_sources(register: Register) -> None:
     )
     register(
         "mil_csv", MILCSVSource, description="Classic MIL CSV: label, bag_id, features"
+    )
+    register(
+        "mnist_bags",
+        MNISTBags,
+        description="MNIST-bags (Ilse et al. 2018): positive iff a target digit is in the bag",
     )

@@ -1,0 +1,60 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from tiahnm.data.mnist_bags import MNISTBags, read_mnist_csv
+from tiahnm.errors import DataError
+
+
+def fake_mnist(path, n_per_digit=20):
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in range(10):
+        for _ in range(n_per_digit):
+            rows.append([*rng.integers(0, 256, 784).tolist(), d])
+    with gzip.open(path, "wt") as fh:
+        for r in rows:
+            fh.write(",".join(map(str, r)) + "\n")
+
+
+def test_balanced_bags_labels_and_sizes(tmp_path):
+    p = tmp_path / "m.csv.gz"
+    fake_mnist(p)
+    bags = MNISTBags(str(p), n_bags=40, mean_bag_size=10, std_bag_size=2, seed=1).load()
+    assert len(bags) == 40
+    assert sum(b.label for b in bags) == 20
+    for b in bags:
+        assert b.label == int(b.instance_labels.any())
+        assert b.label == int(9 in b.meta["digits"])
+        assert b.features.shape == (b.n_instances, 784)
+        assert 0.0 <= float(b.features.min()) and float(b.features.max()) <= 1.0
+    sizes = [b.n_instances for b in bags]
+    assert 7 <= np.mean(sizes) <= 13
+    again = MNISTBags(str(p), n_bags=40, seed=1).load()
+    assert [b.meta["digits"] for b in again] == [b.meta["digits"] for b in bags]
+
+
+def test_images_layout(tmp_path):
+    p = tmp_path / "m.csv.gz"
+    fake_mnist(p)
+    (bag, *_) = MNISTBags(str(p), n_bags=2, as_images=True).load()
+    assert bag.features.shape[1:] == (1, 28, 28)
+
+
+def test_bad_file(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("1,2,3\n")
+    with pytest.raises(DataError, match="expected 785 columns"):
+        read_mnist_csv(p)
+
+
+def test_real_mnist_5k(shared_data):
+    bags = MNISTBags(
+        str(shared_data / "mnist-5k" / "mnist_5k.csv.gz"),
+        n_bags=100,
+        mean_bag_size=50,
+        std_bag_size=10,
+    ).load()
+    assert sum(b.label for b in bags) == 50
+    assert 40 <= np.mean([b.n_instances for b in bags]) <= 60
