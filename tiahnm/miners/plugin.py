@@ -9,5 +9,11 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_miners(register: Register) -> None:
     """Register the built-in miners."""
     from tiahnm.miners.base import Miner
+    from tiahnm.miners.mhim import MHIMMiner
 
     register("none", Miner, description="No mining: plain training of the head")
+    register(
+        "mhim",
+        MHIMMiner,
+        description="Masked hard instance mining, EMA teacher (Tang et al. 2023/2025)",
+    )

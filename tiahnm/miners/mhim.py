@@ -1,0 +1,685 @@
+"""MHIM-MIL: masked hard instance mining (Tang et al., ICCV 2023; v2 arXiv 2509.11526).
+
+A momentum (EMA) teacher, a copy of the student head, scores every instance of the
+full bag without autograd. The miner masks the most salient instances (high-score
+masking, optionally "randomly HAM"), optionally the least salient ones and a large
+random fraction, and the student is trained on the rest (kept in ascending index
+order). A consistency loss pulls the student's bag embedding towards the teacher's:
+
+``L_con = -sum_d softmax(F_t / tau_t)_d * log_softmax(F_s / tau_s)_d``
+
+(mean over rows for class-wise ``[1, C, E]`` embeddings such as DSMIL's), added as
+``consistency_weight * L_con`` to the head's own loss. After every optimiser step the
+teacher follows the student: ``theta_T <- m * theta_T + (1 - m) * theta_S``.
+
+v2 adds the class-aware instance probability as masking score (``score="class_aware"``)
+and the Global Recycle Network (``recycle=True``, see
+:mod:`tiahnm.miners.recycle`): after masking, a random ``recycle_ratio`` of the kept
+instances stays in the student input and the others are summarised into
+``recycle_tokens`` learnable tokens appended to it (training only).
+
+Evaluation uses the student alone on the full bag (done by the loop).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tiahnm.errors import ConfigError, DataError
+from tiahnm.miners.base import FitContext, Miner
+from tiahnm.miners.mhim_masking import (
+    FUSIONS,
+    build_mask,
+    cosine_schedule,
+    floor_count,
+)
+from tiahnm.miners.recycle import GlobalRecycleNetwork
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiahnm.heads.base import MILHead, MILOutput
+
+KEY = "miner.options"
+
+SCORES = ("auto", "attention", "class_aware", "instance_logit")
+SCHEDULES = ("constant", "cosine")
+TEACHER_MODES = ("eval", "train")
+STUDENT_INITS = ("none", "embed", "all")
+
+#: Values used when neither an explicit option nor the preset sets a key: the
+#: paper's main AB-MIL setting (C16: R-HAM with randomly HAM, beta_h decay).
+DEFAULTS: dict[str, Any] = {
+    "mask_ratio_h": 0.01,
+    "mask_ratio_hr": 0.5,
+    "mask_ratio_l": 0.0,
+    "mask_ratio_r": 0.5,
+    "mask_h_schedule": "cosine",
+    "score": "auto",
+    "head_fusion": "vote",
+    "consistency_weight": 0.1,
+    "tau_t": 0.1,
+    "tau_s": 1.0,
+    "momentum": 0.9999,
+    "momentum_schedule": "constant",
+    "teacher_mode": "eval",
+    "teacher_init": None,
+    "student_init": "embed",
+    "recycle": False,
+    "recycle_ratio": 0.8,
+    "recycle_tokens": 5,
+    "recycle_momentum": 0.9999,
+    "recycle_heads": 8,
+    "recycle_dropout": 0.1,
+    "embed_dim": 512,
+}
+
+#: Published settings (algorithms.md sec. 2.4). v1 presets copy the projection of the
+#: teacher checkpoint into the student (``student_init="embed"``, the official
+#: ``init_stu_type=fc``) when ``teacher_init`` is given. The v2 values are the middle
+#: of the README grid (the per-dataset choices are not published).
+PRESETS: dict[str, dict[str, Any]] = {
+    "c16_abmil": {
+        "mask_ratio_r": 0.5,
+        "mask_ratio_l": 0.0,
+        "mask_ratio_h": 0.01,
+        "mask_ratio_hr": 0.5,
+        "mask_h_schedule": "cosine",
+        "consistency_weight": 0.1,
+        "momentum": 0.9999,
+        "momentum_schedule": "constant",
+        "score": "attention",
+        "student_init": "embed",
+    },
+    "c16_transmil": {
+        "mask_ratio_r": 0.0,
+        "mask_ratio_l": 0.8,
+        "mask_ratio_h": 0.03,
+        "mask_ratio_hr": 0.5,
+        "mask_h_schedule": "cosine",
+        "consistency_weight": 0.1,
+        "momentum": 0.9999,
+        "momentum_schedule": "cosine",
+        "score": "attention",
+        "head_fusion": "vote",
+        "student_init": "embed",
+    },
+    "c16_dsmil": {
+        "mask_ratio_r": 0.5,
+        "mask_ratio_l": 0.0,
+        "mask_ratio_h": 0.01,
+        "mask_ratio_hr": 0.5,
+        "mask_h_schedule": "cosine",
+        "consistency_weight": 0.1,
+        "momentum": 0.9999,
+        "momentum_schedule": "constant",
+        "score": "instance_logit",
+        "student_init": "embed",
+    },
+    "tcga_abmil": {
+        "mask_ratio_r": 0.7,
+        "mask_ratio_l": 0.2,
+        "mask_ratio_h": 0.02,
+        "mask_ratio_hr": 1.0,
+        "mask_h_schedule": "cosine",
+        "consistency_weight": 0.5,
+        "momentum": 0.9999,
+        "momentum_schedule": "cosine",
+        "score": "attention",
+        "student_init": "embed",
+    },
+    "tcga_transmil": {
+        "mask_ratio_r": 0.6,
+        "mask_ratio_l": 0.2,
+        "mask_ratio_h": 0.02,
+        "mask_ratio_hr": 1.0,
+        "mask_h_schedule": "cosine",
+        "consistency_weight": 0.5,
+        "momentum": 0.9999,
+        "momentum_schedule": "constant",
+        "score": "attention",
+        "head_fusion": "vote",
+        "student_init": "embed",
+    },
+    "tcga_dsmil": {
+        "mask_ratio_r": 0.7,
+        "mask_ratio_l": 0.2,
+        "mask_ratio_h": 0.02,
+        "mask_ratio_hr": 1.0,
+        "mask_h_schedule": "cosine",
+        "consistency_weight": 0.5,
+        "momentum": 0.9999,
+        "momentum_schedule": "cosine",
+        "score": "instance_logit",
+        "student_init": "embed",
+    },
+    "v2": {
+        "mask_ratio_r": 0.0,
+        "mask_ratio_l": 0.0,
+        "mask_ratio_h": 0.03,
+        "mask_ratio_hr": 1.0,
+        "mask_h_schedule": "constant",
+        "consistency_weight": 0.5,
+        "momentum": 0.9997,
+        "momentum_schedule": "constant",
+        "score": "class_aware",
+        "student_init": "none",
+        "recycle": True,
+        "recycle_ratio": 0.8,
+        "recycle_tokens": 5,
+        "recycle_momentum": 0.9999,
+    },
+}
+# v2 with a DSMIL head: the official v2 code scores DSMIL by its max instance logit.
+PRESETS["v2_dsmil"] = {**PRESETS["v2"], "score": "instance_logit"}
+
+
+def consistency_loss(
+    student: torch.Tensor, teacher: torch.Tensor, tau_t: float = 0.1, tau_s: float = 1.0
+) -> torch.Tensor:
+    """Soft-target cross-entropy between bag embeddings.
+
+    ``-sum_d softmax(teacher / tau_t)_d * log_softmax(student / tau_s)_d`` per row of
+    the last dimension, averaged over rows (``[1, E]`` has one row, ``[1, C, E]`` has
+    C). Computed in float32; the teacher side carries no gradient.
+
+    Args:
+        student (torch.Tensor): Student embedding ``[..., E]``.
+        teacher (torch.Tensor): Teacher embedding of the same shape.
+        tau_t (float): Teacher temperature.
+        tau_s (float): Student temperature.
+
+    Returns:
+        torch.Tensor: Scalar loss.
+    """
+    if student.shape != teacher.shape:
+        msg = (
+            f"Student and teacher embeddings differ: {tuple(student.shape)} vs "
+            f"{tuple(teacher.shape)}."
+        )
+        raise ValueError(msg)
+    target = torch.softmax(teacher.detach().float() / tau_t, dim=-1)
+    log_p = torch.log_softmax(student.float() / tau_s, dim=-1)
+    return -(target * log_p).sum(dim=-1).mean()
+
+
+def _number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{KEY}.{name}: expected a number, got {value!r}."
+        raise ConfigError(msg)
+    value = float(value)
+    ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        msg = f"{KEY}.{name} must be in {bracket}{low}, {high}], got {value!r}."
+        raise ConfigError(msg)
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        msg = f"{KEY}.{name} must be one of {', '.join(allowed)}; got {value!r}."
+        raise ConfigError(msg)
+    return str(value)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"{KEY}.{name} must be an integer >= 1, got {value!r}."
+        raise ConfigError(msg)
+    return value
+
+
+def _extract_state_dict(obj: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Head weights from a ``best.pt`` (``state_dict``), a ``last.pt`` or a raw dict."""
+    for key in ("state_dict", "head"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and all(
+            isinstance(v, torch.Tensor) for v in inner.values()
+        ):
+            return inner
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    msg = (
+        f"{KEY}.teacher_init: {path} holds no head state dict (expected a 'state_dict' "
+        "entry or a raw state dict)."
+    )
+    raise ConfigError(msg)
+
+
+@torch.no_grad()
+def ema_update(
+    teacher_params: list[torch.Tensor],
+    student_params: list[torch.Tensor],
+    momentum: float,
+) -> None:
+    """``t <- momentum * t + (1 - momentum) * s`` for matching tensor lists."""
+    if not teacher_params:
+        return
+    students = [s.detach() for s in student_params]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, students, alpha=1.0 - momentum)
+
+
+class MHIMMiner(Miner):
+    """MHIM-MIL miner: EMA teacher, masked hard instances, consistency, (v2) GRN.
+
+    Every option defaults to ``None``: its value comes from the explicit option, else
+    from ``preset``, else from :data:`DEFAULTS` (the paper's C16 AB-MIL setting, the
+    values in brackets below). Ratios are fractions *dropped*.
+
+    Args:
+        preset (str | None): Published settings: ``c16_abmil``, ``c16_transmil``,
+            ``c16_dsmil``, ``tcga_abmil``, ``tcga_transmil``, ``tcga_dsmil``, ``v2``
+            or ``v2_dsmil`` (see :data:`PRESETS`).
+        mask_ratio_h (float | None): beta_h, high-score fraction masked (0.01).
+        mask_ratio_hr (float | None): rho_h, "randomly HAM": the candidates are the
+            top ``beta_h / rho_h`` and a random ``rho_h`` of them are masked (0.5;
+            1.0 = plain HAM).
+        mask_ratio_l (float | None): beta_l, low-score fraction masked (0).
+        mask_ratio_r (float | None): beta_r, random fraction masked (0.5).
+        mask_h_schedule (str | None): ``constant`` or ``cosine`` (default: beta_h
+            decays to 0 over the round's optimiser steps).
+        score (str | None): Teacher score used for masking: ``attention`` (v1;
+            multi-head attention fused by ``head_fusion``), ``class_aware`` (v2: max
+            over classes of the class probability of the attention-weighted
+            instance), ``instance_logit`` (max over classes of the instance logits,
+            MHIM's DSMIL rule) or ``auto`` (``instance_logit`` for DSMIL, else
+            ``attention`` when the head has attention, else ``class_aware``).
+        head_fusion (str | None): ``vote`` (each head votes for its own top-k, the k
+            most voted win) or ``mean`` (top-k of the head-mean score).
+        consistency_weight (float | None): alpha, weight of the consistency loss
+            (0.1; 0 disables it).
+        tau_t (float | None): Teacher temperature (0.1).
+        tau_s (float | None): Student temperature (1.0).
+        momentum (float | None): EMA momentum m of the teacher (0.9999).
+        momentum_schedule (str | None): ``constant`` or ``cosine`` (m rises to 1 over
+            the round's optimiser steps).
+        teacher_mode (str | None): ``eval`` (no dropout, as the paper's pseudocode;
+            default) or ``train`` (dropout active while scoring, as the official
+            code).
+        teacher_init (str | None): Checkpoint to initialise the teacher from: a
+            ``best.pt`` of a baseline run (``state_dict`` entry), a ``last.pt`` or a
+            raw head state dict. Without it the teacher starts as a copy of the
+            student.
+        student_init (str | None): With ``teacher_init``, also copy into the student
+            ``embed`` (default: the projection only, v1's ``init_stu_type=fc``),
+            ``all`` or ``none`` of the checkpoint.
+        recycle (bool | None): Enable the v2 Global Recycle Network (False).
+        recycle_ratio (float | None): Fraction of the instances kept after masking
+            that stay in the student input; the rest are recycled (0.8).
+        recycle_tokens (int | None): Number k of global tokens (5).
+        recycle_momentum (float | None): EMA momentum of the global tokens (0.9999).
+        recycle_heads (int | None): Cross-attention heads (8).
+        recycle_dropout (float | None): Cross-attention dropout (0.1).
+        embed_dim (int | None): Embedding width of the head (512), needed to build
+            the recycle network before training starts; must equal the head's
+            ``embed_dim`` when ``recycle`` is on.
+    """
+
+    name = "mhim"
+
+    def __init__(
+        self,
+        *,
+        preset: str | None = None,
+        mask_ratio_h: float | None = None,
+        mask_ratio_hr: float | None = None,
+        mask_ratio_l: float | None = None,
+        mask_ratio_r: float | None = None,
+        mask_h_schedule: str | None = None,
+        score: str | None = None,
+        head_fusion: str | None = None,
+        consistency_weight: float | None = None,
+        tau_t: float | None = None,
+        tau_s: float | None = None,
+        momentum: float | None = None,
+        momentum_schedule: str | None = None,
+        teacher_mode: str | None = None,
+        teacher_init: str | None = None,
+        student_init: str | None = None,
+        recycle: bool | None = None,
+        recycle_ratio: float | None = None,
+        recycle_tokens: int | None = None,
+        recycle_momentum: float | None = None,
+        recycle_heads: int | None = None,
+        recycle_dropout: float | None = None,
+        embed_dim: int | None = None,
+    ) -> None:
+        explicit = {
+            "mask_ratio_h": mask_ratio_h,
+            "mask_ratio_hr": mask_ratio_hr,
+            "mask_ratio_l": mask_ratio_l,
+            "mask_ratio_r": mask_ratio_r,
+            "mask_h_schedule": mask_h_schedule,
+            "score": score,
+            "head_fusion": head_fusion,
+            "consistency_weight": consistency_weight,
+            "tau_t": tau_t,
+            "tau_s": tau_s,
+            "momentum": momentum,
+            "momentum_schedule": momentum_schedule,
+            "teacher_mode": teacher_mode,
+            "teacher_init": teacher_init,
+            "student_init": student_init,
+            "recycle": recycle,
+            "recycle_ratio": recycle_ratio,
+            "recycle_tokens": recycle_tokens,
+            "recycle_momentum": recycle_momentum,
+            "recycle_heads": recycle_heads,
+            "recycle_dropout": recycle_dropout,
+            "embed_dim": embed_dim,
+        }
+        if preset is not None and preset not in PRESETS:
+            msg = f"{KEY}.preset must be one of {', '.join(PRESETS)}; got {preset!r}."
+            raise ConfigError(msg)
+        opts = dict(DEFAULTS)
+        if preset is not None:
+            opts.update(PRESETS[preset])
+        opts.update({k: v for k, v in explicit.items() if v is not None})
+        self.preset = preset
+        self.options = opts
+
+        self.mask_ratio_h = _number(
+            "mask_ratio_h", opts["mask_ratio_h"], 0.0, 1.0, open_low=False
+        )
+        self.mask_ratio_hr = _number(
+            "mask_ratio_hr", opts["mask_ratio_hr"], 0.0, 1.0, open_low=True
+        )
+        self.mask_ratio_l = _number(
+            "mask_ratio_l", opts["mask_ratio_l"], 0.0, 1.0, open_low=False
+        )
+        self.mask_ratio_r = _number(
+            "mask_ratio_r", opts["mask_ratio_r"], 0.0, 1.0, open_low=False
+        )
+        self.mask_h_schedule = _choice(
+            "mask_h_schedule", opts["mask_h_schedule"], SCHEDULES
+        )
+        self.score = _choice("score", opts["score"], SCORES)
+        self.head_fusion = _choice("head_fusion", opts["head_fusion"], FUSIONS)
+        self.consistency_weight = _number(
+            "consistency_weight",
+            opts["consistency_weight"],
+            0.0,
+            float("inf"),
+            open_low=False,
+        )
+        self.tau_t = _number("tau_t", opts["tau_t"], 0.0, float("inf"), open_low=True)
+        self.tau_s = _number("tau_s", opts["tau_s"], 0.0, float("inf"), open_low=True)
+        self.momentum = _number("momentum", opts["momentum"], 0.0, 1.0, open_low=False)
+        self.momentum_schedule = _choice(
+            "momentum_schedule", opts["momentum_schedule"], SCHEDULES
+        )
+        self.teacher_mode = _choice("teacher_mode", opts["teacher_mode"], TEACHER_MODES)
+        self.student_init = _choice("student_init", opts["student_init"], STUDENT_INITS)
+        init = opts["teacher_init"]
+        if init is not None:
+            if not isinstance(init, (str, Path)) or not str(init):
+                msg = f"{KEY}.teacher_init: expected a file path, got {init!r}."
+                raise ConfigError(msg)
+            if not Path(init).is_file():
+                msg = f"{KEY}.teacher_init: checkpoint {init} not found."
+                raise ConfigError(msg)
+        self.teacher_init = str(init) if init is not None else None
+        if not isinstance(opts["recycle"], bool):
+            msg = f"{KEY}.recycle: expected true or false, got {opts['recycle']!r}."
+            raise ConfigError(msg)
+        self.recycle = opts["recycle"]
+        self.recycle_ratio = _number(
+            "recycle_ratio", opts["recycle_ratio"], 0.0, 1.0, open_low=True
+        )
+        self.recycle_momentum = _number(
+            "recycle_momentum", opts["recycle_momentum"], 0.0, 1.0, open_low=False
+        )
+        self.recycle_dropout = _number(
+            "recycle_dropout", opts["recycle_dropout"], 0.0, 1.0, open_low=False
+        )
+        self.recycle_tokens = _positive_int("recycle_tokens", opts["recycle_tokens"])
+        self.recycle_heads = _positive_int("recycle_heads", opts["recycle_heads"])
+        self.embed_dim = _positive_int("embed_dim", opts["embed_dim"])
+
+        # The recycle network must exist before the loop builds the optimiser (which
+        # happens before on_fit_start), hence the embed_dim option.
+        self.grn: GlobalRecycleNetwork | None = None
+        if self.recycle:
+            self.grn = GlobalRecycleNetwork(
+                self.embed_dim,
+                self.recycle_tokens,
+                n_heads=self.recycle_heads,
+                dropout=self.recycle_dropout,
+                momentum=self.recycle_momentum,
+                key=KEY,
+            )
+        self.teacher: MILHead | None = None
+        self.generator = torch.Generator()
+        self.last_stats: dict[str, int | float] = {}
+        self._resolved_score = "attention"
+        self._teacher_params: list[torch.Tensor] = []
+        self._student_params: list[torch.Tensor] = []
+        self._teacher_buffers: list[torch.Tensor] = []
+        self._student_buffers: list[torch.Tensor] = []
+        self._pending_tokens: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ schedules
+    def mask_ratio_h_at(self, step: int, total: int) -> float:
+        """beta_h at optimiser ``step`` of ``total`` (cosine decay to 0 if enabled)."""
+        if self.mask_h_schedule == "cosine":
+            return cosine_schedule(self.mask_ratio_h, 0.0, step, total)
+        return self.mask_ratio_h
+
+    def momentum_at(self, step: int, total: int) -> float:
+        """Teacher momentum at optimiser ``step`` (cosine rise to 1 if enabled)."""
+        if self.momentum_schedule == "cosine":
+            return cosine_schedule(self.momentum, 1.0, step, total)
+        return self.momentum
+
+    # ---------------------------------------------------------------------- hooks
+    def on_fit_start(self, ctx: FitContext) -> None:
+        """Build the teacher (round 0), check the head, seed the masking generator."""
+        head = ctx.head
+        self._resolved_score = self._resolve_score(head)
+        if self.grn is not None and head.embed_dim != self.embed_dim:
+            msg = (
+                f"{KEY}.embed_dim ({self.embed_dim}) must equal the head's embed_dim "
+                f"({head.embed_dim}) when recycle is on."
+            )
+            raise ConfigError(msg)
+        if self.teacher is not None and ctx.round > 0:
+            return
+        seed = ctx.generator.initial_seed() if ctx.generator is not None else 0
+        self.generator = torch.Generator().manual_seed(seed + 0x4D48494D)
+        if self.grn is not None:
+            # In place (the optimiser already holds these parameters); seeded by the
+            # fit seed so that runs do not depend on the global RNG.
+            self.grn.reset_parameters(self.generator)
+        teacher = copy.deepcopy(head)
+        teacher.requires_grad_(requires_grad=False)
+        for p in teacher.parameters():
+            p.grad = None
+        if self.teacher_init is not None:
+            self._load_teacher(teacher, head)
+        teacher.train(self.teacher_mode == "train")
+        self.teacher = teacher
+        self._teacher_params = list(teacher.parameters())
+        self._student_params = list(head.parameters())
+        self._teacher_buffers = list(teacher.buffers())
+        self._student_buffers = list(head.buffers())
+        self._pending_tokens = []
+
+    def _load_teacher(self, teacher: MILHead, head: MILHead) -> None:
+        from tiahnm.training.checkpoint import load_checkpoint
+
+        path = Path(str(self.teacher_init))
+        try:
+            obj = load_checkpoint(path)
+        except DataError as exc:
+            msg = f"{KEY}.teacher_init: {exc}"
+            raise ConfigError(msg) from None
+        state = _extract_state_dict(obj, path)
+        try:
+            teacher.load_state_dict(state)
+        except RuntimeError as exc:
+            msg = f"{KEY}.teacher_init: {path} does not fit the head ({exc})."
+            raise ConfigError(msg) from None
+        if self.student_init == "all":
+            head.load_state_dict(state)
+        elif self.student_init == "embed":
+            with torch.no_grad():
+                for p, src in zip(
+                    head.embed.parameters(), teacher.embed.parameters(), strict=True
+                ):
+                    p.copy_(src)
+
+    def _resolve_score(self, head: MILHead) -> str:
+        from tiahnm.heads.dsmil import DSMIL
+
+        kind = self.score
+        if kind == "auto":
+            if isinstance(head, DSMIL):
+                kind = "instance_logit"
+            elif "attention" in head.supported_scores:
+                kind = "attention"
+            else:
+                kind = "class_aware"
+        if kind not in head.supported_scores:
+            msg = (
+                f"{KEY}.score: {type(head).__name__} does not give {kind!r} scores "
+                f"(it supports {', '.join(head.supported_scores)})."
+            )
+            raise ConfigError(msg)
+        return kind
+
+    def teacher_scores(self, teacher: MILHead, out: MILOutput) -> torch.Tensor:
+        """Masking scores ``[H, N]`` or ``[N]`` from the teacher's output."""
+        kind = self._resolved_score
+        if kind == "attention":
+            if out.attention is None:
+                msg = f"{KEY}.score: {type(teacher).__name__} returned no attention."
+                raise ConfigError(msg)
+            return out.attention.float()
+        if kind == "instance_logit":
+            if out.instance_logits is not None:
+                return out.instance_logits.float().max(dim=-1).values
+            per_class = [
+                teacher.instance_scores(out, "instance_logit", target=c)
+                for c in range(teacher.n_classes)
+            ]
+            return torch.stack(per_class).float().max(dim=0).values
+        return teacher.instance_scores(out, "class_aware").float()
+
+    def forward(
+        self, ctx: FitContext, features: torch.Tensor, label: torch.Tensor, step: int
+    ) -> tuple[MILOutput, dict[str, torch.Tensor]]:
+        """Teacher scoring, masking, (v2) recycling, student forward, consistency."""
+        head = ctx.head
+        if not head.training or self.teacher is None:
+            return super().forward(ctx, features, label, step)
+        x = features[0] if features.dim() == 3 else features
+        teacher = self.teacher
+        teacher.train(self.teacher_mode == "train")
+        with torch.inference_mode():
+            t_out = teacher(x)
+            scores = self.teacher_scores(teacher, t_out)
+            target = t_out.bag_embedding
+        # Leave inference mode: the index and target must be usable by autograd.
+        scores, target = scores.clone(), target.clone()
+        ratio_h = self.mask_ratio_h_at(step, ctx.total_steps)
+        with torch.no_grad():
+            mask = build_mask(
+                scores,
+                ratio_h=ratio_h,
+                ratio_hr=self.mask_ratio_hr,
+                ratio_l=self.mask_ratio_l,
+                ratio_r=self.mask_ratio_r,
+                generator=self.generator,
+                fusion=self.head_fusion,
+            )
+        keep = mask.keep_idx
+        extra_tokens = None
+        n_recycled = 0
+        if self.grn is not None:
+            keep, extra_tokens, n_recycled = self._recycle(head, x, keep)
+        out = head(
+            x,
+            keep_idx=keep,
+            extra_tokens=extra_tokens,
+            label=label if head.needs_label_in_forward else None,
+        )
+        self.last_stats = {
+            "n": int(x.shape[0]),
+            "n_kept": int(keep.numel()),
+            "n_high": int(mask.high_idx.numel()),
+            "n_low": int(mask.low_idx.numel()),
+            "n_random": int(mask.random_idx.numel()),
+            "n_recycled": n_recycled,
+            "restored": mask.restored,
+            "mask_ratio_h": ratio_h,
+        }
+        extra: dict[str, torch.Tensor] = {}
+        if self.consistency_weight > 0:
+            loss = consistency_loss(out.bag_embedding, target, self.tau_t, self.tau_s)
+            extra["consistency"] = self.consistency_weight * loss
+        return out, extra
+
+    def _recycle(
+        self, head: MILHead, x: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Split ``keep`` into student instances and recycled ones summarised by GRN."""
+        assert self.grn is not None
+        n_keep = int(keep.numel())
+        n_main = max(1, floor_count(self.recycle_ratio, n_keep))
+        if n_main >= n_keep:
+            return keep, None, 0
+        perm = torch.randperm(n_keep, generator=self.generator).to(keep.device)
+        main = keep.index_select(0, perm[:n_main]).sort().values
+        recycled = keep.index_select(0, perm[n_main:])
+        tokens = self.grn(head.embed(x.index_select(0, recycled)))
+        self._pending_tokens.append(tokens.detach())
+        return main, tokens, int(recycled.numel())
+
+    def after_step(self, ctx: FitContext, step: int) -> None:
+        """EMA update of the teacher (and of the recycle network's global tokens)."""
+        if self.teacher is None:
+            return
+        m = self.momentum_at(step, ctx.total_steps)
+        ema_update(self._teacher_params, self._student_params, m)
+        with torch.no_grad():
+            for t, s in zip(self._teacher_buffers, self._student_buffers, strict=True):
+                t.copy_(s)
+        if self.grn is not None and self._pending_tokens:
+            z = torch.stack(self._pending_tokens).mean(0)
+            self.grn.update_queries(z)
+        self._pending_tokens = []
+
+    # --------------------------------------------------------------- persistence
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The teacher (no trainable parameters) and the recycle network."""
+        mods: dict[str, torch.nn.Module] = {}
+        if self.teacher is not None:
+            mods["teacher"] = self.teacher
+        if self.grn is not None:
+            mods["recycle"] = self.grn
+        return mods
+
+    def state_dict(self) -> dict[str, Any]:
+        """Teacher and recycle weights plus the masking generator state."""
+        state = super().state_dict()
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (call after :meth:`on_fit_start`)."""
+        super().load_state_dict(state)
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
+__all__ = [
+    "DEFAULTS",
+    "PRESETS",
+    "MHIMMiner",
+    "consistency_loss",
+    "ema_update",
+]
