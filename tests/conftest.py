@@ -6,10 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiahnm.plugins import reset_plugin_manager
 
 REPO_ROOT = Path(__file__).parents[1]
+
+# The test models are tiny: one intra-op thread is faster than two on the 2-core CI
+# machine (thread hand-off costs more than the work) and keeps timings stable.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

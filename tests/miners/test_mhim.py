@@ -297,12 +297,13 @@ def test_recycle_in_miner_appends_tokens():
     miner = MHIMMiner(
         preset="v2", embed_dim=16, recycle_heads=4, recycle_tokens=3, recycle_ratio=0.5
     )
+    assert miner.grn is None  # built in on_fit_start, before the optimiser
+    ctx = context(head)
+    miner.on_fit_start(ctx)
     trainable = [
         p for m in miner.modules().values() for p in m.parameters() if p.requires_grad
     ]
     assert trainable and not miner.grn.queries.requires_grad
-    ctx = context(head)
-    miner.on_fit_start(ctx)
     g0 = miner.grn.queries.detach().clone()
     x, y = torch.randn(40, 8), torch.tensor([1])
     out, extra = miner.forward(ctx, x, y, 0)
@@ -317,7 +318,10 @@ def test_recycle_in_miner_appends_tokens():
     miner.after_step(ctx, 0)
     assert torch.allclose(miner.grn.queries, 0.9999 * g0 + 0.0001 * z, atol=1e-7)
     with pytest.raises(ConfigError, match=r"miner\.options\.embed_dim"):
-        MHIMMiner(preset="v2").on_fit_start(context(abmil()))
+        MHIMMiner(preset="v2", embed_dim=32).on_fit_start(context(abmil()))
+    default = MHIMMiner(preset="v2", recycle_heads=4)
+    default.on_fit_start(context(abmil()))
+    assert default.grn.dim == 16  # the head's width
 
 
 # ------------------------------------------------------------------ consistency

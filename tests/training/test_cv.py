@@ -100,3 +100,27 @@ def test_summary_shape_and_determinism(tmp_path):
     assert set(a["repeat_metrics"]["accuracy"]) == {"mean", "std", "n"}
     assert a["repeat_metrics"]["accuracy"]["n"] == 2
     assert "instance_auc" not in a["metrics"]  # the CSV carries no instance labels
+
+
+def test_miner_options_name_the_fold(tmp_path):
+    from tiahnm.training.cv import build_miner
+    from tiahnm.training.splits import Fold
+
+    seen = []
+
+    class Recorder(Miner):
+        def __init__(self, path: str = "") -> None:
+            seen.append(path)
+
+    class RecorderPlugin:
+        @hookimpl
+        def tiahnm_register_miners(self, register):
+            register("recorder", Recorder)
+
+    get_plugin_manager().register(RecorderPlugin(), name="recorder")
+    cfg = config(tmp_path, miner__name="recorder")
+    cfg.miner.options = {
+        "path": "{output_dir}/base/{fold_name}/best.pt {repeat}-{fold} {other}"
+    }
+    build_miner(cfg, Fold(2, 3, (), (), ()))
+    assert seen == [f"{cfg.output_dir}/base/r2_f3/best.pt 2-3 {{other}}"]

@@ -267,6 +267,11 @@ def init(path: str, force: bool) -> None:  # noqa: FBT001 - click flag
     click.echo(f"Wrote {target}. Edit it, then: tiahnm run {target}")
 
 
+from tiahnm.cli.extract import extract  # noqa: E402 - needs the helpers above
+
+cli.add_command(extract)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="tiahnm")

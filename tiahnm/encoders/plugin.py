@@ -8,8 +8,27 @@ from tiahnm.hookspecs import Register, hookimpl
 @hookimpl
 def tiahnm_register_encoders(register: Register) -> None:
     """Register the built-in encoders."""
+    from tiahnm.encoders.module_encoder import module_encoder
     from tiahnm.encoders.small_cnn import SmallCNN
+    from tiahnm.encoders.timm_encoder import timm_encoder
+    from tiahnm.encoders.torchvision_encoder import torchvision_encoder
 
     register(
         "small_cnn", SmallCNN, description="Small 3-block CNN, trainable end to end"
+    )
+    register(
+        "torchvision",
+        torchvision_encoder,
+        description="torchvision.models backbone (torchvision:ARCH), head removed, "
+        "local weights",
+    )
+    register(
+        "timm",
+        timm_encoder,
+        description="timm model (timm:NAME), num_classes=0, local weights",
+    )
+    register(
+        "module",
+        module_encoder,
+        description="Any nn.Module by import path (module:pkg.mod:Class)",
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tiahnm.encoders.base import Preprocessing
+
 
 class SmallCNN(nn.Module):
     """Three conv blocks and global average pooling (the Ilse et al. UCSB/MNIST style).
@@ -13,6 +15,11 @@ class SmallCNN(nn.Module):
         out_dim (int): Feature width ``D``.
         in_channels (int): Image channels (3 for RGB, 1 for MNIST).
         width (int): Channels of the first block (doubled twice).
+
+    Attributes:
+        out_dim (int): Feature width.
+        preprocessing (Preprocessing): For slide extraction: patches keep their size
+            and are scaled to ``[-1, 1]``.
     """
 
     def __init__(
@@ -20,6 +27,9 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.out_dim = out_dim
+        self.preprocessing = Preprocessing(
+            input_size=None, mean=(0.5,) * in_channels, std=(0.5,) * in_channels
+        )
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
             nn.BatchNorm2d(width),

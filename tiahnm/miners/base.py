@@ -93,6 +93,10 @@ class Miner:
     def after_step(self, ctx: FitContext, step: int) -> None:
         """Called after every optimiser step (e.g. to update an EMA teacher)."""
 
+    def epoch_stats(self) -> dict[str, float]:
+        """Numbers to add to the epoch's history row (e.g. mean masked fraction)."""
+        return {}
+
     def on_round_end(self, ctx: FitContext, train_bags: Sequence[Bag]) -> list[Bag]:
         """Return new bags for the next round's training set (default: none)."""
         return []

@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "recycle_momentum": 0.9999,
     "recycle_heads": 8,
     "recycle_dropout": 0.1,
-    "embed_dim": 512,
+    "embed_dim": None,
 }
 
 #: Published settings (algorithms.md sec. 2.4). v1 presets copy the projection of the
@@ -314,9 +314,8 @@ class MHIMMiner(Miner):
         recycle_momentum (float | None): EMA momentum of the global tokens (0.9999).
         recycle_heads (int | None): Cross-attention heads (8).
         recycle_dropout (float | None): Cross-attention dropout (0.1).
-        embed_dim (int | None): Embedding width of the head (512), needed to build
-            the recycle network before training starts; must equal the head's
-            ``embed_dim`` when ``recycle`` is on.
+        embed_dim (int | None): Width of the recycle network; default (None) the
+            head's ``embed_dim``, which it must equal when ``recycle`` is on.
     """
 
     name = "mhim"
@@ -438,20 +437,14 @@ class MHIMMiner(Miner):
         )
         self.recycle_tokens = _positive_int("recycle_tokens", opts["recycle_tokens"])
         self.recycle_heads = _positive_int("recycle_heads", opts["recycle_heads"])
-        self.embed_dim = _positive_int("embed_dim", opts["embed_dim"])
-
-        # The recycle network must exist before the loop builds the optimiser (which
-        # happens before on_fit_start), hence the embed_dim option.
+        self.embed_dim = (
+            None
+            if opts["embed_dim"] is None
+            else _positive_int("embed_dim", opts["embed_dim"])
+        )
+        # Built in on_fit_start (before the loop creates the optimiser), with the
+        # head's width unless embed_dim is given.
         self.grn: GlobalRecycleNetwork | None = None
-        if self.recycle:
-            self.grn = GlobalRecycleNetwork(
-                self.embed_dim,
-                self.recycle_tokens,
-                n_heads=self.recycle_heads,
-                dropout=self.recycle_dropout,
-                momentum=self.recycle_momentum,
-                key=KEY,
-            )
         self.teacher: MILHead | None = None
         self.generator = torch.Generator()
         self.last_stats: dict[str, int | float] = {}
@@ -480,7 +473,9 @@ class MHIMMiner(Miner):
         """Build the teacher (round 0), check the head, seed the masking generator."""
         head = ctx.head
         self._resolved_score = self._resolve_score(head)
-        if self.grn is not None and head.embed_dim != self.embed_dim:
+        if self.recycle and self.embed_dim is None:
+            self.embed_dim = head.embed_dim
+        if self.recycle and head.embed_dim != self.embed_dim:
             msg = (
                 f"{KEY}.embed_dim ({self.embed_dim}) must equal the head's embed_dim "
                 f"({head.embed_dim}) when recycle is on."
@@ -490,9 +485,17 @@ class MHIMMiner(Miner):
             return
         seed = ctx.generator.initial_seed() if ctx.generator is not None else 0
         self.generator = torch.Generator().manual_seed(seed + 0x4D48494D)
-        if self.grn is not None:
-            # In place (the optimiser already holds these parameters); seeded by the
-            # fit seed so that runs do not depend on the global RNG.
+        if self.recycle:
+            if self.grn is None:
+                self.grn = GlobalRecycleNetwork(
+                    self.embed_dim,
+                    self.recycle_tokens,
+                    n_heads=self.recycle_heads,
+                    dropout=self.recycle_dropout,
+                    momentum=self.recycle_momentum,
+                    key=KEY,
+                )
+            # Seeded by the fit seed so that runs do not depend on the global RNG.
             self.grn.reset_parameters(self.generator)
         teacher = copy.deepcopy(head)
         teacher.requires_grad_(requires_grad=False)

@@ -101,9 +101,33 @@ def build_head(config: Config, in_dim: int, n_classes: int) -> torch.nn.Module:
     )
 
 
-def build_miner(config: Config) -> Any:
-    """The configured miner."""
+class _KeepUnknown(dict):
+    """``str.format_map`` mapping that leaves unknown ``{names}`` as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def build_miner(config: Config, fold: Fold | None = None) -> Any:
+    """The configured miner.
+
+    String options may name the fold: ``{repeat}``, ``{fold}``, ``{fold_name}``
+    (``r0_f3``) and ``{output_dir}`` are filled in, so e.g. an MHIM teacher can be
+    initialised from the baseline of the same fold:
+    ``teacher_init: runs/base/folds/{fold_name}/best.pt``.
+    """
     options = ensure_options_mapping(config.miner.options, "miner.options")
+    if fold is not None:
+        names = {
+            "repeat": fold.repeat,
+            "fold": fold.fold,
+            "fold_name": fold.name,
+            "output_dir": config.output_dir,
+        }
+        options = {
+            k: v.format_map(_KeepUnknown(names)) if isinstance(v, str) else v
+            for k, v in options.items()
+        }
     return get_registry("miner").create(
         config.miner.name, key="miner.options", **options
     )
@@ -178,7 +202,7 @@ def run_fold(
         norm = {"mean": mean, "std": std}
     in_dim = int(bags[0].features.shape[1])
     head = build_head(config, in_dim, n_classes)
-    miner = build_miner(config)
+    miner = build_miner(config, fold)
     losses = build_losses(config)
     train = [bags[i] for i in fold.train]
     val = [bags[i] for i in fold.val]
@@ -214,7 +238,7 @@ def run_fold(
             train + val,
             [],
             replace(config.train, epochs=best_epoch + 1),
-            miner=build_miner(config),
+            miner=build_miner(config, fold),
             losses=build_losses(config),
             device=device,
             seed=seed,

@@ -176,12 +176,6 @@ def fit(
     val_labels = [b.label for b in val_bags]
     epoch_seconds: list[float] = []
     while round_idx < cfg.rounds:
-        params = list(head.parameters())
-        for module in miner.modules().values():
-            params += [p for p in module.parameters() if p.requires_grad]
-        opt = make_optimizer([p for p in params if p.requires_grad], cfg)
-        sched = make_scheduler(opt, cfg)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         ctx = FitContext(
             head=head,
             device=device,
@@ -190,7 +184,16 @@ def fit(
             round=round_idx,
             generator=generator,
         )
+        # Before the optimiser exists, so a miner can build trainable modules here.
         miner.on_fit_start(ctx)
+        params = list(head.parameters())
+        for module in miner.modules().values():
+            module.to(device)
+            params += [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in params if p.requires_grad]
+        opt = make_optimizer(params, cfg)
+        sched = make_scheduler(opt, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         if resume is not None:
             head.load_state_dict(resume["head"])
             miner.load_state_dict(resume["miner"])
@@ -199,6 +202,8 @@ def fit(
                 sched.load_state_dict(resume["scheduler"])
             generator.set_state(resume["generator"])
             torch.set_rng_state(resume["torch_rng"])
+            if device.type == "cuda" and resume.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(resume["cuda_rng"], device)
             history = list(resume["history"])
             best = {
                 "score": tuple(resume["best_score"]),
@@ -255,6 +260,7 @@ def fit(
                 "round": round_idx,
                 "epoch": epoch,
                 "train_loss": train_loss,
+                **miner.epoch_stats(),
             }
             if val_bags:
                 val_probs, val_loss, _ = predict(head, val_bags, device, amp=dtype)
@@ -298,6 +304,9 @@ def fit(
                         "scheduler": sched.state_dict() if sched is not None else None,
                         "generator": generator.get_state(),
                         "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device)
+                        if device.type == "cuda"
+                        else None,
                         "history": history,
                         "best_score": list(best["score"]),
                         "best_epoch": best["epoch"],

@@ -1,0 +1,625 @@
+"""Slides to per-slide feature files: tiling, reading, encoding, writing.
+
+One encoder is built for the whole run (seeded, so a random-init encoder is the same
+network in every run); each slide is then opened (:mod:`tiahnm.slides.reader`), tiled
+(:mod:`tiahnm.slides.tiling`), read through a torch ``DataLoader`` with workers and
+encoded in batches on the device (autocast bf16/fp16 on GPU), and written atomically to
+``<output>/<slide_id>.h5`` (:mod:`tiahnm.slides.store`).
+
+A slide whose file exists with the same settings is skipped. A slide that fails is
+recorded with its reason and the others go on; ``failures.csv`` (slide, error) and
+``extract_summary.json`` are written at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiahnm.errors import ConfigError, DataError
+from tiahnm.slides.reader import SLIDE_SUFFIXES, find_slides, open_slide, slide_id
+from tiahnm.slides.tiling import TilingConfig, tile_slide
+
+logger = logging.getLogger(__name__)
+
+#: Version of the file layout written here (part of the skip check).
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``tiahnm extract`` needs besides the inputs and output folder.
+
+    Attributes:
+        tiling (TilingConfig): Resolution, patch size, stride, masker.
+        encoder (str): Registered encoder, e.g. ``small_cnn``, ``torchvision:resnet50``.
+        weights (str | None): Local weights file or ``random-init``.
+        encoder_options (dict): Other encoder factory options.
+        batch_size (int): Patches per forward pass.
+        num_workers (int): DataLoader worker processes reading patches.
+        device (str): ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``.
+        amp (str): ``auto`` (bf16 if supported, else fp16, on GPU; fp32 on CPU),
+            ``bf16``, ``fp16`` or ``off``.
+        mpp (float | None): Level-0 mpp for slides without resolution metadata.
+        power (float | None): Objective power for slides without it.
+        seed (int): Seed of the encoder's random initialisation.
+        annotations (str | None): Annotation file or folder of ``<slide_id>.<ext>``.
+        min_overlap (float): Annotation overlap for a positive patch.
+        annotation_classes (tuple[str, ...]): Classes/groups that count as positive
+            (empty: all).
+        overwrite (bool): Recompute slides already done.
+        suffixes (tuple[str, ...]): File suffixes taken from input folders.
+    """
+
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    encoder: str = "small_cnn"
+    weights: str | None = None
+    encoder_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    mpp: float | None = None
+    power: float | None = None
+    seed: int = 0
+    annotations: str | None = None
+    min_overlap: float = 0.5
+    annotation_classes: tuple[str, ...] = ()
+    overwrite: bool = False
+    suffixes: tuple[str, ...] = tuple(sorted(SLIDE_SUFFIXES))
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            msg = f"--batch-size must be positive, got {self.batch_size}."
+            raise ConfigError(msg)
+        if self.num_workers < 0:
+            msg = f"--num-workers must be >= 0, got {self.num_workers}."
+            raise ConfigError(msg)
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            msg = f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}."
+            raise ConfigError(msg)
+        for name in ("mpp", "power"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                msg = f"--{name} must be positive, got {value}."
+                raise ConfigError(msg)
+        if not 0.0 <= self.min_overlap <= 1.0:
+            msg = f"--min-overlap must be within [0, 1], got {self.min_overlap}."
+            raise ConfigError(msg)
+
+
+@dataclass
+class SlideResult:
+    """Outcome of one slide.
+
+    Attributes:
+        slide (str): Slide id.
+        path (str): Input file.
+        status (str): ``done``, ``skipped`` (already done) or ``failed``.
+        n_patches (int): Patches encoded (or found in the existing file).
+        seconds (float): Wall time for this slide.
+        tiling_s (float): Opening, masking and tiling.
+        read_s (float): Time the encoder waited for patches (reading + decoding not
+            hidden by the workers).
+        model_s (float): Preprocessing and forward passes (synchronised).
+        write_s (float): Writing the file.
+        error (str): Why it failed.
+        output (str): The feature file.
+    """
+
+    slide: str
+    path: str
+    status: str
+    n_patches: int = 0
+    seconds: float = 0.0
+    tiling_s: float = 0.0
+    read_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    error: str = ""
+    output: str = ""
+
+
+@dataclass
+class ExtractSummary:
+    """Outcome of a run.
+
+    Attributes:
+        results (list[SlideResult]): One per input slide.
+        seconds (float): Total wall time (encoder construction included).
+        output_dir (str): Output folder.
+        settings (dict): The settings recorded in every file.
+    """
+
+    results: list[SlideResult]
+    seconds: float
+    output_dir: str
+    settings: dict[str, Any]
+
+    def count(self, status: str) -> int:
+        """Slides with ``status``."""
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        """The failed slides."""
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def n_patches(self) -> int:
+        """Patches encoded in this run."""
+        return sum(r.n_patches for r in self.results if r.status == "done")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``extract_summary.json``)."""
+        done = [r for r in self.results if r.status == "done"]
+        encode_s = sum(r.seconds for r in done)
+        return {
+            "n_slides": len(self.results),
+            "done": self.count("done"),
+            "skipped": self.count("skipped"),
+            "failed": self.count("failed"),
+            "patches_encoded": self.n_patches,
+            "seconds": round(self.seconds, 3),
+            "patches_per_second": round(self.n_patches / encode_s, 2)
+            if encode_s
+            else None,
+            "time_split_s": {
+                "tiling": round(sum(r.tiling_s for r in done), 3),
+                "read_wait": round(sum(r.read_s for r in done), 3),
+                "model": round(sum(r.model_s for r in done), 3),
+                "write": round(sum(r.write_s for r in done), 3),
+            },
+            "settings": self.settings,
+            "slides": [asdict(r) for r in self.results],
+        }
+
+
+def resolve_device(name: str) -> Any:
+    """``auto``: CUDA when available, else CPU; other names are checked."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        msg = f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:0 ...)."
+        raise ConfigError(msg) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        msg = f"--device {name}: CUDA is not available here; use auto or cpu."
+        raise ConfigError(msg)
+    return device
+
+
+def _precision(device: Any, amp: str) -> tuple[Any, str]:
+    from tiahnm.training.device import amp_dtype
+
+    dtype = amp_dtype(device, amp)
+    name = {None: "fp32"}.get(dtype) or str(dtype).removeprefix("torch.").replace(
+        "bfloat16", "bf16"
+    ).replace("float16", "fp16")
+    return dtype, name
+
+
+def run_settings(cfg: ExtractConfig, encoder: Any, precision: str) -> dict[str, Any]:
+    """The settings that make two feature files comparable (the skip check)."""
+    import tiatoolbox
+
+    from tiahnm import __version__
+
+    return {
+        "format": FORMAT_VERSION,
+        "encoder": encoder.name,
+        "encoder_options": encoder.options,
+        "encoder_weights_sha256": encoder.weights_sha256,
+        "encoder_state_sha256": encoder.state_sha256,
+        "encoder_out_dim": encoder.out_dim,
+        "preprocessing": encoder.preprocessing.as_dict(),
+        "precision": precision,
+        "seed": cfg.seed,
+        "tiling": cfg.tiling.as_dict(),
+        "mpp_if_missing": cfg.mpp,
+        "power_if_missing": cfg.power,
+        "tiatoolbox_version": tiatoolbox.__version__,
+        "tiahnm_version": __version__,
+    }
+
+
+def _settings_key(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+class Extractor:
+    """Encodes slides with one encoder and one set of settings.
+
+    Args:
+        cfg (ExtractConfig): The settings.
+        output_dir (str | Path): Where ``<slide_id>.h5`` files go.
+
+    Raises:
+        ConfigError / PluginError / DataError: Bad settings or encoder (before any
+            slide is touched).
+    """
+
+    def __init__(self, cfg: ExtractConfig, output_dir: str | Path) -> None:
+        import torch
+
+        from tiahnm.encoders.build import build_encoder
+
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype, precision = _precision(self.device, cfg.amp)
+        self.encoder = build_encoder(
+            cfg.encoder,
+            weights=cfg.weights,
+            options=cfg.encoder_options,
+            seed=cfg.seed,
+        )
+        # channels-last weights match the channels-last batches of Preprocessing
+        self.module = (
+            self.encoder.module.to(self.device)
+            .to(memory_format=torch.channels_last)
+            .eval()
+        )
+        self.settings = run_settings(cfg, self.encoder, precision)
+        self._key = _settings_key(self.settings)
+        self._torch = torch
+
+    def output_path(self, sid: str) -> Path:
+        """The feature file of slide ``sid``."""
+        return self.output_dir / f"{sid}.h5"
+
+    def is_done(self, sid: str) -> tuple[bool, dict[str, Any] | None]:
+        """Whether ``sid`` has a readable file made with the same settings."""
+        from tiahnm.slides.store import read_attrs
+
+        attrs = read_attrs(self.output_path(sid))
+        if attrs is None or self.cfg.overwrite:
+            return False, attrs
+        return attrs.get("settings") == self._key, attrs
+
+    def encode(self, dataset: Any) -> tuple[np.ndarray, float, float]:
+        """Features ``[N, D]`` of a patch dataset, and (read wait, model) seconds."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        from tiahnm.encoders.base import pool_output
+        from tiahnm.training.device import autocast
+
+        n, dim = len(dataset), self.encoder.out_dim
+        out = np.empty((n, dim), dtype=np.float32)
+        workers = min(self.cfg.num_workers, max(1, n // self.cfg.batch_size))
+        loader = DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            num_workers=workers if self.cfg.num_workers else 0,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.cfg.num_workers else None,
+        )
+        prep = self.encoder.preprocessing
+        pos, read_s, model_s = 0, 0.0, 0.0
+        it = iter(loader)
+        with torch.inference_mode():
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                t1 = time.perf_counter()
+                x = prep(batch.to(self.device, non_blocking=True))
+                with autocast(self.device, self.amp_dtype):
+                    feats = pool_output(self.module(x))
+                feats = feats.float().cpu().numpy()
+                model_s += time.perf_counter() - t1
+                read_s += t1 - t0
+                if feats.shape != (batch.shape[0], dim):
+                    msg = (
+                        f"encoder {self.encoder.name} gave features of shape "
+                        f"{feats.shape}, expected ({batch.shape[0]}, {dim})."
+                    )
+                    raise DataError(msg)
+                out[pos : pos + len(feats)] = feats
+                pos += len(feats)
+        if not np.isfinite(out).all():
+            msg = (
+                f"encoder {self.encoder.name} produced NaN/inf features "
+                f"(precision {self.settings['precision']}; try --amp off)."
+            )
+            raise DataError(msg)
+        return out, read_s, model_s
+
+    def labels_for(
+        self, sid: str, coords: np.ndarray, tiling_info: dict[str, Any]
+    ) -> Any:
+        """Patch labels from this slide's annotation file, or None when there is none."""
+        if not self.cfg.annotations:
+            return None
+        from tiahnm.slides.annotations import find_annotation, label_patches
+
+        path = find_annotation(self.cfg.annotations, sid)
+        if path is None:
+            return None
+        return label_patches(
+            path,
+            coords,
+            tuple(tiling_info["patch_size_level0"]),
+            dimensions=tuple(tiling_info["dimensions"]),
+            min_overlap=self.cfg.min_overlap,
+            classes=self.cfg.annotation_classes or None,
+        )
+
+    def process(self, path: Path) -> SlideResult:
+        """Extract one slide (raises on failure; see :meth:`run` for isolation)."""
+        from tiahnm.slides.dataset import SlidePatchDataset
+        from tiahnm.slides.store import add_instance_labels, write_feature_file
+
+        sid = slide_id(path)
+        target = self.output_path(sid)
+        start = time.perf_counter()
+        done, attrs = self.is_done(sid)
+        if done and attrs is not None:
+            self._refresh_labels(sid, target, attrs, add_instance_labels)
+            return SlideResult(
+                sid,
+                str(path),
+                "skipped",
+                n_patches=int(attrs.get("n_patches", 0)),
+                seconds=time.perf_counter() - start,
+                output=str(target),
+            )
+        tcfg = self.cfg.tiling
+        slide = open_slide(
+            path, mpp=self.cfg.mpp, power=self.cfg.power, units=tcfg.units
+        )
+        try:
+            for note in slide.notes:
+                logger.warning(note)
+            tiling = tile_slide(slide, tcfg)
+            tiling_s = time.perf_counter() - start
+            if len(tiling) == 0:
+                msg = (
+                    f"{path}: no patches with tissue fraction >= {tcfg.min_tissue} "
+                    f"(masker {tcfg.masker}, {tiling.n_grid} patches in the grid); "
+                    "lower --min-tissue or use --masker none."
+                )
+                raise DataError(msg)
+            dataset = SlidePatchDataset(
+                slide.source,
+                tiling.bounds,
+                tcfg.resolution,
+                tcfg.units,
+                reader=slide.reader if self.cfg.num_workers == 0 else None,
+            )
+            features, read_s, model_s = self.encode(dataset)
+            info = {
+                "slide_id": sid,
+                "slide_path": str(path),
+                "level0_dimensions": list(tiling.dimensions),
+                "level0_mpp": slide.mpp,
+                "mpp_source": slide.mpp_source,
+                "objective_power": slide.power,
+                "objective_power_source": slide.power_source,
+                "reader": type(slide.reader).__name__,
+                "n_grid_patches": tiling.n_grid,
+                "mask_scale": tiling.mask_scale,
+                "tiling_info": {
+                    "patch_size_level0": list(tiling.patch_size_level0),
+                    "dimensions": list(tiling.dimensions),
+                },
+            }
+        finally:
+            slide.close()
+        t_write = time.perf_counter()
+        labels = self.labels_for(
+            sid,
+            tiling.coords,
+            {
+                "patch_size_level0": tiling.patch_size_level0,
+                "dimensions": tiling.dimensions,
+            },
+        )
+        write_feature_file(
+            target,
+            features=features,
+            coords=tiling.coords,
+            tissue_fraction=tiling.tissue_fraction,
+            attrs=self._file_attrs(info),
+            coords_attrs={
+                "coord_space": "level0",
+                "patch_size": tcfg.patch_size,
+                "stride": tcfg.step,
+                "patch_size_level0": list(tiling.patch_size_level0),
+                "resolution": tcfg.resolution,
+                "units": tcfg.units,
+                "scale": list(tiling.scale),
+            },
+            instance_labels=None if labels is None else labels.labels,
+            instance_overlap=None if labels is None else labels.overlap,
+            labels_attrs=None if labels is None else labels.attrs,
+        )
+        now = time.perf_counter()
+        return SlideResult(
+            sid,
+            str(path),
+            "done",
+            n_patches=len(tiling),
+            seconds=now - start,
+            tiling_s=tiling_s,
+            read_s=read_s,
+            model_s=model_s,
+            write_s=now - t_write,
+            output=str(target),
+        )
+
+    def _refresh_labels(
+        self, sid: str, target: Path, attrs: dict[str, Any], add: Callable[..., None]
+    ) -> None:
+        """Add/replace instance labels of a finished slide when the annotation changed."""
+        if not self.cfg.annotations:
+            return
+        from tiahnm.data.h5_features import read_feature_arrays
+
+        arrays = read_feature_arrays(target)
+        info = json.loads(attrs.get("tiling_info", "{}") or "{}")
+        if not info or arrays.coords is None:
+            return
+        labels = self.labels_for(sid, arrays.coords, info)
+        if labels is None:
+            return
+        old = attrs.get("instance_labels_attrs") or {}
+        if (
+            old.get("annotation_sha256") == labels.attrs["annotation_sha256"]
+            and float(old.get("min_overlap", -1)) == labels.attrs["min_overlap"]
+            and old.get("classes", "[]") == json.dumps(labels.attrs["classes"])
+        ):
+            return
+        add(target, labels.labels, labels.overlap, labels.attrs)
+
+    def _file_attrs(self, info: dict[str, Any]) -> dict[str, Any]:
+        import tiatoolbox
+        import torch
+
+        from tiahnm import __version__
+
+        s = self.settings
+        t = self.cfg.tiling
+        return {
+            **info,
+            "encoder": s["encoder"],
+            "encoder_options": s["encoder_options"],
+            "encoder_weights_sha256": s["encoder_weights_sha256"],
+            "weights_sha256": s["encoder_weights_sha256"],
+            "encoder_state_sha256": s["encoder_state_sha256"],
+            "encoder_out_dim": s["encoder_out_dim"],
+            "preprocessing": s["preprocessing"],
+            "precision": s["precision"],
+            "resolution": t.resolution,
+            "units": t.units,
+            "patch_size": t.patch_size,
+            "stride": t.step,
+            "masker": t.masker,
+            "min_tissue": t.min_tissue,
+            "coords_space": "level0",
+            "tiatoolbox_version": tiatoolbox.__version__,
+            "tiahnm_version": __version__,
+            "torch_version": torch.__version__,
+            "settings": self._key,
+        }
+
+    def run(
+        self,
+        paths: Sequence[Path],
+        *,
+        on_result: Callable[[SlideResult], None] | None = None,
+    ) -> list[SlideResult]:
+        """Extract every slide; a failing slide is recorded and the others go on."""
+        results: list[SlideResult] = []
+        seen: dict[str, Path] = {}
+        for path in paths:
+            sid = slide_id(path)
+            start = time.perf_counter()
+            if sid in seen:
+                result = SlideResult(
+                    sid,
+                    str(path),
+                    "failed",
+                    error=f"duplicate slide id {sid!r} (also {seen[sid]}); rename one.",
+                )
+            else:
+                seen[sid] = path
+                try:
+                    result = self.process(path)
+                except Exception as exc:  # one bad slide must not stop the others
+                    error = (
+                        str(exc)
+                        if isinstance(exc, DataError)
+                        else (f"{path}: {type(exc).__name__}: {exc}")
+                    )
+                    logger.debug("slide %s failed", path, exc_info=True)
+                    result = SlideResult(
+                        sid,
+                        str(path),
+                        "failed",
+                        seconds=time.perf_counter() - start,
+                        error=error,
+                    )
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        return results
+
+
+def write_failures_csv(path: str | Path, results: Sequence[SlideResult]) -> Path:
+    """``slide,error`` rows for the failed slides (header only when none failed)."""
+    from tiahnm.utils.io import atomic_open
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["slide", "error"])
+    for r in results:
+        if r.status == "failed":
+            writer.writerow([r.path, r.error])
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(buf.getvalue())
+    return Path(path)
+
+
+def extract_features(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    cfg: ExtractConfig,
+    *,
+    on_result: Callable[[SlideResult], None] | None = None,
+) -> ExtractSummary:
+    """Extract features of every slide in ``inputs`` into ``output_dir``.
+
+    Args:
+        inputs (Sequence[str | Path]): Slide files and/or folders of slides.
+        output_dir (str | Path): Output folder (created).
+        cfg (ExtractConfig): Settings.
+        on_result (Callable | None): Called after each slide (progress).
+
+    Returns:
+        ExtractSummary: Per-slide outcomes; ``failures.csv`` and
+        ``extract_summary.json`` are written in ``output_dir``.
+
+    Raises:
+        DataError: An input does not exist, or no slide was found.
+        ConfigError / PluginError: Bad settings or encoder.
+    """
+    from tiahnm.utils.io import write_json
+
+    start = time.perf_counter()
+    paths = find_slides(inputs, suffixes=cfg.suffixes)
+    if not paths:
+        msg = (
+            f"no slides found in {', '.join(map(str, inputs))} "
+            f"(suffixes: {', '.join(cfg.suffixes)})."
+        )
+        raise DataError(msg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    extractor = Extractor(cfg, output_dir)
+    results = extractor.run(paths, on_result=on_result)
+    summary = ExtractSummary(
+        results=results,
+        seconds=time.perf_counter() - start,
+        output_dir=str(output_dir),
+        settings=extractor.settings,
+    )
+    write_failures_csv(output_dir / "failures.csv", results)
+    write_json(output_dir / "extract_summary.json", summary.as_dict())
+    return summary
