@@ -45,7 +45,6 @@ COMMON = [
     "train.num_threads=1",
     "train.progress=false",
     "cv.folds=10",
-    "cv.repeats=5",
     "cv.val_fraction=0.1",
     "head.options.embed_dim=128",
     "head.options.dropout=0.0",
@@ -53,7 +52,7 @@ COMMON = [
 
 
 def command(
-    dataset: str, head: str, data_dir: Path, work_dir: Path, seed: int
+    dataset: str, head: str, data_dir: Path, work_dir: Path, seed: int, repeats: int
 ) -> list[str]:
     """The ``tiahnm train`` command line of one benchmark cell."""
     cmd = [
@@ -65,6 +64,8 @@ def command(
         head,
         "--seed",
         str(seed),
+        "--repeats",
+        str(repeats),
         "--output-path",
         str(work_dir / f"{dataset}_{head}"),
     ]
@@ -75,7 +76,7 @@ def command(
 
 def run_cell(dataset: str, head: str, args: argparse.Namespace) -> dict:
     """Run (or resume) one cell; return its summary."""
-    cmd = command(dataset, head, args.data_dir, args.work_dir, args.seed)
+    cmd = command(dataset, head, args.data_dir, args.work_dir, args.seed, args.repeats)
     env = dict(os.environ, OMP_NUM_THREADS="1", TIAHNM_NO_PROGRESS="1")
     t0 = time.perf_counter()
     bindir = Path(sys.executable).parent
@@ -166,6 +167,7 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/musk_cv.json"))
     args = p.parse_args()
     cells = [(d, h) for d in args.datasets for h in args.heads]
@@ -180,6 +182,7 @@ def main() -> None:
             {
                 "dataset": d,
                 "head": h,
+                "repeats": args.repeats,
                 "accuracy_mean": s["metrics"]["accuracy"]["mean"],
                 "accuracy_std_folds": s["metrics"]["accuracy"]["std"],
                 "accuracy_std_repeats": s["repeat_metrics"]["accuracy"]["std"],

@@ -180,6 +180,10 @@ def _instance_auc(bags: Sequence[Bag], scores: list[np.ndarray] | None) -> float
     return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else math.nan
 
 
+def _progress(config: Config) -> bool:
+    return config.train.progress and os.environ.get("TIAHNM_NO_PROGRESS") is None
+
+
 def run_fold(
     config: Config,
     bags: Sequence[Bag],
@@ -208,17 +212,33 @@ def run_fold(
     val = [bags[i] for i in fold.val]
     test = [bags[i] for i in fold.test]
     t0 = time.perf_counter()
-    res = fit(
-        head,
-        train,
-        val,
-        config.train,
-        miner=miner,
-        losses=losses,
-        device=device,
-        seed=seed,
-        checkpoint_dir=fold_dir,
-    )
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=config.train.epochs * config.train.rounds,
+        desc=fold.name,
+        leave=False,
+        disable=not _progress(config),
+    ) as bar:
+
+        def on_epoch_end(row: dict[str, float]) -> None:
+            bar.update(1)
+            bar.set_postfix(
+                {k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}
+            )
+
+        res = fit(
+            head,
+            train,
+            val,
+            config.train,
+            miner=miner,
+            losses=losses,
+            device=device,
+            seed=seed,
+            checkpoint_dir=fold_dir,
+            on_epoch_end=on_epoch_end,
+        )
     head.load_state_dict(res.best_state)
     dtype = amp_dtype(device, config.train.amp)
     val_probs, _, _ = predict(head, val, device, amp=dtype)
@@ -331,9 +351,8 @@ def run_training(
     build_losses(config)
     from tqdm.auto import tqdm
 
-    progress = config.train.progress and os.environ.get("TIAHNM_NO_PROGRESS") is None
     results = []
-    for fold in tqdm(folds, desc="folds", disable=not progress):
+    for fold in tqdm(folds, desc="folds", disable=not _progress(config)):
         results.append(
             run_fold(
                 config,
