@@ -70,3 +70,13 @@ def test_split_file_unknown_slide(tmp_path):
     p.write_text("slide_id,repeat,fold,split\nzzz,0,0,train\n")
     with pytest.raises(DataError, match=r"row 2: unknown slide_id 'zzz'"):
         read_split_file(p, ["a"])
+
+
+def test_split_file_overlaps(tmp_path, caplog):
+    p = tmp_path / "s.csv"
+    p.write_text("slide_id,repeat,fold,split\na,0,0,train\nb,0,0,test\nb,0,0,val\n")
+    read_split_file(p, ["a", "b"])
+    assert "both val and test" in caplog.text
+    p.write_text("slide_id,repeat,fold,split\na,0,0,train\na,0,0,test\n")
+    with pytest.raises(DataError, match="both train and test"):
+        read_split_file(p, ["a"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from tiahnm.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,23 @@ def read_split_file(path: str | Path, slide_ids: Sequence[str]) -> list[Fold]:
     if not table:
         msg = f"{path}: no rows."
         raise DataError(msg)
-    return [
+    folds = [
         Fold(r, k, tuple(v["train"]), tuple(v["val"]), tuple(v["test"]))
         for (r, k), v in sorted(table.items())
     ]
+    for f in folds:
+        if set(f.train) & set(f.test):
+            msg = f"{path}: fold {f.name} has bags in both train and test."
+            raise DataError(msg)
+        if set(f.val) & set(f.test):
+            logger.warning(
+                "%s: fold %s puts %d bags in both val and test: model selection and "
+                "thresholds will see the test fold (an optimistic protocol).",
+                path,
+                f.name,
+                len(set(f.val) & set(f.test)),
+            )
+    return folds
 
 
 def write_split_file(
