@@ -120,9 +120,9 @@ def _setup_logging(*, verbose: bool) -> None:
     "--num-loader-workers",
     "num_workers",
     type=int,
-    default=2,
-    show_default=True,
-    help="DataLoader worker processes that read patches (0: read in this process).",
+    default=None,
+    help="DataLoader worker processes that read patches (0: a read-ahead thread) "
+    "[0 on CPU, min(8, cpus - 1) on GPU].",
 )
 @click.option(
     "--device",
@@ -181,7 +181,7 @@ def _setup_logging(*, verbose: bool) -> None:
     "--annotations",
     type=click.Path(exists=True),
     default=None,
-    help="Annotation file, or folder of <slide_id>.geojson/.xml/.png: adds "
+    help="Folder of <slide_id>.geojson/.xml/.png (or one such file): adds "
     "patch-level instance_labels (evaluation only).",
 )
 @click.option(
@@ -218,7 +218,7 @@ def extract(
     weights: str | None,
     encoder_options: tuple[str, ...],
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
     device: str,
     amp: str,
     masker: str,
@@ -302,7 +302,8 @@ def extract(
     click.echo(
         f"\n{info['n_slides']} slides: {info['done']} done, {info['skipped']} "
         f"skipped, {info['failed']} failed; {info['patches_encoded']} patches in "
-        f"{info['seconds']:.1f} s" + (f" ({rate:.1f} patches/s)" if rate else "")
+        f"{info['seconds']:.1f} s (start-up {info['startup_s']:.1f} s"
+        + (f", {rate:.1f} patches/s while encoding)" if rate else ")")
     )
     click.echo(f"Features: {summary.output_dir}")
     if summary.failed:

@@ -14,6 +14,7 @@ dummy forward pass and falls back to ImageNet normalisation without resizing.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,8 +295,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())[:200]
         msg = (
-            f"{path}: cannot read weights ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"{path}: cannot read weights ({type(exc).__name__}: {text}...). "
             "Save them with torch.save(model.state_dict(), path): pickled modules are "
             "refused (torch.load(weights_only=True))."
         )

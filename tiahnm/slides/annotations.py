@@ -59,10 +59,13 @@ class PatchLabels:
 
 
 def find_annotation(root: str | Path, slide_id: str) -> Path | None:
-    """The annotation file of ``slide_id``: ``root`` itself, or ``root/<slide_id>.<ext>``."""
+    """The annotation file of ``slide_id``: ``root/<slide_id>.<ext>``, or ``root``.
+
+    A file given as ``root`` applies only to the slide of the same name.
+    """
     root = Path(root)
     if root.is_file():
-        return root
+        return root if root.stem == slide_id else None
     for suffix in ANNOTATION_SUFFIXES:
         candidate = root / f"{slide_id}{suffix}"
         if candidate.is_file():

@@ -3,11 +3,15 @@
 Each item is a ``[H, W, 3]`` uint8 tensor: conversion to float, resizing and
 normalisation happen batched on the device (:class:`tiahnm.encoders.base.Preprocessing`),
 so workers only read and decode. Every worker opens its own reader on first use.
+Without workers, :func:`threaded_batches` reads ahead in a background thread.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -89,3 +93,49 @@ class SlidePatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.read(index))
+
+
+def threaded_batches(
+    dataset: SlidePatchDataset,
+    batch_size: int,
+    *,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Batches ``[B, H, W, 3]`` uint8 read by one background thread, in order.
+
+    Reading (OpenSlide/tifffile decoding, resizing) releases the GIL, so it overlaps
+    with the forward passes of the caller without worker processes: this is how
+    slides are read when no DataLoader workers are used. The patches are exactly those
+    of ``dataset[i]``.
+
+    Args:
+        dataset (SlidePatchDataset): The patches (its reader is used by the thread only).
+        batch_size (int): Patches per batch.
+        prefetch (int): Batches read ahead.
+        pin_memory (bool): Pin batches (for asynchronous copies to CUDA).
+
+    Yields:
+        torch.Tensor: The next batch.
+    """
+    n = len(dataset)
+    starts = list(range(0, n, batch_size))
+
+    def load(start: int) -> torch.Tensor:
+        batch = torch.stack(
+            [dataset[i] for i in range(start, min(start + batch_size, n))]
+        )
+        return batch.pin_memory() if pin_memory else batch
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiahnm-read")
+    try:
+        pending = deque(pool.submit(load, s) for s in starts[:prefetch])
+        following = iter(starts[prefetch:])
+        while pending:
+            batch = pending.popleft().result()
+            nxt = next(following, None)
+            if nxt is not None:
+                pending.append(pool.submit(load, nxt))
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,10 @@ class ExtractConfig:
         weights (str | None): Local weights file or ``random-init``.
         encoder_options (dict): Other encoder factory options.
         batch_size (int): Patches per forward pass.
-        num_workers (int): DataLoader worker processes reading patches.
+        num_workers (int | None): DataLoader worker processes reading patches (0: one
+            read-ahead thread in this process). None: 0 on CPU (the model already
+            uses every core, the thread overlaps reading), else
+            ``min(8, cpu_count - 1)``.
         device (str): ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``.
         amp (str): ``auto`` (bf16 if supported, else fp16, on GPU; fp32 on CPU),
             ``bf16``, ``fp16`` or ``off``.
@@ -65,7 +69,7 @@ class ExtractConfig:
     weights: str | None = None
     encoder_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int | None = None
     device: str = "auto"
     amp: str = "auto"
     mpp: float | None = None
@@ -81,7 +85,7 @@ class ExtractConfig:
         if self.batch_size < 1:
             msg = f"--batch-size must be positive, got {self.batch_size}."
             raise ConfigError(msg)
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             msg = f"--num-workers must be >= 0, got {self.num_workers}."
             raise ConfigError(msg)
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -138,12 +142,14 @@ class ExtractSummary:
         seconds (float): Total wall time (encoder construction included).
         output_dir (str): Output folder.
         settings (dict): The settings recorded in every file.
+        startup_s (float): Imports and encoder construction.
     """
 
     results: list[SlideResult]
     seconds: float
     output_dir: str
     settings: dict[str, Any]
+    startup_s: float = 0.0
 
     def count(self, status: str) -> int:
         """Slides with ``status``."""
@@ -170,6 +176,7 @@ class ExtractSummary:
             "failed": self.count("failed"),
             "patches_encoded": self.n_patches,
             "seconds": round(self.seconds, 3),
+            "startup_s": round(self.startup_s, 3),
             "patches_per_second": round(self.n_patches / encode_s, 2)
             if encode_s
             else None,
@@ -201,6 +208,15 @@ def resolve_device(name: str) -> Any:
     return device
 
 
+def resolve_workers(num_workers: int | None, device: Any) -> int:
+    """``num_workers``, or for None: 0 on CPU, ``min(8, cpu_count - 1)`` otherwise."""
+    if num_workers is not None:
+        return num_workers
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def _precision(device: Any, amp: str) -> tuple[Any, str]:
     from tiahnm.training.device import amp_dtype
 
@@ -212,11 +228,13 @@ def _precision(device: Any, amp: str) -> tuple[Any, str]:
 
 
 def run_settings(cfg: ExtractConfig, encoder: Any, precision: str) -> dict[str, Any]:
-    """The settings that make two feature files comparable (the skip check)."""
-    import tiatoolbox
+    """The settings that make two feature files comparable (the skip check).
 
-    from tiahnm import __version__
-
+    ``--mpp``/``--power`` are not part of it: they are compared per slide, and only
+    for slides whose scale came from them. Package versions are recorded in the files
+    but not compared (upgrading does not redo a cohort); :data:`FORMAT_VERSION` is
+    bumped when tiahnm changes what it extracts.
+    """
     return {
         "format": FORMAT_VERSION,
         "encoder": encoder.name,
@@ -228,10 +246,6 @@ def run_settings(cfg: ExtractConfig, encoder: Any, precision: str) -> dict[str, 
         "precision": precision,
         "seed": cfg.seed,
         "tiling": cfg.tiling.as_dict(),
-        "mpp_if_missing": cfg.mpp,
-        "power_if_missing": cfg.power,
-        "tiatoolbox_version": tiatoolbox.__version__,
-        "tiahnm_version": __version__,
     }
 
 
@@ -252,13 +266,24 @@ class Extractor:
     """
 
     def __init__(self, cfg: ExtractConfig, output_dir: str | Path) -> None:
+        import importlib
+
         import torch
 
         from tiahnm.encoders.build import build_encoder
 
+        # TIAToolbox's tools package takes ~10 s to import (registration, graph ...):
+        # pay it here, not in the first slide's timing.
+        for module in (
+            "tiatoolbox.tools.patchextraction",
+            "tiatoolbox.tools.tissuemask",
+        ):
+            importlib.import_module(module)
+
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.device = resolve_device(cfg.device)
+        self.num_workers = resolve_workers(cfg.num_workers, self.device)
         self.amp_dtype, precision = _precision(self.device, cfg.amp)
         self.encoder = build_encoder(
             cfg.encoder,
@@ -274,7 +299,6 @@ class Extractor:
         )
         self.settings = run_settings(cfg, self.encoder, precision)
         self._key = _settings_key(self.settings)
-        self._torch = torch
 
     def output_path(self, sid: str) -> Path:
         """The feature file of slide ``sid``."""
@@ -287,7 +311,27 @@ class Extractor:
         attrs = read_attrs(self.output_path(sid))
         if attrs is None or self.cfg.overwrite:
             return False, attrs
-        return attrs.get("settings") == self._key, attrs
+        if attrs.get("settings") != self._key:
+            return False, attrs
+        # --mpp / --power matter only for slides that had to use them
+        for name, source, given in (
+            ("level0_mpp", "mpp_source", self.cfg.mpp),
+            ("objective_power", "objective_power_source", self.cfg.power),
+        ):
+            if attrs.get(source) == "user" and attrs.get(name) != given:
+                return False, attrs
+        return True, attrs
+
+    def loader_workers(self, n_patches: int) -> int:
+        """Worker processes for a slide of ``n_patches``.
+
+        A slide of at most one batch is read in this process (starting workers that
+        each reopen the slide would cost more than they save); otherwise at most one
+        worker per batch. Without workers, a background thread reads ahead.
+        """
+        if self.num_workers == 0 or n_patches <= self.cfg.batch_size:
+            return 0
+        return min(self.num_workers, -(-n_patches // self.cfg.batch_size))
 
     def encode(self, dataset: Any) -> tuple[np.ndarray, float, float]:
         """Features ``[N, D]`` of a patch dataset, and (read wait, model) seconds."""
@@ -295,19 +339,24 @@ class Extractor:
         from torch.utils.data import DataLoader
 
         from tiahnm.encoders.base import pool_output
+        from tiahnm.slides.dataset import threaded_batches
         from tiahnm.training.device import autocast
 
         n, dim = len(dataset), self.encoder.out_dim
         out = np.empty((n, dim), dtype=np.float32)
-        workers = min(self.cfg.num_workers, max(1, n // self.cfg.batch_size))
-        loader = DataLoader(
-            dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=False,
-            num_workers=workers if self.cfg.num_workers else 0,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.cfg.num_workers else None,
-        )
+        workers = self.loader_workers(n)
+        pin = self.device.type == "cuda"
+        if workers:
+            loader: Any = DataLoader(
+                dataset,
+                batch_size=self.cfg.batch_size,
+                shuffle=False,
+                num_workers=workers,
+                pin_memory=pin,
+                prefetch_factor=4,
+            )
+        else:  # read ahead in a thread of this process (same patches, no fork)
+            loader = threaded_batches(dataset, self.cfg.batch_size, pin_memory=pin)
         prep = self.encoder.preprocessing
         pos, read_s, model_s = 0, 0.0, 0.0
         it = iter(loader)
@@ -401,7 +450,7 @@ class Extractor:
                 tiling.bounds,
                 tcfg.resolution,
                 tcfg.units,
-                reader=slide.reader if self.cfg.num_workers == 0 else None,
+                reader=slide.reader if self.loader_workers(len(tiling)) == 0 else None,
             )
             features, read_s, model_s = self.encode(dataset)
             info = {
@@ -613,12 +662,14 @@ def extract_features(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = Extractor(cfg, output_dir)
+    startup_s = time.perf_counter() - start
     results = extractor.run(paths, on_result=on_result)
     summary = ExtractSummary(
         results=results,
         seconds=time.perf_counter() - start,
         output_dir=str(output_dir),
         settings=extractor.settings,
+        startup_s=startup_s,
     )
     write_failures_csv(output_dir / "failures.csv", results)
     write_json(output_dir / "extract_summary.json", summary.as_dict())

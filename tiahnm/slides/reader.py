@@ -191,7 +191,12 @@ def open_slide(
             msg = f"--{name} must be a positive number, got {value!r}."
             raise DataError(msg)
     suffix = path.suffix.lower()
-    source = SlideSource(path, reader="virtual" if suffix in IMAGE_SUFFIXES else "auto")
+    if suffix in IMAGE_SUFFIXES:
+        # plain images never carry a scale: open once, with the user's values
+        source = SlideSource(path, reader="virtual", mpp=mpp, power=power)
+        reader = _open_checked(source)
+        return _checked(path, reader, source, None, None, [], units, "image")
+    source = SlideSource(path)
     reader = _open_checked(source)
     if source.reader == "auto" and suffix in (".tif", ".tiff"):
         from tiatoolbox.wsicore.wsireader import VirtualWSIReader
@@ -209,29 +214,39 @@ def open_slide(
     try:
         meta_mpp = _meta_mpp(reader)
         meta_power = _number(reader.info.objective_power)
-        dims = tuple(int(v) for v in reader.info.slide_dimensions)
     except Exception as exc:
         close_reader(reader)
         msg = f"{path}: cannot read slide metadata ({type(exc).__name__}: {exc})."
         raise DataError(msg) from None
     notes: list[str] = []
-    mpp_source = "metadata" if meta_mpp is not None else "none"
-    power_source = "metadata" if meta_power is not None else "none"
     if meta_mpp is None and mpp is not None:
-        source.mpp, mpp_source = float(mpp), "user"
+        source.mpp = float(mpp)
     elif meta_mpp is not None and mpp is not None and abs(meta_mpp - mpp) > 1e-6:
         notes.append(
             f"{path.name}: the file says {meta_mpp:g} mpp; --mpp {mpp:g} is used only "
             "for slides without resolution metadata and is ignored here."
         )
     if meta_power is None and power is not None:
-        source.power, power_source = float(power), "user"
+        source.power = float(power)
     if source.mpp is not None or source.power is not None:
         close_reader(reader)
         reader = _open_checked(source)
+    return _checked(path, reader, source, meta_mpp, meta_power, notes, units, "slide")
+
+
+def _checked(
+    path: Path,
+    reader: Any,
+    source: SlideSource,
+    meta_mpp: float | None,
+    meta_power: float | None,
+    notes: list[str],
+    units: str,
+    kind: str,
+) -> OpenedSlide:
+    """The :class:`OpenedSlide`, or a DataError when ``units`` cannot be resolved."""
     final_mpp = meta_mpp if meta_mpp is not None else source.mpp
     final_power = meta_power if meta_power is not None else source.power
-    kind = "image" if suffix in IMAGE_SUFFIXES else "slide"
     if units == "mpp" and final_mpp is None:
         close_reader(reader)
         msg = (
@@ -247,13 +262,25 @@ def open_slide(
             "--power (e.g. --power 20) or use --units mpp with --mpp."
         )
         raise DataError(msg)
+    try:
+        dims = tuple(int(v) for v in reader.info.slide_dimensions)
+    except Exception as exc:  # pragma: no cover - checked when opened
+        close_reader(reader)
+        msg = f"{path}: cannot read slide metadata ({type(exc).__name__}: {exc})."
+        raise DataError(msg) from None
+
+    def origin(meta: float | None, final: float | None) -> str:
+        if final is None:
+            return "none"
+        return "metadata" if meta is not None else "user"
+
     return OpenedSlide(
         reader=reader,
         source=source,
         mpp=final_mpp,
         power=final_power,
-        mpp_source=mpp_source if final_mpp is not None else "none",
-        power_source=power_source if final_power is not None else "none",
+        mpp_source=origin(meta_mpp, final_mpp),
+        power_source=origin(meta_power, final_power),
         dimensions=(dims[0], dims[1]),
         notes=notes,
     )

@@ -28,11 +28,23 @@ from tiahnm.utils.io import atomic_path
 
 
 def _attr_value(value: Any) -> Any:
-    """h5py-storable form of an attribute (dicts and lists as JSON, None as "")."""
+    """h5py-storable form of an attribute.
+
+    Numeric lists become arrays, dicts and other lists JSON strings, None ``""``.
+    """
     if value is None:
         return ""
     if isinstance(value, str):
         return str(value)  # e.g. torch's TorchVersion, which h5py cannot store
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+            for v in value
+        )
+    ):
+        return np.asarray(value)  # numeric vectors as arrays
     if isinstance(value, (Mapping, list, tuple)):
         return json.dumps(value, sort_keys=True, default=str)
     if isinstance(value, Path):
