@@ -1,34 +1,63 @@
-"""Attention-based MIL (Ilse, Tomczak and Welling, ICML 2018), plain and gated."""
+"""Attention-based MIL (Ilse, Tomczak and Welling, ICML 2018), plain and gated.
+
+Options from Li et al. (MICCAI 2019): ``attn_act="softsign"`` is their eq. 1
+(``w^T softsign(U g)``) and ``adaptive_lambda`` their eq. 2 adaptive weighting of
+pseudo-negative instances while training (see :mod:`tiahnm.heads.adaptive`).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from tiahnm.errors import ConfigError
+from tiahnm.heads.adaptive import AdaptiveWeightingMixin
 from tiahnm.heads.base import MILHead, MILOutput
+
+ATTN_ACTS = ("tanh", "softsign")
 
 
 class AttentionPool(nn.Module):
-    """``e_i = w^T tanh(V h_i)`` or, gated, ``w^T (tanh(V h_i) * sigmoid(U h_i))``."""
+    """``e_i = w^T tanh(V h_i)`` or, gated, ``w^T (tanh(V h_i) * sigmoid(U h_i))``.
+
+    ``act="softsign"`` replaces the tanh by ``x / (1 + |x|)`` (Li et al. 2019, eq. 1).
+    """
 
     def __init__(
-        self, embed_dim: int, attn_dim: int, *, gated: bool, n_branches: int = 1
+        self,
+        embed_dim: int,
+        attn_dim: int,
+        *,
+        gated: bool,
+        n_branches: int = 1,
+        act: str = "tanh",
     ) -> None:
         super().__init__()
+        if act not in ATTN_ACTS:
+            msg = f"head.options.attn_act must be 'tanh' or 'softsign', got {act!r}."
+            raise ConfigError(msg)
+        self.act = act
         self.V = nn.Linear(embed_dim, attn_dim)
         self.U = nn.Linear(embed_dim, attn_dim) if gated else None
         self.w = nn.Linear(attn_dim, n_branches)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Raw attention scores ``[n_branches, N]`` (before the softmax)."""
-        a = torch.tanh(self.V(h))
+        v = self.V(h)
+        a = torch.tanh(v) if self.act == "tanh" else F.softsign(v)
         if self.U is not None:
             a = a * torch.sigmoid(self.U(h))
         return self.w(a).T
 
 
-class ABMIL(MILHead):
+class ABMIL(AdaptiveWeightingMixin, MILHead):
     """AB-MIL: attention-weighted mean of projected instances, then a linear classifier.
+
+    With ``adaptive_lambda`` set, training pools with the weights of Li et al. eq. 2
+    (softmax weights below the bag's mean weight multiplied by lambda); the output's
+    ``attention`` stays the softmax weights of eq. 1 and the pooling weights are in
+    ``extras["pooling_weights"]``. Evaluation always pools with plain attention.
 
     Args:
         in_dim (int): Instance feature width ``D``.
@@ -38,6 +67,11 @@ class ABMIL(MILHead):
         gated (bool): Gated attention.
         dropout (float): Dropout after the projection.
         act (str): ``relu`` or ``gelu``.
+        attn_act (str): ``tanh`` (Ilse et al.) or ``softsign`` (Li et al. eq. 1).
+        adaptive_lambda (float | None): lambda of Li et al. eq. 2 (2 in the paper);
+            None turns adaptive weighting off.
+        adaptive_renormalise (bool): Renormalise the eq. 2 weights to sum to 1 (not
+            in the paper).
     """
 
     supported_scores = ("attention", "class_aware", "instance_prob", "instance_logit")
@@ -53,11 +87,15 @@ class ABMIL(MILHead):
         gated: bool = False,
         dropout: float = 0.25,
         act: str = "relu",
+        attn_act: str = "tanh",
+        adaptive_lambda: float | None = None,
+        adaptive_renormalise: bool = False,
     ) -> None:
         super().__init__(
             in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
         )
-        self.attention = AttentionPool(embed_dim, attn_dim, gated=gated)
+        self._init_adaptive(adaptive_lambda, adaptive_renormalise=adaptive_renormalise)
+        self.attention = AttentionPool(embed_dim, attn_dim, gated=gated, act=attn_act)
         self.classifier = nn.Linear(embed_dim, n_classes)
 
     def attention_weights(self, h: torch.Tensor) -> torch.Tensor:
@@ -67,14 +105,17 @@ class ABMIL(MILHead):
     def aggregate(
         self, h: torch.Tensor, *, label: torch.Tensor | None = None
     ) -> MILOutput:
-        """Attention pooling."""
+        """Attention pooling (eq. 2 adaptive weights while training, if enabled)."""
         a = self.attention_weights(h)
-        z = a @ h
+        w = self.pooling_weights(a)
+        z = w @ h
+        extras = {"pooling_weights": w} if w is not a else {}
         return MILOutput(
             bag_logits=self.classifier(z),
             bag_embedding=z,
             instance_embeddings=h,
             attention=a,
+            extras=extras,
         )
 
 
@@ -90,6 +131,9 @@ class GatedABMIL(ABMIL):
         attn_dim: int = 128,
         dropout: float = 0.25,
         act: str = "relu",
+        attn_act: str = "tanh",
+        adaptive_lambda: float | None = None,
+        adaptive_renormalise: bool = False,
     ) -> None:
         super().__init__(
             in_dim,
@@ -99,4 +143,7 @@ class GatedABMIL(ABMIL):
             gated=True,
             dropout=dropout,
             act=act,
+            attn_act=attn_act,
+            adaptive_lambda=adaptive_lambda,
+            adaptive_renormalise=adaptive_renormalise,
         )

@@ -9,6 +9,7 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_miners(register: Register) -> None:
     """Register the built-in miners."""
     from tiahnm.miners.base import Miner
+    from tiahnm.miners.li2019 import Li2019Miner
     from tiahnm.miners.mhim import MHIMMiner
 
     register("none", Miner, description="No mining: plain training of the head")
@@ -16,4 +17,9 @@ def tiahnm_register_miners(register: Register) -> None:
         "mhim",
         MHIMMiner,
         description="Masked hard instance mining, EMA teacher (Tang et al. 2023/2025)",
+    )
+    register(
+        "li2019",
+        Li2019Miner,
+        description="Hard negative bag generation between rounds (Li et al. 2019)",
     )

@@ -1,0 +1,463 @@
+"""Deep instance-level hard negative mining (Li et al., MICCAI 2019).
+
+After a training round (the loop has loaded the round's best state), the miner
+
+1. predicts every real negative training bag with the head in eval mode; the *false
+   positives* are those whose positive probability (``1 - p(class 0)``) is
+   ``>= fp_threshold`` (0.5);
+2. keeps, in each false-positive bag ``l``, the instances whose attention weight
+   satisfies eq. 3, ``w_li >= mean_l + sigma_l`` (population standard deviation of
+   the bag's weights; mean over branches for multi-branch attention), and pools them
+   into the hard-negative set ``H = {h_1, ..., h_M}``;
+3. generates new negative bags (label 0, ``origin="generated"``, ids
+   ``generated_r{round}_{i:04d}`` with the 0-based index of the round just finished):
+
+   * ``sb``: one bag holding all of ``H`` (the grouped bag of Sec. 3.0.2);
+   * ``mb``: ``n_bags`` bags of random instances of ``H`` (without replacement while
+     the bag is no larger than ``H``; beyond that every instance once and the rest
+     drawn with replacement);
+   * ``fmb``: K-means (scikit-learn) groups ``H`` into ``c = min(n_clusters, distinct
+     rows)`` clusters of sizes ``N_j``; every slot of a new bag picks cluster ``j``
+     with probability ``P_j = N_j / sum N`` and then a uniformly random member.
+
+   MB/FMB bag sizes are drawn from a Gaussian with the mean and (population)
+   standard deviation of the real training bag sizes, rounded and clipped to their
+   ``[Z_min, Z_max]``. Clustering uses the ``input`` features (the paper embeds the
+   hard negatives with a pre-trained CNN, which is what the extracted input features
+   are) or the head's projected ``embedding``. Generated bags always carry input
+   features;
+4. with ``reinit`` (default), resets the head to the exact state it had when the fit
+   started, so the next round *re-trains* the network on the augmented set (the
+   paper: "new hard negative bags are generated for re-training the network", the
+   bootstrapping of Dalal and Triggs it cites); ``reinit=False`` fine-tunes the best
+   model of the round instead.
+
+The loop appends the returned bags to the training set only; validation and test
+bags are never seen here. Only real bags are mined and used for the size statistics
+(generated bags of earlier rounds are copies of real instances). All randomness comes
+from the miner's own generator, seeded from the loop's seed, and is checkpointed.
+With ``train.rounds: 2`` the schedule is the paper's: train, mine, re-train.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tiahnm.data.bag import Bag
+from tiahnm.errors import ConfigError
+from tiahnm.miners.base import FitContext, Miner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiahnm.heads.base import MILHead
+
+logger = logging.getLogger(__name__)
+
+KEY = "miner.options"
+MODES = ("sb", "mb", "fmb")
+FEATURE_SPACES = ("input", "embedding")
+#: Added to the loop's seed, so the miner's stream differs from the shuffling stream.
+SEED_OFFSET = 2019
+#: Relative slack of the eq. 3 comparison (float32 weights; ``max == mean + std``
+#: holds exactly for two distinct weights).
+_REL_TOL = 1e-6
+
+
+# ------------------------------------------------------------------ building blocks
+def hard_negative_mask(weights: torch.Tensor, std_scale: float = 1.0) -> torch.Tensor:
+    """Eq. 3: instances with ``w >= mean(w) + std_scale * std(w)`` within one bag.
+
+    Args:
+        weights (torch.Tensor): ``[N]`` attention weights of one bag.
+        std_scale (float): Multiplier of the standard deviation (1 in the paper).
+
+    Returns:
+        torch.Tensor: ``[N]`` boolean mask of the hard instances.
+    """
+    w = weights.detach().double().flatten()
+    if w.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    threshold = w.mean() + std_scale * w.std(correction=0)
+    return w >= threshold - _REL_TOL * threshold.abs()
+
+
+def sample_bag_sizes(
+    sizes: Sequence[int], n: int, generator: torch.Generator
+) -> list[int]:
+    """Gaussian bag sizes with the mean and std of ``sizes``, rounded and clipped.
+
+    Args:
+        sizes (Sequence[int]): Training bag sizes (``Z_min``/``Z_max`` are their
+            extremes).
+        n (int): Number of sizes to draw.
+        generator (torch.Generator): Source of randomness.
+
+    Returns:
+        list[int]: ``n`` sizes in ``[max(1, Z_min), Z_max]``.
+    """
+    if not sizes:
+        msg = "sample_bag_sizes needs at least one training bag size."
+        raise ValueError(msg)
+    arr = np.asarray(sizes, dtype=np.float64)
+    mu, sigma = float(arr.mean()), float(arr.std())
+    low, high = max(1, int(arr.min())), max(1, int(arr.max()))
+    draws = torch.randn(n, generator=generator, dtype=torch.float64) * sigma + mu
+    return torch.round(draws).clamp(low, high).long().tolist()
+
+
+def sample_uniform(m: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random indices into ``m`` items (MB).
+
+    Without replacement while ``n <= m``; beyond that every item once plus ``n - m``
+    drawn with replacement, in random order.
+    """
+    perm = torch.randperm(m, generator=generator)
+    if n <= m:
+        return perm[:n]
+    extra = torch.randint(m, (n - m,), generator=generator)
+    idx = torch.cat([perm, extra])
+    return idx[torch.randperm(n, generator=generator)]
+
+
+def sample_from_clusters(
+    labels: torch.Tensor, n: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` instance indices: a cluster with ``P_j = N_j / sum N``, then a member.
+
+    Args:
+        labels (torch.Tensor): ``[M]`` cluster index of every hard negative.
+        n (int): Number of instances to draw (with replacement).
+        generator (torch.Generator): Source of randomness.
+
+    Returns:
+        torch.Tensor: ``[n]`` long indices into the ``M`` instances.
+    """
+    labels = labels.long()
+    _, counts = torch.unique(labels, return_counts=True)
+    probs = counts.double() / counts.sum()
+    picked = torch.multinomial(probs, n, replacement=True, generator=generator)
+    order = torch.argsort(labels, stable=True)  # members of each cluster, contiguous
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = (
+        torch.rand(n, generator=generator, dtype=torch.float64) * counts[picked]
+    ).long()
+    offsets = torch.minimum(offsets, counts[picked] - 1)
+    return order[starts[picked] + offsets]
+
+
+def kmeans_labels(features: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """K-means cluster of every row (``min(n_clusters, distinct rows)`` clusters).
+
+    Args:
+        features (np.ndarray): ``[M, F]`` features.
+        n_clusters (int): Requested number of clusters ``c``.
+        seed (int): K-means ``random_state``.
+
+    Returns:
+        np.ndarray: ``[M]`` int labels in ``[0, k)``.
+    """
+    m = features.shape[0]
+    k = min(n_clusters, len(np.unique(features, axis=0)))
+    if k <= 1:
+        return np.zeros(m, dtype=np.int64)
+    from sklearn.cluster import KMeans
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        km = KMeans(n_clusters=k, n_init=10, random_state=seed)
+        return km.fit_predict(features.astype(np.float64)).astype(np.int64)
+
+
+@dataclass
+class HardNegatives:
+    """Result of mining one round.
+
+    Attributes:
+        features (torch.Tensor): ``[M, D]`` input features of the hard negatives.
+        embeddings (torch.Tensor): ``[M, E]`` the head's projections of them.
+        n_negative_bags (int): Real negative training bags scored.
+        n_false_positive_bags (int): Those predicted positive.
+    """
+
+    features: torch.Tensor
+    embeddings: torch.Tensor
+    n_negative_bags: int
+    n_false_positive_bags: int
+
+
+# ------------------------------------------------------------------ option checks
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        msg = f"{KEY}.{name} must be one of {', '.join(allowed)}; got {value!r}."
+        raise ConfigError(msg)
+    return str(value)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"{KEY}.{name} must be an integer >= 1, got {value!r}."
+        raise ConfigError(msg)
+    return value
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        msg = f"{KEY}.{name} must be a number in [{low}, {high}], got {value!r}."
+        raise ConfigError(msg)
+    return float(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        msg = f"{KEY}.{name} must be true or false, got {value!r}."
+        raise ConfigError(msg)
+    return value
+
+
+# ------------------------------------------------------------------ the miner
+class Li2019Miner(Miner):
+    """Hard-negative bag generation between training rounds (Li et al. 2019).
+
+    Use with ``train.rounds: 2`` (train, mine, re-train) and a head with attention;
+    the paper's model also sets ``head.options.adaptive_lambda: 2`` (eq. 2) and
+    ``head.options.attn_act: softsign`` (eq. 1) on AB-MIL.
+
+    Args:
+        mode (str): ``sb``, ``mb`` or ``fmb`` (default, the paper's best).
+        n_bags (int): Bags generated per round by ``mb``/``fmb`` (not given in the
+            paper; default 10). ``sb`` always makes one.
+        n_clusters (int): K-means ``c`` of ``fmb`` (not given in the paper; default
+            10), capped at the number of distinct hard negatives.
+        feature_space (str): Clustering space of ``fmb``: ``input`` (default) or the
+            head's ``embedding``.
+        fp_threshold (float): A negative bag is a false positive when its positive
+            probability is ``>=`` this (0.5).
+        std_scale (float): Multiplier of sigma in eq. 3 (1.0 as in the paper).
+        reinit (bool): Reset the head to its initial state before the next round
+            (re-training; default) instead of fine-tuning the round's best model.
+    """
+
+    name = "li2019"
+
+    def __init__(
+        self,
+        *,
+        mode: str = "fmb",
+        n_bags: int = 10,
+        n_clusters: int = 10,
+        feature_space: str = "input",
+        fp_threshold: float = 0.5,
+        std_scale: float = 1.0,
+        reinit: bool = True,
+    ) -> None:
+        self.mode = _choice("mode", mode, MODES)
+        self.n_bags = _positive_int("n_bags", n_bags)
+        self.n_clusters = _positive_int("n_clusters", n_clusters)
+        self.feature_space = _choice("feature_space", feature_space, FEATURE_SPACES)
+        self.fp_threshold = _number("fp_threshold", fp_threshold, 0.0, 1.0)
+        self.std_scale = _number("std_scale", std_scale, 0.0, math.inf)
+        self.reinit = _bool("reinit", reinit)
+        self.generator: torch.Generator | None = None
+        self.log: list[dict[str, float]] = []
+        self._init_state: dict[str, torch.Tensor] | None = None
+
+    # -------------------------------------------------------------- loop hooks
+    def on_fit_start(self, ctx: FitContext) -> None:
+        """Check the head, seed the generator, remember the head's initial state."""
+        supported = getattr(ctx.head, "supported_scores", ())
+        if "attention" not in supported:
+            msg = (
+                f"miner li2019 needs a head with attention weights; "
+                f"{type(ctx.head).__name__} gives only {', '.join(supported)}."
+            )
+            raise ConfigError(msg)
+        if self.generator is None:
+            base = ctx.generator.initial_seed() if ctx.generator is not None else 0
+            self.generator = torch.Generator().manual_seed((base + SEED_OFFSET) % 2**63)
+        if self.reinit and self._init_state is None:
+            # The first call sees the freshly built head (also on resume: the loop
+            # loads the checkpoint after this hook).
+            self._init_state = {
+                k: v.detach().to("cpu", copy=True)
+                for k, v in ctx.head.state_dict().items()
+            }
+
+    def on_round_end(self, ctx: FitContext, train_bags: Sequence[Bag]) -> list[Bag]:
+        """Mine the false-positive bags, generate hard negative bags, reset the head."""
+        if self.generator is None:  # called without on_fit_start (direct use)
+            self.on_fit_start(ctx)
+        assert self.generator is not None
+        real = [b for b in train_bags if b.origin != "generated"]
+        mined = self.mine(ctx.head, real, ctx.device)
+        sizes = [b.n_instances for b in real]
+        new_bags = self.generate(mined, sizes, round_idx=ctx.round)
+        stats = {
+            "li2019_round": float(ctx.round),
+            "li2019_negative_bags": float(mined.n_negative_bags),
+            "li2019_fp_bags": float(mined.n_false_positive_bags),
+            "li2019_hard_instances": float(mined.features.shape[0]),
+            "li2019_generated_bags": float(len(new_bags)),
+        }
+        self.log.append(stats)
+        if not new_bags:
+            logger.info(
+                "li2019: round %d: %d of %d negative training bags are false "
+                "positives, %d hard negatives; no bags generated.",
+                ctx.round,
+                mined.n_false_positive_bags,
+                mined.n_negative_bags,
+                mined.features.shape[0],
+            )
+        else:
+            logger.info(
+                "li2019: round %d: %d false-positive bags, %d hard negatives, "
+                "%d %s bags generated.",
+                ctx.round,
+                mined.n_false_positive_bags,
+                mined.features.shape[0],
+                len(new_bags),
+                self.mode,
+            )
+        if self.reinit and self._init_state is not None:
+            ctx.head.load_state_dict(self._init_state)
+        return new_bags
+
+    def epoch_stats(self) -> dict[str, float]:
+        """The last mining round's counts (empty before the first round ends)."""
+        return dict(self.log[-1]) if self.log else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state and the per-round mining counts."""
+        return {
+            "generator": self.generator.get_state()
+            if self.generator is not None
+            else None,
+            "log": [dict(row) for row in self.log],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if state.get("generator") is not None:
+            if self.generator is None:
+                self.generator = torch.Generator()
+            self.generator.set_state(state["generator"])
+        self.log = [dict(row) for row in state.get("log", [])]
+
+    # -------------------------------------------------------------- mining
+    @torch.inference_mode()
+    def mine(
+        self, head: MILHead, bags: Sequence[Bag], device: torch.device
+    ) -> HardNegatives:
+        """False-positive negative bags and their eq. 3 hard instances.
+
+        Args:
+            head (MILHead): The round's best head (put in eval mode here).
+            bags (Sequence[Bag]): Real training bags.
+            device (torch.device): Where the head lives.
+
+        Returns:
+            HardNegatives: Hard instances (input features and head embeddings).
+        """
+        was_training = head.training
+        head.eval()
+        feats, embeds = [], []
+        n_neg = n_fp = 0
+        try:
+            for bag in bags:
+                if bag.label != 0 or bag.n_instances == 0:
+                    continue
+                n_neg += 1
+                x = bag.features.to(device)
+                out = head(x)
+                p_pos = 1.0 - float(out.bag_probabilities()[0])
+                if p_pos < self.fp_threshold:
+                    continue
+                n_fp += 1
+                weights = head.instance_scores(out, "attention")[: bag.n_instances]
+                keep = hard_negative_mask(weights.cpu(), self.std_scale)
+                feats.append(bag.features[keep].float())
+                embeds.append(
+                    out.instance_embeddings[: bag.n_instances][keep.to(device)]
+                    .float()
+                    .cpu()
+                )
+        finally:
+            head.train(was_training)
+        width = bags[0].features.shape[1] if bags else 0
+        return HardNegatives(
+            features=torch.cat(feats) if feats else torch.zeros(0, width),
+            embeddings=torch.cat(embeds) if embeds else torch.zeros(0, 0),
+            n_negative_bags=n_neg,
+            n_false_positive_bags=n_fp,
+        )
+
+    def generate(
+        self, mined: HardNegatives, sizes: Sequence[int], *, round_idx: int
+    ) -> list[Bag]:
+        """New negative bags from the hard negatives (none when there are none).
+
+        Args:
+            mined (HardNegatives): Output of :meth:`mine`.
+            sizes (Sequence[int]): Real training bag sizes (Gaussian statistics).
+            round_idx (int): Index of the round just finished (for the bag ids).
+
+        Returns:
+            list[Bag]: Label-0 bags with ``origin="generated"``.
+        """
+        assert self.generator is not None
+        hard = mined.features
+        m = int(hard.shape[0])
+        if m == 0 or not sizes:
+            return []
+        g = self.generator
+        if self.mode == "sb":
+            index_sets = [torch.arange(m)]
+        else:
+            bag_sizes = sample_bag_sizes(sizes, self.n_bags, g)
+            if self.mode == "mb":
+                index_sets = [sample_uniform(m, n, g) for n in bag_sizes]
+            else:
+                space = (
+                    mined.features
+                    if self.feature_space == "input"
+                    else (mined.embeddings)
+                )
+                seed = int(torch.randint(2**31 - 1, (1,), generator=g))
+                labels = torch.from_numpy(
+                    kmeans_labels(space.numpy(), self.n_clusters, seed)
+                )
+                index_sets = [sample_from_clusters(labels, n, g) for n in bag_sizes]
+        return [
+            Bag(
+                slide_id=f"generated_r{round_idx}_{i:04d}",
+                label=0,
+                features=hard[idx].clone(),
+                origin="generated",
+                source=f"li2019 {self.mode}",
+                meta={"round": round_idx, "mode": self.mode},
+            )
+            for i, idx in enumerate(index_sets)
+        ]
+
+
+__all__ = [
+    "HardNegatives",
+    "Li2019Miner",
+    "hard_negative_mask",
+    "kmeans_labels",
+    "sample_bag_sizes",
+    "sample_from_clusters",
+    "sample_uniform",
+]
