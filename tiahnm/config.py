@@ -72,6 +72,36 @@ class DataConfig:
 
 
 @dataclass
+class ExtractStageConfig:
+    """The ``extract`` stage of ``tiahnm run``: slides to feature files."""
+
+    slides: list[str] = _f(
+        [], "Slide files and/or folders; empty means no extract stage."
+    )
+    features_dir: str | None = _f(
+        None, "Where the <slide_id>.h5 files go (default: <output_dir>/features)."
+    )
+    encoder: str = _f(
+        "small_cnn", "Encoder: small_cnn, torchvision:NAME, timm:NAME ..."
+    )
+    weights: str | None = _f(None, "Local weights file, or random-init.")
+    encoder_options: dict[str, Any] = _f({}, "Other encoder options.")
+    resolution: float = _f(0.5, "Read resolution, in `units` (TIAToolbox naming).")
+    units: Literal["mpp", "power", "level", "baseline"] = _f("mpp", "Resolution units.")
+    patch_size: int = _f(224, "Patch size in pixels at the read resolution.")
+    stride: int | None = _f(None, "Stride (default: patch_size, no overlap).")
+    masker: str = _f("otsu", "Tissue masker: otsu, morphological or none.")
+    min_tissue: float = _f(0.5, "Minimum tissue fraction of a kept patch.")
+    batch_size: int = _f(64, "Patches per forward pass.")
+    num_workers: int | None = _f(None, "Patch-reading workers (default: auto).")
+    mpp: float | None = _f(None, "Level-0 mpp for slides without resolution metadata.")
+    power: float | None = _f(None, "Objective power for slides without metadata.")
+    annotations: str | None = _f(
+        None, "Annotation file or folder (GeoJSON, ASAP XML, masks) for patch labels."
+    )
+
+
+@dataclass
 class TrainConfig:
     """The shared training loop."""
 
@@ -138,6 +168,18 @@ class EvalConfig:
     threshold: Literal["0.5", "youden"] = _f(
         "0.5", "Decision threshold: 0.5, or Youden's J chosen on the validation split."
     )
+    instance_threshold: Literal["0.5", "youden"] = _f(
+        "0.5",
+        "Instance (patch) threshold for instance F1: 0.5, or Youden's J of the "
+        "validation bags' instance scores against their instance labels.",
+    )
+    bootstrap: int = _f(
+        1000,
+        "Bootstrap resamples of the 95% CI of the pooled test metrics (0: no CI).",
+    )
+    report: bool = _f(
+        True, "Write report.md with ROC and confusion-matrix plots after training."
+    )
 
 
 @dataclass
@@ -146,6 +188,7 @@ class Config:
 
     output_dir: str = _f("runs/tiahnm", "Where results, checkpoints and the config go.")
     seed: int = _f(0, "Seed of every random choice (splits, init, shuffling, masking).")
+    extract: ExtractStageConfig = _f(None, "Slides to features (optional stage).")
     data: DataConfig = _f(
         None,
         "Input bags.",
@@ -303,6 +346,7 @@ def _check_values(config: Config) -> None:
         (config.cv.folds >= 2, "cv.folds must be >= 2"),
         (config.cv.repeats >= 1, "cv.repeats must be >= 1"),
         (0.0 <= config.cv.val_fraction < 1.0, "cv.val_fraction must be in [0, 1)"),
+        (config.evaluation.bootstrap >= 0, "evaluation.bootstrap must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -90,9 +90,11 @@ def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
     click.echo(
         f"\n{summary['head']} + miner {summary['miner']}: {summary['n_folds']} folds"
     )
-    click.echo(f"{'metric':<20}{'mean':>8}{'std':>8}")
+    click.echo(f"{'metric':<20}{'mean':>8}{'std':>8}   95% CI (pooled)")
     for name, stats in summary["metrics"].items():
-        click.echo(f"{name:<20}{stats['mean']:>8.3f}{stats['std']:>8.3f}")
+        ci = stats.get("ci95")
+        shown = f"   [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
+        click.echo(f"{name:<20}{stats['mean']:>8.3f}{stats['std']:>8.3f}{shown}")
     click.echo(f"\nResults: {Path(output_dir) / 'summary.json'}")
 
 
@@ -110,9 +112,9 @@ def run(
     device: str | None,
     seed: int | None,
 ) -> None:
-    """Run every stage CONFIG asks for (training and evaluation under CV).
+    """Run every stage CONFIG asks for: extract, train and evaluate under CV.
 
-    Stages already done with the same settings are skipped, so an interrupted run
+    The extract stage runs when the config lists slides. Stages already done with the same settings are skipped, so an interrupted run
     resumes where it stopped. `tiahnm init` writes a commented CONFIG.
     """
     if config is None:
@@ -125,10 +127,13 @@ def run(
         output_dir=output_path,
         **{"train.device": device, "seed": seed},
     )
-    from tiahnm.training.cv import run_training
+    from tiahnm.pipeline import run_pipeline
 
-    summary = run_training(cfg)
+    summary, code = run_pipeline(cfg)
     _print_summary(summary, cfg.output_dir)
+    if code:
+        click.echo("Some slides failed and were skipped (see failures.csv).", err=True)
+        sys.exit(code)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -267,9 +272,13 @@ def init(path: str, force: bool) -> None:  # noqa: FBT001 - click flag
     click.echo(f"Wrote {target}. Edit it, then: tiahnm run {target}")
 
 
+from tiahnm.cli.evaluate import heatmap, predict, report  # noqa: E402
 from tiahnm.cli.extract import extract  # noqa: E402 - needs the helpers above
 
 cli.add_command(extract)
+cli.add_command(predict)
+cli.add_command(heatmap)
+cli.add_command(report)
 
 
 def main() -> None:

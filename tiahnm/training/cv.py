@@ -5,11 +5,13 @@ Writes, in ``config.output_dir``:
 * ``config.yaml``: the resolved config;
 * ``splits.csv``: every bag's repeat, fold and split;
 * ``folds/<r>_<f>/``: ``last.pt`` (resumable), ``best.pt`` (best validation state),
-  ``result.json`` (metrics, threshold, history); a fold with ``result.json`` is done
-  and skipped on resume;
+  ``result.json`` (metrics, threshold, history), ``instance_scores.h5`` (per test
+  bag, for heatmaps); a fold with ``result.json`` is done and skipped on resume;
 * ``predictions.csv``: slide_id, repeat, fold, label, probability, prediction;
-* ``summary.json``: ``metrics.<name>.mean`` / ``.std`` over folds, the same over
-  repeats (``repeat_metrics``), and the per-fold rows.
+* ``summary.json``: ``metrics.<name>.mean`` / ``.std`` over folds, ``.pooled`` /
+  ``.ci95`` (bootstrap, :mod:`tiahnm.evaluation`), the same over repeats
+  (``repeat_metrics``), and the per-fold rows;
+* ``report.md`` with ROC and confusion-matrix plots (:mod:`tiahnm.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import torch
 from tiahnm.config import Config, save_config
 from tiahnm.data.bag import Bag
 from tiahnm.errors import DataError
+from tiahnm.evaluation.fold import evaluate_fold_instances, predict_with_scores
+from tiahnm.evaluation.metrics import INSTANCE_METRICS, add_confidence_intervals
 from tiahnm.plugins import ensure_options_mapping, get_registry
 from tiahnm.training.checkpoint import save_checkpoint
 from tiahnm.training.device import amp_dtype, resolve_device
-from tiahnm.training.loop import fit, predict
+from tiahnm.training.loop import fit
 from tiahnm.training.metrics import METRICS, aggregate, binary_metrics, choose_threshold
 from tiahnm.training.splits import (
     Fold,
@@ -170,16 +174,6 @@ def _fold_metrics(
     }
 
 
-def _instance_auc(bags: Sequence[Bag], scores: list[np.ndarray] | None) -> float:
-    if scores is None or any(b.instance_labels is None for b in bags):
-        return math.nan
-    from sklearn.metrics import roc_auc_score
-
-    y = np.concatenate([b.instance_labels for b in bags])
-    s = np.concatenate(scores)
-    return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else math.nan
-
-
 def _progress(config: Config) -> bool:
     return config.train.progress and os.environ.get("TIAHNM_NO_PROGRESS") is None
 
@@ -241,7 +235,13 @@ def run_fold(
         )
     head.load_state_dict(res.best_state)
     dtype = amp_dtype(device, config.train.amp)
-    val_probs, _, _ = predict(head, val, device, amp=dtype)
+    val_probs, _, val_scores = predict_with_scores(
+        head,
+        val,
+        device,
+        amp=dtype,
+        want_scores=config.evaluation.instance_threshold == "youden",
+    )
     threshold = 0.5
     if n_classes == 2 and val:
         threshold = choose_threshold(
@@ -266,15 +266,24 @@ def run_fold(
         )
         head.load_state_dict(res.best_state)
     fit_seconds = time.perf_counter() - t0
-    want_inst = all(b.instance_labels is not None for b in test)
-    test_probs, test_loss, inst_scores = predict(
-        head, test, device, amp=dtype, instance_scores=want_inst
+    test_probs, test_loss, inst_scores = predict_with_scores(
+        head, test, device, amp=dtype
     )
     labels = [b.label for b in test]
     metrics = _fold_metrics(labels, test_probs, threshold)
     metrics["loss"] = test_loss
-    if want_inst:
-        metrics["instance_auc"] = _instance_auc(test, inst_scores)
+    inst = evaluate_fold_instances(
+        val=val,
+        val_scores=val_scores,
+        test=test,
+        test_scores=inst_scores,
+        test_probs=test_probs,
+        threshold=threshold,
+        rule=config.evaluation.instance_threshold,
+        fold_dir=fold_dir,
+        head=head,
+    )
+    metrics.update(inst.metrics)
     save_checkpoint(
         {
             "head": config.head.name,
@@ -283,6 +292,7 @@ def run_fold(
             "n_classes": n_classes,
             "state_dict": res.best_state,
             "threshold": threshold,
+            "instance_threshold": inst.threshold,
             "normalisation": norm,
             "best_epoch": best_epoch,
             "refit": bool(config.cv.refit and val),
@@ -299,6 +309,7 @@ def run_fold(
         "best_epoch": best_epoch,
         "epochs_run": len(res.history),
         "threshold": threshold,
+        "instance_threshold": inst.threshold,
         "seconds": fit_seconds,
         "seconds_per_epoch": res.seconds_per_epoch,
         "metrics": metrics,
@@ -363,7 +374,12 @@ def run_training(
                 device=device,
             )
         )
-    summary = summarise(results, config)
+    summary = add_confidence_intervals(
+        summarise(results, config),
+        results,
+        n_resamples=config.evaluation.bootstrap,
+        seed=config.seed,
+    )
     write_json(out / "summary.json", summary)
     with atomic_open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -380,12 +396,16 @@ def run_training(
                         p["prediction"],
                     ]
                 )
+    if config.evaluation.report:
+        from tiahnm.evaluation.report import write_report_safely
+
+        write_report_safely(out, summary, results)
     return summary
 
 
 def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, Any]:
     """Aggregate fold results: over folds, and over repeats (mean of each repeat)."""
-    keys = [*METRICS, "instance_auc"]
+    keys = [*METRICS, *INSTANCE_METRICS]
     rows = [r["metrics"] for r in results]
     repeats = sorted({r["repeat"] for r in results})
     repeat_rows = []

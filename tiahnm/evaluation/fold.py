@@ -1,0 +1,121 @@
+"""The evaluation steps of one cross-validation fold (called by ``training.cv``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tiahnm.evaluation.metrics import instance_metrics, instance_threshold
+from tiahnm.evaluation.scores import (
+    SCORES_FILE,
+    scores_from_bags,
+    write_instance_scores,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from tiahnm.data.bag import Bag
+    from tiahnm.heads.base import MILHead
+
+logger = logging.getLogger(__name__)
+
+
+def predict_with_scores(
+    head: MILHead,
+    bags: Sequence[Bag],
+    device: torch.device,
+    *,
+    amp: torch.dtype | None = None,
+    want_scores: bool = True,
+) -> tuple[np.ndarray, float, list[np.ndarray] | None]:
+    """:func:`~tiahnm.training.loop.predict` with instance scores when the head has them.
+
+    A head whose :meth:`instance_scores` raises ``ValueError`` (a plugin head without
+    its ``default_eval_score``) is predicted without scores, with a warning.
+
+    Returns:
+        tuple: ``(probs [n, C], mean loss, instance scores per bag or None)``.
+    """
+    from tiahnm.training.loop import predict
+
+    if want_scores and bags:
+        try:
+            return predict(head, bags, device, amp=amp, instance_scores=True)
+        except (ValueError, NotImplementedError) as exc:
+            logger.warning(
+                "%s gives no instance scores (%s); no instance metrics or heatmaps.",
+                type(head).__name__,
+                exc,
+            )
+    return predict(head, bags, device, amp=amp)
+
+
+@dataclass
+class InstanceEvaluation:
+    """What :func:`evaluate_fold_instances` returns.
+
+    Attributes:
+        threshold (float): Instance threshold (chosen on validation bags only).
+        metrics (dict[str, float]): ``instance_auc``, ``instance_ap``,
+            ``instance_f1`` when every test bag has instance labels.
+        scores_file (Path | None): The ``instance_scores.h5`` written.
+    """
+
+    threshold: float = 0.5
+    metrics: dict[str, float] = field(default_factory=dict)
+    scores_file: Path | None = None
+
+
+def evaluate_fold_instances(
+    *,
+    val: Sequence[Bag],
+    val_scores: Sequence[np.ndarray] | None,
+    test: Sequence[Bag],
+    test_scores: Sequence[np.ndarray] | None,
+    test_probs: np.ndarray,
+    threshold: float,
+    rule: str,
+    fold_dir: str | Path,
+    head: MILHead,
+) -> InstanceEvaluation:
+    """Instance threshold (validation), metrics and ``instance_scores.h5`` (test).
+
+    Args:
+        val (Sequence[Bag]): Validation bags (the only labels the threshold sees).
+        val_scores (Sequence[np.ndarray] | None): Their instance scores.
+        test (Sequence[Bag]): Test bags.
+        test_scores (Sequence[np.ndarray] | None): Their instance scores.
+        test_probs (np.ndarray): ``[n, C]`` test slide probabilities.
+        threshold (float): The slide threshold (stored with the scores).
+        rule (str): ``evaluation.instance_threshold`` (``"0.5"`` or ``"youden"``).
+        fold_dir (str | Path): Where ``instance_scores.h5`` goes.
+        head (MILHead): The head (its ``default_eval_score`` names the scores).
+
+    Returns:
+        InstanceEvaluation: Threshold, metrics and the scores file.
+    """
+    out = InstanceEvaluation(threshold=instance_threshold(val, val_scores, rule))
+    if test_scores is None:
+        return out
+    out.metrics = instance_metrics(test, test_scores, out.threshold)
+    slides = scores_from_bags(test, test_scores, test_probs, threshold)
+    out.scores_file = write_instance_scores(
+        Path(fold_dir) / SCORES_FILE,
+        slides,
+        {
+            "score_kind": head.default_eval_score,
+            "head": type(head).__name__,
+            "threshold": threshold,
+            "instance_threshold": out.threshold,
+        },
+    )
+    return out
+
+
+__all__ = ["InstanceEvaluation", "evaluate_fold_instances", "predict_with_scores"]

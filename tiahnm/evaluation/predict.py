@@ -1,0 +1,470 @@
+"""Slide predictions for new slides or feature files with trained heads.
+
+A checkpoint (``best.pt`` of a fold) holds the head only: its name, options, weights,
+feature normalisation and the decision threshold chosen on that fold's validation
+bags. Slides given as images are first encoded with :mod:`tiahnm.slides.extract`
+using the encoder settings passed in (they must be those the training features were
+made with; when the run's training features can be found, differences are warned
+about). A run folder stands for every fold's ``best.pt``: their probabilities and
+instance scores are averaged (an ensemble) and the threshold is the mean of the fold
+thresholds.
+
+Each slide is handled on its own: a slide that cannot be read, encoded or predicted
+is listed in ``failures.csv`` and the others complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tiahnm.errors import DataError
+from tiahnm.evaluation.scores import SCORES_FILE, SlideScores, write_instance_scores
+from tiahnm.utils.io import atomic_open, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from tiahnm.heads.base import MILHead
+    from tiahnm.slides.extract import ExtractConfig
+
+logger = logging.getLogger(__name__)
+
+#: Feature-file attributes compared with the training features (warning only).
+COMPARED_SETTINGS = (
+    "encoder",
+    "encoder_state_sha256",
+    "resolution",
+    "units",
+    "patch_size",
+)
+
+
+@dataclass
+class LoadedHead:
+    """A trained head from a checkpoint.
+
+    Attributes:
+        path (Path): The checkpoint.
+        head (MILHead): The head, in eval mode on its device.
+        n_classes (int): Classes.
+        in_dim (int): Feature width it expects.
+        threshold (float): Slide threshold chosen on its validation bags.
+        instance_threshold (float): Instance threshold (0.5 unless chosen).
+        mean (torch.Tensor | None): Feature mean of its training bags (if used).
+        std (torch.Tensor | None): Feature std of its training bags (if used).
+    """
+
+    path: Path
+    head: MILHead
+    n_classes: int
+    in_dim: int
+    threshold: float
+    instance_threshold: float = 0.5
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+
+def checkpoint_paths(checkpoint: str | Path) -> list[Path]:
+    """``[checkpoint]`` for a file; every ``folds/*/best.pt`` for a run folder.
+
+    Raises:
+        DataError: Nothing found.
+    """
+    path = Path(checkpoint)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(path.glob("folds/*/best.pt"))
+        if not found and (path / "best.pt").is_file():
+            found = [path / "best.pt"]
+        if found:
+            return found
+        msg = f"{path}: no folds/*/best.pt (give a best.pt or a training run folder)."
+        raise DataError(msg)
+    msg = f"{path}: checkpoint not found."
+    raise DataError(msg)
+
+
+def load_heads(checkpoint: str | Path, device: torch.device) -> list[LoadedHead]:
+    """Build every head of ``checkpoint`` (a ``best.pt`` or a run folder).
+
+    Raises:
+        DataError: A checkpoint is unreadable or not a head checkpoint, or the heads
+            of a run disagree on feature width or classes.
+    """
+    from tiahnm.plugins import get_registry
+    from tiahnm.training.checkpoint import load_checkpoint
+
+    heads = []
+    for path in checkpoint_paths(checkpoint):
+        ckpt = load_checkpoint(path)
+        missing = [
+            k for k in ("head", "in_dim", "n_classes", "state_dict") if k not in ckpt
+        ]
+        if missing:
+            msg = f"{path}: not a head checkpoint (no {', '.join(missing)}); give best.pt."
+            raise DataError(msg)
+        head = get_registry("head").create(
+            ckpt["head"],
+            int(ckpt["in_dim"]),
+            int(ckpt["n_classes"]),
+            key=f"{path}: head_options",
+            **dict(ckpt.get("head_options") or {}),
+        )
+        try:
+            head.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            msg = f"{path}: weights do not fit head {ckpt['head']!r} ({exc})."
+            raise DataError(msg) from None
+        head.to(device).eval()
+        norm = ckpt.get("normalisation") or {}
+        heads.append(
+            LoadedHead(
+                path=path,
+                head=head,
+                n_classes=int(ckpt["n_classes"]),
+                in_dim=int(ckpt["in_dim"]),
+                threshold=float(ckpt.get("threshold", 0.5)),
+                instance_threshold=float(ckpt.get("instance_threshold", 0.5)),
+                mean=None if norm.get("mean") is None else norm["mean"].to(device),
+                std=None if norm.get("std") is None else norm["std"].to(device),
+            )
+        )
+    shapes = {(h.in_dim, h.n_classes) for h in heads}
+    if len(shapes) > 1:
+        msg = f"{checkpoint}: heads differ in (in_dim, n_classes): {sorted(shapes)}."
+        raise DataError(msg)
+    return heads
+
+
+def ensemble_predict(
+    heads: Sequence[LoadedHead], features: torch.Tensor, device: torch.device
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean class probabilities ``[C]`` and mean instance scores ``[N]`` (or None).
+
+    Raises:
+        DataError: The features do not have the width the heads expect.
+    """
+    import torch
+
+    width = int(features.shape[1])
+    if width != heads[0].in_dim:
+        msg = (
+            f"features have width {width}, the head expects {heads[0].in_dim} "
+            "(extract with the encoder the head was trained on)."
+        )
+        raise DataError(msg)
+    probs, scores = [], []
+    with torch.inference_mode():
+        x0 = features.to(device)
+        for h in heads:
+            x = x0 if h.mean is None else (x0 - h.mean) / h.std
+            out = h.head(x)
+            probs.append(out.bag_probabilities().float().cpu().numpy())
+            try:
+                scores.append(h.head.instance_scores(out).float().cpu().numpy())
+            except (ValueError, NotImplementedError):
+                scores = None  # type: ignore[assignment]
+    mean_scores = None if not scores else np.mean(np.stack(scores), axis=0)
+    return np.mean(np.stack(probs), axis=0), mean_scores
+
+
+@dataclass
+class Prediction:
+    """One predicted slide (a row of ``predictions.csv``).
+
+    Attributes:
+        slide_id (str): Slide id.
+        probability (float): Positive-class probability (max class probability for
+            multi-class heads).
+        prediction (int): Class at the stored threshold.
+        n_patches (int): Patches in the bag.
+    """
+
+    slide_id: str
+    probability: float
+    prediction: int
+    n_patches: int
+
+
+@dataclass
+class PredictSummary:
+    """Outcome of :func:`predict_slides`.
+
+    Attributes:
+        predictions (list[Prediction]): Predicted slides.
+        failures (list[tuple[str, str]]): ``(input, error)`` of failed slides.
+        output_dir (Path): Output folder.
+        checkpoints (list[str]): The heads used (more than one: an ensemble).
+        threshold (float): Slide threshold used.
+        warnings (list[str]): Settings differences from the training features.
+        seconds (float): Wall time.
+    """
+
+    predictions: list[Prediction]
+    failures: list[tuple[str, str]]
+    output_dir: Path
+    checkpoints: list[str]
+    threshold: float
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _split_inputs(
+    inputs: Sequence[str | Path], suffixes: Sequence[str]
+) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
+    """``(feature files, slide files, failures)`` from files and folders."""
+    from tiahnm.slides.reader import find_slides
+
+    h5s: list[Path] = []
+    slides: list[Path] = []
+    failures: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            h5s += sorted(p for p in path.iterdir() if p.suffix.lower() == ".h5")
+            slides += find_slides([path], suffixes=suffixes)
+        elif path.is_file():
+            (h5s if path.suffix.lower() == ".h5" else slides).append(path)
+        else:
+            failures.append((str(path), "no such file or folder."))
+    return h5s, slides, failures
+
+
+def training_feature_attrs(checkpoint: str | Path) -> dict[str, Any] | None:
+    """Attributes of one training feature file of the run ``checkpoint`` came from.
+
+    Best effort: None when the run's ``config.yaml`` or its ``h5_folder`` features
+    cannot be found.
+    """
+    import yaml
+
+    from tiahnm.slides.store import read_attrs
+
+    path = Path(checkpoint)
+    for run in (path, *path.parents[:3]):
+        cfg_path = run / "config.yaml"
+        if cfg_path.is_file():
+            break
+    else:
+        return None
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    data = cfg.get("data") or {}
+    folder = (data.get("options") or {}).get("features_dir")
+    if data.get("source") != "h5_folder" or not folder or not Path(folder).is_dir():
+        return None
+    for h5 in sorted(Path(folder).glob("*.h5")):
+        attrs = read_attrs(h5)
+        if attrs is not None:
+            return attrs
+    return None
+
+
+def _differences(train: dict[str, Any] | None, here: dict[str, Any] | None) -> str:
+    if not train or not here:
+        return ""
+    diffs = [
+        f"{k} {here.get(k)!r} (training: {train.get(k)!r})"
+        for k in COMPARED_SETTINGS
+        if k in train and k in here and train[k] != here[k]
+    ]
+    return "; ".join(diffs)
+
+
+def predict_slides(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    extract_cfg: ExtractConfig | None = None,
+    features_dir: str | Path | None = None,
+    device: str = "auto",
+    on_result: Callable[[str, str, str], None] | None = None,
+) -> PredictSummary:
+    """Predict slides (images, or ``.h5`` feature files) with a checkpoint or a run.
+
+    Writes in ``output_dir``: ``predictions.csv`` (slide_id, probability,
+    prediction, n_patches), ``instance_scores.h5`` (for ``tiahnm heatmap``),
+    ``failures.csv`` (slide, error; header only when none failed) and
+    ``predict_summary.json``.
+
+    Args:
+        checkpoint (str | Path): A fold's ``best.pt``, or a training run folder: then
+            every ``folds/*/best.pt`` is used and their probabilities averaged (an
+            ensemble, thresholded at the mean of the fold thresholds).
+        inputs (Sequence[str | Path]): Slide files, ``.h5`` feature files, or folders
+            of either.
+        output_dir (str | Path): Output folder (created).
+        extract_cfg (ExtractConfig | None): Encoder and tiling settings for slides
+            that need features (those of the training features!). Default:
+            ``tiahnm extract``'s defaults.
+        features_dir (str | Path | None): Where extracted features go (default
+            ``output_dir/features``); finished slides there are reused.
+        device (str): Device of the heads (``auto``, ``cpu``, ``cuda`` ...).
+        on_result (Callable | None): Called as ``(slide, status, message)`` per slide.
+
+    Returns:
+        PredictSummary: Predictions and failures.
+
+    Raises:
+        DataError: The checkpoint is unusable.
+        ConfigError / PluginError: Bad encoder settings.
+    """
+    import torch
+
+    from tiahnm.data.h5_features import read_feature_arrays
+    from tiahnm.slides.extract import ExtractConfig, extract_features, resolve_device
+    from tiahnm.slides.reader import slide_id
+    from tiahnm.slides.store import read_attrs
+
+    start = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    heads = load_heads(checkpoint, dev)
+    threshold = float(np.mean([h.threshold for h in heads]))
+    inst_threshold = float(np.mean([h.instance_threshold for h in heads]))
+    cfg = extract_cfg or ExtractConfig()
+    notify = on_result or (lambda *_: None)
+
+    h5s, slides, failures = _split_inputs(inputs, cfg.suffixes)
+    for item, error in failures:
+        notify(item, "failed", error)
+    if slides:
+        feat_dir = Path(features_dir) if features_dir else out / "features"
+        summary = extract_features(slides, feat_dir, cfg)
+        for r in summary.results:
+            if r.status == "failed":
+                failures.append((r.path, r.error))
+                notify(r.path, "failed", r.error)
+            else:
+                h5s.append(Path(r.output) if r.output else feat_dir / f"{r.slide}.h5")
+
+    train_attrs = training_feature_attrs(checkpoint)
+    warned: list[str] = []
+    predictions: list[Prediction] = []
+    scored: list[SlideScores] = []
+    seen: dict[str, Path] = {}
+    binary = heads[0].n_classes == 2
+    for path in h5s:
+        sid = slide_id(path)
+        try:
+            if sid in seen:
+                msg = f"duplicate slide id {sid!r} (also {seen[sid]}); rename one."
+                raise DataError(msg)
+            seen[sid] = path
+            arrays = read_feature_arrays(path)
+            diff = _differences(train_attrs, read_attrs(path))
+            if diff and diff not in warned:
+                warned.append(diff)
+                logger.warning(
+                    "%s: features differ from the training features: %s.", sid, diff
+                )
+            probs, scores = ensemble_predict(
+                heads, torch.from_numpy(arrays.features), dev
+            )
+        except Exception as exc:  # one bad slide must not stop the others
+            error = (
+                str(exc)
+                if isinstance(exc, DataError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            logger.debug("predicting %s failed", path, exc_info=True)
+            failures.append((str(path), error))
+            notify(str(path), "failed", error)
+            continue
+        p = float(probs[1] if binary else probs.max())
+        pred = int(p >= threshold) if binary else int(probs.argmax())
+        n = int(arrays.features.shape[0])
+        predictions.append(Prediction(sid, p, pred, n))
+        notify(sid, "done", f"p = {p:.3f}, prediction {pred}, {n} patches")
+        if scores is not None:
+            from tiahnm.evaluation.scores import feature_file_meta
+
+            scored.append(
+                SlideScores(
+                    slide_id=sid,
+                    scores=np.asarray(scores, dtype=np.float32),
+                    coords=arrays.coords,
+                    instance_labels=arrays.instance_labels,
+                    probability=p,
+                    prediction=pred,
+                    meta=feature_file_meta(path),
+                )
+            )
+
+    with atomic_open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "probability", "prediction", "n_patches"])
+        for r in predictions:
+            w.writerow([r.slide_id, f"{r.probability:.6f}", r.prediction, r.n_patches])
+    write_failures(out / "failures.csv", failures)
+    write_instance_scores(
+        out / SCORES_FILE,
+        scored,
+        {
+            "score_kind": heads[0].head.default_eval_score,
+            "head": type(heads[0].head).__name__,
+            "threshold": threshold,
+            "instance_threshold": inst_threshold,
+            "checkpoints": [str(h.path) for h in heads],
+        },
+    )
+    result = PredictSummary(
+        predictions=predictions,
+        failures=failures,
+        output_dir=out,
+        checkpoints=[str(h.path) for h in heads],
+        threshold=threshold,
+        warnings=[f"features differ from the training features: {d}" for d in warned],
+        seconds=time.perf_counter() - start,
+    )
+    write_json(
+        out / "predict_summary.json",
+        {
+            "checkpoints": result.checkpoints,
+            "ensemble": len(heads) > 1,
+            "threshold": threshold,
+            "instance_threshold": inst_threshold,
+            "n_predicted": len(predictions),
+            "n_failed": len(failures),
+            "warnings": result.warnings,
+            "seconds": round(result.seconds, 3),
+        },
+    )
+    return result
+
+
+def write_failures(path: str | Path, failures: Sequence[tuple[str, str]]) -> Path:
+    """``slide,error`` rows (header only when none failed), written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["slide", "error"])
+    w.writerows(failures)
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        fh.write(buf.getvalue())
+    return Path(path)
+
+
+__all__ = [
+    "LoadedHead",
+    "PredictSummary",
+    "Prediction",
+    "checkpoint_paths",
+    "ensemble_predict",
+    "load_heads",
+    "predict_slides",
+    "training_feature_attrs",
+]

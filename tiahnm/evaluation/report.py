@@ -1,0 +1,341 @@
+"""The run report: ``report.md`` with the metrics table, ROC and confusion matrix.
+
+Written at the end of :func:`tiahnm.training.cv.run_training` (``evaluation.report``)
+and by ``tiahnm report RUN_DIR``. Plots use matplotlib's Agg canvas directly (no
+pyplot, no global backend switch). Heatmap PNGs found in ``RUN_DIR/heatmaps/`` (e.g.
+from ``tiahnm heatmap RUN_DIR --output-path RUN_DIR/heatmaps``) are linked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiahnm.errors import DataError
+from tiahnm.evaluation.metrics import INSTANCE_METRICS, pooled_predictions
+from tiahnm.training.metrics import METRICS
+from tiahnm.utils.io import atomic_open, atomic_path
+
+logger = logging.getLogger(__name__)
+
+NAMES = {
+    "auc": "AUC",
+    "accuracy": "accuracy",
+    "f1": "F1",
+    "balanced_accuracy": "balanced accuracy",
+    "precision": "precision",
+    "recall": "recall (sensitivity)",
+    "fpr": "false-positive rate",
+    "loss": "loss",
+    "instance_auc": "instance AUC",
+    "instance_ap": "instance average precision",
+    "instance_f1": "instance F1",
+}
+#: Heatmap images shown inline in the report (the rest are linked).
+MAX_INLINE_HEATMAPS = 12
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def plot_roc(pooled: dict[int, dict[str, np.ndarray]], path: str | Path) -> Path | None:
+    """ROC curve of the pooled test predictions of each repeat (binary tasks).
+
+    Args:
+        pooled (dict): Output of :func:`~tiahnm.evaluation.metrics.pooled_predictions`.
+        path (str | Path): The PNG.
+
+    Returns:
+        Path | None: ``path``, or None when no repeat has both classes.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    curves = []
+    for rep, p in pooled.items():
+        y = p["label"]
+        if len(np.unique(y)) != 2 or y.max() > 1:
+            continue
+        fpr, tpr, _ = roc_curve(y, p["probability"])
+        curves.append((rep, fpr, tpr, roc_auc_score(y, p["probability"])))
+    if not curves:
+        return None
+    fig = _new_figure(4.6, 4.4)
+    ax = fig.add_subplot()
+    for rep, fpr, tpr, auc in curves:
+        ax.plot(fpr, tpr, lw=1.6, label=f"repeat {rep}: AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1)
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        xlabel="false-positive rate",
+        ylabel="true-positive rate",
+        title="ROC, pooled test predictions",
+    )
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def confusion_counts(pooled: dict[int, dict[str, np.ndarray]]) -> np.ndarray:
+    """``[C, C]`` counts (rows: label, columns: prediction) summed over repeats."""
+    labels = np.concatenate([p["label"] for p in pooled.values()])
+    preds = np.concatenate([p["prediction"] for p in pooled.values()])
+    n = int(max(2, labels.max(initial=0) + 1, preds.max(initial=0) + 1))
+    counts = np.zeros((n, n), dtype=np.int64)
+    np.add.at(counts, (labels, preds), 1)
+    return counts
+
+
+def plot_confusion(
+    pooled: dict[int, dict[str, np.ndarray]], path: str | Path
+) -> Path | None:
+    """Confusion matrix of the test predictions at the validation-chosen thresholds.
+
+    Args:
+        pooled (dict): Output of :func:`~tiahnm.evaluation.metrics.pooled_predictions`.
+        path (str | Path): The PNG.
+
+    Returns:
+        Path | None: ``path``, or None without predictions.
+    """
+    if not pooled or not any(len(p["label"]) for p in pooled.values()):
+        return None
+    counts = confusion_counts(pooled)
+    rows = counts.sum(1, keepdims=True)
+    frac = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    fig = _new_figure(4.2, 3.8)
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{counts[i, j]}\n({frac[i, j]:.0%})",
+                ha="center",
+                va="center",
+                color="white" if frac[i, j] > 0.6 else "black",
+                fontsize=10,
+            )
+    ticks = range(counts.shape[0])
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set(xlabel="prediction", ylabel="label")
+    reps = len(pooled)
+    ax.set_title(
+        "Test confusion matrix" + (f" (sum of {reps} repeats)" if reps > 1 else ""),
+        fontsize=10,
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of label row")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def _metric_rows(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    rows = []
+    for key in keys:
+        m = summary.get("metrics", {}).get(key)
+        if not m:
+            continue
+        ci = m.get("ci95")
+        ci_text = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
+        rows.append(
+            f"| {NAMES.get(key, key)} | {_fmt(m.get('mean'))} ± {_fmt(m.get('std'))} "
+            f"| {_fmt(m.get('pooled'))} | {ci_text} |"
+        )
+    return rows
+
+
+def _config(out: Path) -> dict[str, Any]:
+    path = out / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def write_report(
+    output_dir: str | Path,
+    summary: dict[str, Any],
+    results: Sequence[dict[str, Any]],
+) -> Path:
+    """Write ``report.md``, ``roc.png`` and ``confusion.png`` in ``output_dir``.
+
+    Args:
+        output_dir (str | Path): The run folder.
+        summary (dict): ``summary.json`` content.
+        results (Sequence[dict]): Fold results (``result.json`` content).
+
+    Returns:
+        Path: ``report.md``.
+    """
+    out = Path(output_dir)
+    cfg = _config(out)
+    ev = cfg.get("evaluation", {}) or {}
+    pooled = pooled_predictions(results)
+    roc = plot_roc(pooled, out / "roc.png")
+    cm = plot_confusion(pooled, out / "confusion.png")
+    losses = ", ".join(summary.get("losses", [])) or "none"
+    n_rep = len({r["repeat"] for r in results})
+    lines = [
+        f"# Run report: {summary.get('head')} + miner {summary.get('miner')}",
+        "",
+        f"Extra losses: {losses}. {summary.get('n_folds')} test folds"
+        + (f" ({n_rep} repeats)" if n_rep > 1 else "")
+        + f"; {sum(len(r['predictions']) for r in results)} test predictions.",
+        "",
+        "Model selection (epoch) and the decision threshold "
+        f"(`evaluation.threshold: {ev.get('threshold', '0.5')}`) were chosen on each "
+        "fold's validation bags only; test bags were used for nothing but the numbers "
+        "below.",
+        "",
+        "## Slide-level test metrics",
+        "",
+        "| metric | mean ± std over folds | pooled | 95% CI (pooled) |",
+        "|---|---|---|---|",
+        *_metric_rows(summary, [*METRICS, "loss"]),
+        "",
+    ]
+    ci = summary.get("ci")
+    if ci:
+        lines += [
+            f"*Pooled*: the metric of all test predictions of a repeat together, "
+            f"averaged over repeats. *95% CI*: {ci['method']}; {ci['n_resamples']} "
+            f"resamples, seed {ci['seed']}.",
+            "",
+        ]
+    inst = _metric_rows(summary, INSTANCE_METRICS)
+    if inst:
+        lines += [
+            "## Instance-level test metrics (patch labels)",
+            "",
+            "Instance scores are the head's default evaluation score; instance F1 uses "
+            f"`evaluation.instance_threshold: {ev.get('instance_threshold', '0.5')}`.",
+            "",
+            "| metric | mean ± std over folds | pooled | 95% CI (pooled) |",
+            "|---|---|---|---|",
+            *inst,
+            "",
+        ]
+    if roc or cm:
+        lines += ["## Plots", ""]
+        if roc:
+            lines += ["![ROC curve of the pooled test predictions](roc.png)", ""]
+        if cm:
+            lines += [
+                "![Confusion matrix at the validation-chosen thresholds](confusion.png)",
+                "",
+            ]
+    lines += [
+        "## Folds",
+        "",
+        "| repeat | fold | best epoch | threshold | AUC | accuracy | F1 | n test |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['repeat']} | {r['fold']} | {r.get('best_epoch', '-')} "
+            f"| {_fmt(r.get('threshold'))} | {_fmt(m.get('auc'))} "
+            f"| {_fmt(m.get('accuracy'))} | {_fmt(m.get('f1'))} "
+            f"| {r.get('n_test', len(r['predictions']))} |"
+        )
+    lines.append("")
+    heatmaps = sorted(
+        p for p in (out / "heatmaps").glob("*.png") if not p.stem.endswith("_overlay")
+    )
+    if heatmaps:
+        lines += ["## Heatmaps", ""]
+        for i, p in enumerate(heatmaps):
+            rel = p.relative_to(out).as_posix()
+            if i < MAX_INLINE_HEATMAPS:
+                lines += [f"![{p.stem}]({rel})", ""]
+            else:
+                lines.append(f"- [{p.stem}]({rel})")
+        lines.append("")
+    else:
+        lines += [
+            "Heatmaps: `tiahnm heatmap "
+            f"{out} --output-path {out / 'heatmaps'}`, then `tiahnm report {out}` "
+            "to link them here.",
+            "",
+        ]
+    path = out / "report.md"
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    return path
+
+
+def write_report_safely(
+    output_dir: str | Path,
+    summary: dict[str, Any],
+    results: Sequence[dict[str, Any]],
+) -> Path | None:
+    """:func:`write_report`, warning instead of failing (the run itself is done)."""
+    try:
+        return write_report(output_dir, summary, results)
+    except Exception as exc:
+        msg = f"could not write the run report ({type(exc).__name__}: {exc})."
+        logger.debug("report failed", exc_info=True)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return None
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``summary.json`` and every fold's ``result.json`` of a finished run.
+
+    Raises:
+        DataError: The folder is not a finished run.
+    """
+    run = Path(run_dir)
+    path = run / "summary.json"
+    if not path.is_file():
+        msg = f"{run}: no summary.json (not a finished `tiahnm train/run` folder)."
+        raise DataError(msg)
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    results = [
+        json.loads(p.read_text(encoding="utf-8"))
+        for p in (run / "folds").glob("*/result.json")
+    ]
+    results.sort(key=lambda r: (r["repeat"], r["fold"]))
+    return summary, results
+
+
+__all__ = [
+    "confusion_counts",
+    "load_run",
+    "plot_confusion",
+    "plot_roc",
+    "write_report",
+    "write_report_safely",
+]

@@ -1,0 +1,290 @@
+"""Per-slide instance scores on disk (``instance_scores.h5``), for heatmaps.
+
+Layout: one group per slide (its name is the slide id with ``%`` and ``/`` escaped;
+the ``slide_id`` attribute holds the id itself) with
+
+* ``scores``: ``[N]`` float32, the head's ``default_eval_score`` per patch;
+* ``coords``: ``[N, 2]`` int64 top-left corners in level-0 pixels, when known;
+* ``instance_labels``: ``[N]`` int8, when the bag has patch labels;
+* attributes ``slide_id``, ``label`` (-1 when unknown), ``probability``,
+  ``prediction``, and when the bag came from a feature file written by ``tiahnm
+  extract``: ``source`` (that file), ``slide_path``, ``level0_dimensions``,
+  ``patch_size_level0``, ``level0_mpp``.
+
+File attributes: ``score_kind``, ``threshold`` (slide), ``instance_threshold``,
+``head``. Written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tiahnm.errors import DataError
+from tiahnm.utils.io import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiahnm.data.bag import Bag
+
+SCORES_FILE = "instance_scores.h5"
+
+
+@dataclass
+class SlideScores:
+    """Instance scores of one slide.
+
+    Attributes:
+        slide_id (str): Slide id.
+        scores (np.ndarray): ``[N]`` instance scores.
+        coords (np.ndarray | None): ``[N, 2]`` level-0 top-left corners.
+        instance_labels (np.ndarray | None): ``[N]`` patch labels, if known.
+        label (int): Slide label (-1: unknown).
+        probability (float): Slide probability (positive class; max for multi-class).
+        prediction (int): Slide prediction at the stored threshold.
+        meta (dict): ``source``, ``slide_path``, ``level0_dimensions``,
+            ``patch_size_level0``, ``level0_mpp`` when known.
+    """
+
+    slide_id: str
+    scores: np.ndarray
+    coords: np.ndarray | None = None
+    instance_labels: np.ndarray | None = None
+    label: int = -1
+    probability: float = float("nan")
+    prediction: int = -1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _group_name(slide_id: str) -> str:
+    return slide_id.replace("%", "%25").replace("/", "%2F") or "%"
+
+
+def feature_file_meta(source: str | Path | None) -> dict[str, Any]:
+    """Slide facts recorded in a ``tiahnm extract`` feature file (``{}`` if none).
+
+    Args:
+        source (str | Path | None): The feature file a bag came from.
+
+    Returns:
+        dict: ``source``, ``slide_path``, ``level0_dimensions``,
+        ``patch_size_level0``, ``level0_mpp`` (those present).
+    """
+    if not source or not str(source).endswith(".h5") or not Path(source).is_file():
+        return {}
+    import h5py
+
+    out: dict[str, Any] = {"source": str(source)}
+    try:
+        with h5py.File(source, "r") as f:
+            attrs = f.attrs
+            for key in ("slide_path", "level0_dimensions", "level0_mpp"):
+                if key in attrs:
+                    out[key] = _plain(attrs[key])
+            if "coords" in f and "patch_size_level0" in f["coords"].attrs:
+                out["patch_size_level0"] = _plain(
+                    f["coords"].attrs["patch_size_level0"]
+                )
+    except (OSError, ValueError, KeyError):
+        return {"source": str(source)}
+    return {k: v for k, v in out.items() if v not in ("", None)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def scores_from_bags(
+    bags: Sequence[Bag],
+    scores: Sequence[np.ndarray],
+    probs: np.ndarray,
+    threshold: float,
+    *,
+    with_labels: bool = True,
+) -> list[SlideScores]:
+    """:class:`SlideScores` of predicted bags.
+
+    Args:
+        bags (Sequence[Bag]): The bags.
+        scores (Sequence[np.ndarray]): Their instance scores.
+        probs (np.ndarray): ``[n, C]`` slide probabilities.
+        threshold (float): Slide threshold (binary).
+        with_labels (bool): Keep the bags' labels (False for unlabelled slides).
+    """
+    out = []
+    binary = probs.shape[1] == 2 if probs.ndim == 2 else True
+    for i, (bag, s) in enumerate(zip(bags, scores, strict=True)):
+        p = float(probs[i, 1] if binary else probs[i].max())
+        pred = int(p >= threshold) if binary else int(probs[i].argmax())
+        out.append(
+            SlideScores(
+                slide_id=bag.slide_id,
+                scores=np.asarray(s, dtype=np.float32).reshape(-1),
+                coords=None if bag.coords is None else np.asarray(bag.coords),
+                instance_labels=None
+                if bag.instance_labels is None
+                else np.asarray(bag.instance_labels),
+                label=int(bag.label) if with_labels else -1,
+                probability=p,
+                prediction=pred,
+                meta=feature_file_meta(bag.source),
+            )
+        )
+    return out
+
+
+def write_instance_scores(
+    path: str | Path,
+    slides: Sequence[SlideScores],
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``slides`` to ``path`` atomically (see the module docstring)."""
+    import h5py
+
+    path = Path(path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = _attr(value)
+        for s in slides:
+            g = f.create_group(_group_name(s.slide_id))
+            _dataset(g, "scores", np.asarray(s.scores, dtype=np.float32))
+            if s.coords is not None:
+                _dataset(g, "coords", np.asarray(s.coords, dtype=np.int64))
+            if s.instance_labels is not None:
+                _dataset(g, "instance_labels", np.asarray(s.instance_labels, np.int8))
+            g.attrs["slide_id"] = s.slide_id
+            g.attrs["label"] = int(s.label)
+            g.attrs["probability"] = float(s.probability)
+            g.attrs["prediction"] = int(s.prediction)
+            for key, value in s.meta.items():
+                g.attrs[key] = _attr(value)
+    return path
+
+
+def _dataset(group: Any, name: str, data: np.ndarray) -> None:
+    """A dataset, compressed (fast gzip) when it is large (big slides)."""
+    if data.size > 4096:
+        group.create_dataset(
+            name, data=data, compression="gzip", compression_opts=1, shuffle=True
+        )
+    else:
+        group.create_dataset(name, data=data)
+
+
+def _attr(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def read_instance_scores(
+    path: str | Path,
+) -> tuple[list[SlideScores], dict[str, Any]]:
+    """Read a file written by :func:`write_instance_scores`.
+
+    Returns:
+        tuple: ``(slides, file attributes)``.
+
+    Raises:
+        DataError: The file is missing or not an instance-scores file.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: instance scores file not found."
+        raise DataError(msg)
+    slides = []
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            for name in f:
+                g = f[name]
+                if "scores" not in g:
+                    continue
+                a = {k: _plain(v) for k, v in g.attrs.items()}
+                meta_keys = (
+                    "source",
+                    "slide_path",
+                    "level0_dimensions",
+                    "patch_size_level0",
+                    "level0_mpp",
+                )
+                slides.append(
+                    SlideScores(
+                        slide_id=str(a.get("slide_id", name)),
+                        scores=np.asarray(g["scores"][()], dtype=np.float32),
+                        coords=np.asarray(g["coords"][()]) if "coords" in g else None,
+                        instance_labels=np.asarray(g["instance_labels"][()])
+                        if "instance_labels" in g
+                        else None,
+                        label=int(a.get("label", -1)),
+                        probability=float(a.get("probability", float("nan"))),
+                        prediction=int(a.get("prediction", -1)),
+                        meta={k: a[k] for k in meta_keys if a.get(k) not in (None, "")},
+                    )
+                )
+    except (OSError, ValueError, KeyError) as exc:
+        msg = f"{path}: unreadable instance scores file ({exc})."
+        raise DataError(msg) from None
+    return slides, attrs
+
+
+def find_score_files(path: str | Path) -> list[Path]:
+    """Instance-score files in ``path``.
+
+    Args:
+        path (str | Path): An ``instance_scores.h5`` file, a folder holding one (a
+            fold folder, a ``tiahnm predict`` output), or a run folder (every
+            ``folds/*/instance_scores.h5``).
+
+    Returns:
+        list[Path]: The files, sorted.
+
+    Raises:
+        DataError: None found.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    found = []
+    if (path / SCORES_FILE).is_file():
+        found.append(path / SCORES_FILE)
+    found += sorted(path.glob(f"folds/*/{SCORES_FILE}"))
+    if not found:
+        msg = (
+            f"{path}: no {SCORES_FILE} (give the file, a fold folder, a `tiahnm "
+            "predict` output folder or a run folder)."
+        )
+        raise DataError(msg)
+    return found
+
+
+__all__ = [
+    "SCORES_FILE",
+    "SlideScores",
+    "feature_file_meta",
+    "find_score_files",
+    "read_instance_scores",
+    "scores_from_bags",
+    "write_instance_scores",
+]
