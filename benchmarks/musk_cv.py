@@ -95,6 +95,7 @@ def run_cell(dataset: str, head: str, args: argparse.Namespace) -> dict:
 
 def trivial_baseline(dataset: str, args: argparse.Namespace) -> dict:
     """Mean/max/min pooling + logistic regression on the same folds as the heads."""
+    import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -105,7 +106,7 @@ def trivial_baseline(dataset: str, args: argparse.Namespace) -> dict:
     ids = [b.slide_id for b in bags]
     x = np.stack(
         [
-            np.concatenate(
+            torch.cat(
                 [b.features.mean(0), b.features.max(0).values, b.features.min(0).values]
             ).numpy()
             for b in bags
