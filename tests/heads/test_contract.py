@@ -34,10 +34,22 @@ NO_GRAD_ALLOWED: dict[str, tuple[str, ...]] = {
 }
 
 
+# Heads that need options to take IN_DIM-wide rows (the end-to-end head reads them as
+# 1 x 4 x 6 images).
+HEAD_OPTIONS: dict[str, dict] = {
+    "encoder_mil": {
+        "image_shape": (1, 4, 6),
+        "encoder_options": {"out_dim": 16, "width": 4},
+        "head_options": {"embed_dim": EMBED_DIM},
+    },
+}
+
+
 def make_head(name: str, n_classes: int = 2, *, seed: int = 0, **options) -> MILHead:
     """Build a registered head with small dimensions (options it does not take are
     left out, so third-party heads get their defaults)."""
     factory = get_registry("head")[name].factory
+    options = {**HEAD_OPTIONS.get(name, {}), **options}
     accepted = inspect.signature(factory).parameters
     if "embed_dim" in accepted:
         options.setdefault("embed_dim", EMBED_DIM)

@@ -12,6 +12,7 @@ def tiahnm_register_heads(register: Register) -> None:
     from tiahnm.heads.clam import CLAMMB, CLAMSB
     from tiahnm.heads.dsmil import DSMIL
     from tiahnm.heads.dtfd import DTFD
+    from tiahnm.heads.end_to_end import EncoderMIL
     from tiahnm.heads.pooling import MaxPoolingMIL, MeanPoolingMIL
     from tiahnm.heads.transmil import TransMIL
 
@@ -29,4 +30,9 @@ def tiahnm_register_heads(register: Register) -> None:
     register("clam_mb", CLAMMB, description="CLAM multi-branch (Lu et al. 2021)")
     register(
         "dtfd", DTFD, description="Double-tier feature distillation MIL (Zhang 2022)"
+    )
+    register(
+        "encoder_mil",
+        EncoderMIL,
+        description="Patch encoder + MIL head trained end to end on image bags",
     )

@@ -1,0 +1,122 @@
+"""A patch encoder and a MIL head trained end to end on bags of small images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from tiahnm.errors import ConfigError
+from tiahnm.heads.base import MILHead, MILOutput
+
+
+class EncoderMIL(MILHead):
+    """``encoder -> head``, trained together (Ilse et al. MNIST-bags / UCSB setting).
+
+    Instances are images stored flattened in the bag (``[N, C*H*W]``, as the
+    ``mnist_bags`` and image-patch sources give them), so every part of tiahnm that
+    handles ``[N, D]`` bags works unchanged; the head reshapes them to
+    ``[N, C, H, W]``, encodes them, and hands the features to the inner head.
+    ``keep_idx`` drops instances before the encoder, so masking miners save encoder
+    work too. Scores, attention and losses are the inner head's. (MHIM's recycle
+    network projects raw instances, so it needs a feature head, not this one.)
+
+    Args:
+        in_dim (int): ``C * H * W``.
+        n_classes (int): Number of classes.
+        image_shape (Sequence[int] | None): ``(C, H, W)``; default: one channel,
+            square (``in_dim`` must then be a square number).
+        encoder (str): Registered encoder (``small_cnn``, ``torchvision:resnet18``
+            ...).
+        encoder_options (Mapping | None): Options of the encoder.
+        weights (str | None): Local weights file of the encoder (or ``random-init``).
+        head (str): Registered MIL head on the encoder's features.
+        head_options (Mapping | None): Options of that head.
+        freeze_encoder (bool): Keep the encoder fixed (features only).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        *,
+        image_shape: Sequence[int] | None = None,
+        encoder: str = "small_cnn",
+        encoder_options: Mapping[str, Any] | None = None,
+        weights: str | None = None,
+        head: str = "abmil_gated",
+        head_options: Mapping[str, Any] | None = None,
+        freeze_encoder: bool = False,
+    ) -> None:
+        torch.nn.Module.__init__(self)
+        shape = tuple(image_shape) if image_shape is not None else _square(in_dim)
+        if len(shape) != 3 or math.prod(shape) != in_dim:
+            msg = (
+                f"head.options.image_shape {list(shape)} does not match features of "
+                f"width {in_dim} (C * H * W must equal it)."
+            )
+            raise ConfigError(msg)
+        from tiahnm.encoders.build import build_encoder
+        from tiahnm.plugins import get_registry
+
+        opts = dict(encoder_options or {})
+        if encoder == "small_cnn":
+            opts.setdefault("in_channels", shape[0])
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        info = build_encoder(encoder, weights=weights, options=opts, seed=seed)
+        self.encoder = info.module.train()
+        self.encoder.requires_grad_(not freeze_encoder)
+        self.image_shape = shape
+        self.in_dim = in_dim
+        self.n_classes = n_classes
+        self.head = get_registry("head").create(
+            head,
+            info.out_dim,
+            n_classes,
+            key="head.options.head_options",
+            **dict(head_options or {}),
+        )
+        self.embed_dim = self.head.embed_dim
+        self.supported_scores = self.head.supported_scores
+        self.default_eval_score = self.head.default_eval_score
+        self.needs_label_in_forward = self.head.needs_label_in_forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        keep_idx: torch.Tensor | None = None,
+        extra_tokens: torch.Tensor | None = None,
+        label: torch.Tensor | None = None,
+    ) -> MILOutput:
+        """Encode the (kept) images, then run the inner head on their features."""
+        if x.dim() == 3 and x.shape[0] == 1:
+            x = x[0]
+        if keep_idx is not None:
+            x = x.index_select(0, keep_idx)
+        images = x.reshape(x.shape[0], *self.image_shape)
+        feats = self.encoder(images)
+        return self.head(feats, extra_tokens=extra_tokens, label=label)
+
+    def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
+        """The inner head's loss."""
+        return self.head.loss(out, label)
+
+    def instance_scores(
+        self, out: MILOutput, kind: str | None = None, *, target: int = 1
+    ) -> torch.Tensor:
+        """The inner head's instance scores."""
+        return self.head.instance_scores(out, kind, target=target)
+
+
+def _square(in_dim: int) -> tuple[int, int, int]:
+    side = math.isqrt(in_dim)
+    if side * side != in_dim:
+        msg = (
+            f"features of width {in_dim} are not a square one-channel image; give "
+            "head.options.image_shape: [C, H, W]."
+        )
+        raise ConfigError(msg)
+    return (1, side, side)
