@@ -149,8 +149,6 @@ def fit(
     device = device or torch.device("cpu")
     dtype = amp_dtype(device, cfg.amp)
     head.to(device)
-    for module in miner.modules().values():
-        module.to(device)
     train_bags = list(train_bags)
     generator = torch.Generator().manual_seed(seed)
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
