@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from musk_table import ORDER as HEADS
 
 PUBLISHED = {  # bag accuracy, mean over 5 runs of 10-fold CV (Ilse 2018; DSMIL 2021)
     "abmil": {"musk1": 0.892, "musk2": 0.858},
@@ -154,17 +155,7 @@ def main() -> None:
     p.add_argument(
         "--heads",
         nargs="+",
-        default=[
-            "abmil",
-            "abmil_gated",
-            "dsmil",
-            "transmil",
-            "clam_sb",
-            "clam_mb",
-            "dtfd",
-            "mean_pool",
-            "max_pool",
-        ],
+        default=list(HEADS),
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)

@@ -54,13 +54,15 @@ import torch
 from tiahnm.data.bag import Bag
 from tiahnm.errors import ConfigError
 from tiahnm.miners.base import FitContext, Miner
+from tiahnm.miners.options import KEY
+from tiahnm.miners.options import check_choice as _choice
+from tiahnm.miners.options import check_positive_int as _positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.heads.base import MILHead
 
 logger = logging.getLogger(__name__)
 
-KEY = "miner.options"
 MODES = ("sb", "mb", "fmb")
 FEATURE_SPACES = ("input", "embedding")
 #: Added to the loop's seed, so the miner's stream differs from the shuffling stream.
@@ -193,20 +195,6 @@ class HardNegatives:
 
 
 # ------------------------------------------------------------------ option checks
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        msg = f"{KEY}.{name} must be one of {', '.join(allowed)}; got {value!r}."
-        raise ConfigError(msg)
-    return str(value)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"{KEY}.{name} must be an integer >= 1, got {value!r}."
-        raise ConfigError(msg)
-    return value
-
-
 def _number(name: str, value: Any, low: float, high: float) -> float:
     if (
         isinstance(value, bool)

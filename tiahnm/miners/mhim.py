@@ -37,12 +37,14 @@ from tiahnm.miners.mhim_masking import (
     cosine_schedule,
     floor_count,
 )
+from tiahnm.miners.options import KEY
+from tiahnm.miners.options import check_choice as _choice
+from tiahnm.miners.options import check_positive_int as _positive_int
 from tiahnm.miners.recycle import GlobalRecycleNetwork
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.heads.base import MILHead, MILOutput
 
-KEY = "miner.options"
 
 SCORES = ("auto", "attention", "class_aware", "instance_logit")
 SCHEDULES = ("constant", "cosine")
@@ -214,20 +216,6 @@ def _number(name: str, value: Any, low: float, high: float, *, open_low: bool) -
     if not ok:
         bracket = "(" if open_low else "["
         msg = f"{KEY}.{name} must be in {bracket}{low}, {high}], got {value!r}."
-        raise ConfigError(msg)
-    return value
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        msg = f"{KEY}.{name} must be one of {', '.join(allowed)}; got {value!r}."
-        raise ConfigError(msg)
-    return str(value)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"{KEY}.{name} must be an integer >= 1, got {value!r}."
         raise ConfigError(msg)
     return value
 
