@@ -10,6 +10,7 @@ def tiahnm_register_bag_sources(register: Register) -> None:
     """Register the built-in dataset readers."""
     # The factories are the classes, so option checking sees their real signatures.
     from tiahnm.data.h5_features import H5FeatureFolder
+    from tiahnm.data.image_patches import ImagePatchBags
     from tiahnm.data.mil_csv import MILCSVSource
     from tiahnm.data.mnist_bags import MNISTBags
 
@@ -25,4 +26,10 @@ def tiahnm_register_bag_sources(register: Register) -> None:
         "mnist_bags",
         MNISTBags,
         description="MNIST-bags (Ilse et al. 2018): positive iff a target digit is in the bag",
+    )
+    register(
+        "image_patches",
+        ImagePatchBags,
+        description="Folder of images + labels CSV: one bag of non-overlapping "
+        "patches per image, white background dropped",
     )

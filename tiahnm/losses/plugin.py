@@ -9,9 +9,16 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_losses(register: Register) -> None:
     """Register the built-in losses."""
     from tiahnm.losses.ranking import MIRankLoss
+    from tiahnm.losses.supcon import SupConLoss
 
     register(
         "mirank",
         MIRankLoss,
         description="MI ranking loss max(0, m - mean topK pos + mean topK neg) (HNM-WSI)",
+    )
+    register(
+        "supcon",
+        SupConLoss,
+        description="Supervised contrastive loss, T=0.07, pair modes all/neg/pos "
+        "(ItS2CLR / HNM-WSI)",
     )

@@ -9,6 +9,7 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_miners(register: Register) -> None:
     """Register the built-in miners."""
     from tiahnm.miners.base import Miner
+    from tiahnm.miners.hnm import HNMMiner
     from tiahnm.miners.li2019 import Li2019Miner
     from tiahnm.miners.mhim import MHIMMiner
 
@@ -22,4 +23,10 @@ def tiahnm_register_miners(register: Register) -> None:
         "li2019",
         Li2019Miner,
         description="Hard negative bag generation between rounds (Li et al. 2019)",
+    )
+    register(
+        "hnm",
+        HNMMiner,
+        description="Hard-negative SupCon encoder fine-tuning between MIL rounds "
+        "(HNM-WSI / ItS2CLR)",
     )

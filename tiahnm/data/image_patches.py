@@ -1,0 +1,205 @@
+"""A folder of images + labels CSV as MIL bags of image patches (UCSB breast TMA style).
+
+Each image is one bag; its instances are the non-overlapping ``patch_size`` patches
+(stride ``patch_size``; a partial patch at the right or bottom edge is dropped), stored
+flattened ``[N, C*H*W]`` in ``[0, 1]`` (channel-major, so ``reshape(N, C, H, W)`` gives
+the patches back) with their top-left ``(x, y)`` in ``coords``. Mostly-white
+background patches are dropped: a pixel is near-white when every channel is
+``>= white_level`` (0-255), and a patch is dropped when more than
+``max_white_fraction`` of its pixels are near-white, or when its mean intensity is
+``>= max_mean_intensity``. The encoder-plus-head ``encoder_mil`` trains on these bags
+directly, with ``head.options.image_shape: [C, patch_size, patch_size]``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiahnm.data.bag import Bag
+from tiahnm.errors import DataError
+
+MODES = {"RGB": 3, "L": 1}
+
+
+def tile_image(
+    image: np.ndarray, patch_size: int, stride: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patches ``[N, h, w, C]`` and their top-left ``(x, y)`` ``[N, 2]``, row-major."""
+    stride = stride or patch_size
+    h, w, c = image.shape
+    ys = np.arange(0, h - patch_size + 1, stride)
+    xs = np.arange(0, w - patch_size + 1, stride)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+    if stride == patch_size:  # a view: crop, split both axes, put the grid first
+        crop = image[: len(ys) * patch_size, : len(xs) * patch_size]
+        grid = crop.reshape(len(ys), patch_size, len(xs), patch_size, c)
+        patches = grid.transpose(0, 2, 1, 3, 4).reshape(-1, patch_size, patch_size, c)
+    else:
+        patches = np.zeros((len(coords), patch_size, patch_size, c), image.dtype)
+        for i, (x, y) in enumerate(coords):
+            patches[i] = image[y : y + patch_size, x : x + patch_size]
+    return patches, coords
+
+
+def background_mask(
+    patches: np.ndarray,
+    *,
+    white_level: int = 220,
+    max_white_fraction: float = 0.5,
+    max_mean_intensity: float = 255.0,
+) -> np.ndarray:
+    """``[N]`` True for the patches to drop (mostly white), from uint8 ``[N, h, w, C]``."""
+    if len(patches) == 0:
+        return np.zeros(0, dtype=bool)
+    white = (patches >= white_level).all(axis=-1)
+    frac = white.reshape(len(patches), -1).mean(axis=1)
+    mean = patches.reshape(len(patches), -1).mean(axis=1)
+    return (frac > max_white_fraction) | (mean >= max_mean_intensity)
+
+
+class ImagePatchBags:
+    """One bag per image of non-overlapping patches, labels from a CSV.
+
+    Args:
+        root (str): Folder of the images.
+        labels_csv (str | None): CSV with an image-file column and a label column
+            (default ``root/labels.csv``).
+        image_column (str): Column of the image file names, relative to ``root``
+            (UCSB: ``image``).
+        label_column (str): Column of the integer labels (UCSB: ``malignant``).
+        patch_size (int): Patch side in pixels (32).
+        stride (int | None): Step between patches (default ``patch_size``: no
+            overlap).
+        mode (str): ``RGB`` (3 channels) or ``L`` (grey).
+        white_level (int): A pixel with every channel ``>=`` this is near-white.
+        max_white_fraction (float): Drop patches with more near-white pixels than
+            this fraction.
+        max_mean_intensity (float): Also drop patches whose mean (0-255) is ``>=``
+            this (255: off).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        labels_csv: str | None = None,
+        image_column: str = "image",
+        label_column: str = "malignant",
+        patch_size: int = 32,
+        stride: int | None = None,
+        mode: str = "RGB",
+        white_level: int = 220,
+        max_white_fraction: float = 0.5,
+        max_mean_intensity: float = 255.0,
+    ) -> None:
+        if patch_size < 1 or (stride is not None and stride < 1):
+            msg = f"data.options: patch_size and stride must be >= 1, got {patch_size}, {stride}."
+            raise DataError(msg)
+        if mode not in MODES:
+            msg = f"data.options.mode must be one of {', '.join(MODES)}, got {mode!r}."
+            raise DataError(msg)
+        if not 0.0 <= max_white_fraction <= 1.0:
+            msg = f"data.options.max_white_fraction must be in [0, 1], got {max_white_fraction}."
+            raise DataError(msg)
+        self.root = Path(root)
+        self.labels_csv = Path(labels_csv) if labels_csv else self.root / "labels.csv"
+        self.image_column = image_column
+        self.label_column = label_column
+        self.patch_size = patch_size
+        self.stride = stride or patch_size
+        self.mode = mode
+        self.white_level = white_level
+        self.max_white_fraction = max_white_fraction
+        self.max_mean_intensity = max_mean_intensity
+
+    def _rows(self) -> list[tuple[str, int]]:
+        path = self.labels_csv
+        if not path.is_file():
+            msg = f"{path}: labels CSV not found."
+            raise DataError(msg)
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            for col in (self.image_column, self.label_column):
+                if col not in fields:
+                    msg = f"{path}: no column {col!r} (columns: {', '.join(fields)})."
+                    raise DataError(msg)
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                name = (row[self.image_column] or "").strip()
+                value = (row[self.label_column] or "").strip()
+                try:
+                    label = int(value)
+                except ValueError:
+                    msg = f"{path}, row {line}: label {value!r} is not an integer."
+                    raise DataError(msg) from None
+                if not name or label < 0:
+                    msg = f"{path}, row {line}: empty image name or negative label."
+                    raise DataError(msg)
+                rows.append((name, label))
+        if not rows:
+            msg = f"{path}: no rows."
+            raise DataError(msg)
+        return rows
+
+    def _read(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        if not path.is_file():
+            msg = f"{path}: image listed in {self.labels_csv} not found."
+            raise DataError(msg)
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert(self.mode))
+        except (OSError, UnidentifiedImageError) as exc:
+            msg = f"{path}: not a readable image ({exc})."
+            raise DataError(msg) from None
+        return arr if arr.ndim == 3 else arr[..., None]
+
+    def load(self) -> list[Bag]:
+        """Read, tile and filter every listed image (in CSV order)."""
+        bags = []
+        for name, label in self._rows():
+            path = self.root / name
+            image = self._read(path)
+            patches, coords = tile_image(image, self.patch_size, self.stride)
+            drop = background_mask(
+                patches,
+                white_level=self.white_level,
+                max_white_fraction=self.max_white_fraction,
+                max_mean_intensity=self.max_mean_intensity,
+            )
+            patches, coords = patches[~drop], coords[~drop]
+            if len(patches) == 0:
+                msg = (
+                    f"{path}: no {self.patch_size}px patch left after dropping "
+                    "white background; lower white_level filtering or check the image."
+                )
+                raise DataError(msg)
+            chw = patches.transpose(0, 3, 1, 2).reshape(len(patches), -1)
+            bags.append(
+                Bag(
+                    slide_id=Path(name).stem,
+                    label=label,
+                    features=torch.from_numpy(chw.astype(np.float32) / 255.0),
+                    coords=coords,
+                    source=str(path),
+                    meta={
+                        "image_shape": [
+                            image.shape[2],
+                            self.patch_size,
+                            self.patch_size,
+                        ],
+                        "n_dropped": int(drop.sum()),
+                    },
+                )
+            )
+        return bags
+
+
+__all__ = ["ImagePatchBags", "background_mask", "tile_image"]
