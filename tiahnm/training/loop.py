@@ -324,6 +324,10 @@ def fit(
         round_idx += 1
         if round_idx < cfg.rounds:
             head.load_state_dict(best["state"])
+            # The round's best validation score, for miners that accept its results
+            # only when it improves (HNM's pseudo-labels); monitor None: no val bags.
+            ctx.state["best_score"] = tuple(best["score"])
+            ctx.state["monitor"] = cfg.monitor if val_bags else None
             new_bags = miner.on_round_end(ctx, train_bags)
             for b in new_bags:
                 b.origin = "generated"
