@@ -209,6 +209,10 @@ def test_gradients_reach_the_encoder_only_when_fine_tuning():
                 any(p.grad is not None for p in ctx.head.encoder.parameters())
             )
 
+        def on_round_end(self, ctx, train_bags):
+            self.seen_state = dict(ctx.state)
+            return super().on_round_end(ctx, train_bags)
+
         def _step(self, ctx, opt, *args):
             loss = super()._step(ctx, opt, *args)
             self.tuned.append(
@@ -222,6 +226,10 @@ def test_gradients_reach_the_encoder_only_when_fine_tuning():
     assert len(m.grads) == 2 * 2 * 3  # rounds x epochs x (pos, neg) pairs
     assert not any(m.grads)
     assert m.tuned and all(m.tuned)
+    # the loop hands over the round's best validation score (val_loss monitor)
+    assert m.seen_state["monitor"] == "val_loss"
+    assert m.best_val == m.seen_state["best_score"]
+    assert m.best_val[0] == -min(r["val_loss"] for r in res.history if r["round"] == 0)
     assert not any(p.requires_grad for p in head.encoder.parameters())
     changed = any(
         not torch.equal(enc0[k], v) for k, v in head.encoder.state_dict().items()
