@@ -180,6 +180,12 @@ class EvalConfig:
     report: bool = _f(
         True, "Write report.md with ROC and confusion-matrix plots after training."
     )
+    heatmaps: int = _f(
+        0,
+        "After training, draw heatmaps of this many test slides (those with instance "
+        "scores and coordinates) in <output_dir>/heatmaps, linked in report.md "
+        "(0: none, -1: all).",
+    )
 
 
 @dataclass
@@ -347,6 +353,7 @@ def _check_values(config: Config) -> None:
         (config.cv.repeats >= 1, "cv.repeats must be >= 1"),
         (0.0 <= config.cv.val_fraction < 1.0, "cv.val_fraction must be in [0, 1)"),
         (config.evaluation.bootstrap >= 0, "evaluation.bootstrap must be >= 0"),
+        (config.evaluation.heatmaps >= -1, "evaluation.heatmaps must be >= -1"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -1,21 +1,188 @@
 """``tiahnm run``: every stage the config asks for, in order, each resumable.
 
-Stages: ``extract`` (when ``extract.slides`` is set: slides to feature files; slides
-already done with the same settings are skipped), then training and evaluation under
-cross-validation (folds already done are skipped, an interrupted fold resumes from its
-last epoch).
+Stages:
+
+1. ``extract`` (when ``extract.slides`` is set): tissue mask, tiling and patch
+   features of every slide (:mod:`tiahnm.slides.extract`; a slide already done with
+   the same settings is skipped inside the stage too);
+2. ``train``: the head + miner + losses under cross-validation, with the slide- and
+   patch-level evaluation of every fold (:func:`tiahnm.training.cv.run_training`; a
+   finished fold is skipped, an interrupted one resumes from its last epoch);
+3. ``heatmaps`` (when ``evaluation.heatmaps`` is not 0): instance-score heatmaps of
+   test slides, with the annotated regions outlined when there are annotations;
+4. ``report``: ``report.md`` with the metrics, plots and heatmaps.
+
+``<output_dir>/stages.json`` records, for every stage, a hash of the settings it ran
+with and whether it finished. A finished stage whose settings hash is unchanged is
+skipped. Training results made with other settings are never mixed with new ones:
+the ``train`` stage then stops with a :class:`~tiahnm.errors.ConfigError` naming the
+changed keys.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import replace
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tiahnm.config import Config
+from tiahnm.errors import ConfigError
+from tiahnm.utils.io import write_json
 
 logger = logging.getLogger(__name__)
+
+MANIFEST = "stages.json"
+STAGES = ("extract", "train", "heatmaps", "report")
+#: Keys of ``train`` that do not change results (left out of the settings hash).
+_TRAIN_RUNTIME_KEYS = (
+    "progress",
+    "device",
+    "num_threads",
+    "checkpoint_every",
+    "prefetch",
+    "loader_workers",
+    "pin_memory",
+)
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage.
+
+    Attributes:
+        name (str): Stage name.
+        status (str): ``done``, ``skipped`` (already done with the same settings) or
+            ``off`` (not asked for by the config).
+        seconds (float): Wall time.
+        detail (str): One line for the user.
+    """
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class PipelineResult:
+    """Outcome of :func:`run_pipeline`.
+
+    Attributes:
+        summary (dict): The training summary (``summary.json``).
+        exit_code (int): 0, or 3 when some slides failed extraction (partial).
+        report (Path | None): ``report.md``.
+        heatmaps (list[Path]): Heatmap figures.
+        stages (list[StageOutcome]): One per stage, in order.
+    """
+
+    summary: dict[str, Any]
+    exit_code: int = 0
+    report: Path | None = None
+    heatmaps: list[Path] = field(default_factory=list)
+    stages: list[StageOutcome] = field(default_factory=list)
+
+
+def settings_hash(settings: Any) -> str:
+    """A short stable hash of JSON-able ``settings``."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StageManifest:
+    """``stages.json``: settings hash and state of every stage (written atomically).
+
+    Args:
+        path (str | Path): The manifest file (read when it exists).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+        stages = data.get("stages") if isinstance(data, dict) else None
+        self.stages: dict[str, dict[str, Any]] = (
+            stages if isinstance(stages, dict) else {}
+        )
+
+    def entry(self, name: str) -> dict[str, Any] | None:
+        """The record of stage ``name``, if any."""
+        return self.stages.get(name)
+
+    def is_done(self, name: str, key: str) -> bool:
+        """Whether ``name`` finished with settings hash ``key``."""
+        entry = self.stages.get(name) or {}
+        return entry.get("status") == "done" and entry.get("key") == key
+
+    def start(self, name: str, key: str, settings: Any) -> None:
+        """Record that ``name`` started with these settings."""
+        self.stages[name] = {"key": key, "status": "running", "settings": settings}
+        self._save()
+
+    def finish(self, name: str, key: str, seconds: float, **info: Any) -> None:
+        """Record that ``name`` finished."""
+        entry = self.stages.setdefault(name, {"key": key})
+        entry.update(
+            key=key,
+            status="done",
+            seconds=round(seconds, 3),
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **info,
+        )
+        self._save()
+
+    def _save(self) -> None:
+        write_json(self.path, {"stages": self.stages})
+
+
+def _fingerprint(paths: list[Path]) -> list[list[Any]]:
+    """``[path, size, mtime_ns]`` of each file (a changed file changes the hash)."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def extract_settings(config: Config) -> dict[str, Any]:
+    """What the extract stage's outputs depend on (its files included)."""
+    from tiahnm.slides.annotations import ANNOTATION_SUFFIXES
+    from tiahnm.slides.reader import find_slides
+
+    stage = config.extract
+    settings = {
+        k: v
+        for k, v in config.to_dict()["extract"].items()
+        if k not in ("batch_size", "num_workers")
+    }
+    settings["seed"] = config.seed
+    settings["slide_files"] = _fingerprint(find_slides(stage.slides))
+    if stage.annotations:
+        found = find_slides([stage.annotations], suffixes=ANNOTATION_SUFFIXES)
+        settings["annotation_files"] = _fingerprint(found)
+    return settings
+
+
+def _features_dir(config: Config) -> Path:
+    stage = config.extract
+    return Path(stage.features_dir or Path(config.output_dir) / "features")
+
+
+def _with_features(config: Config, features_dir: Path, *, failed: bool) -> Config:
+    """``config`` reading the extracted features (``h5_folder`` without a folder)."""
+    data = config.data
+    if data.source == "h5_folder" and "features_dir" not in data.options:
+        options = dict(data.options, features_dir=str(features_dir))
+        if failed:
+            options.setdefault("missing", "skip")
+        config = replace(config, data=replace(data, options=options))
+    return config
 
 
 def run_extract_stage(config: Config) -> tuple[Config, Any]:
@@ -32,7 +199,7 @@ def run_extract_stage(config: Config) -> tuple[Config, Any]:
     from tiahnm.slides.extract import ExtractConfig, extract_features
     from tiahnm.slides.tiling import TilingConfig
 
-    features_dir = Path(stage.features_dir or Path(config.output_dir) / "features")
+    features_dir = _features_dir(config)
     tiling = TilingConfig(
         resolution=stage.resolution,
         units=stage.units,
@@ -55,30 +222,289 @@ def run_extract_stage(config: Config) -> tuple[Config, Any]:
         annotations=stage.annotations,
     )
     summary = extract_features(stage.slides, features_dir, cfg)
-    failed = summary.failed
-    if failed:
+    if summary.failed:
         logger.warning(
             "%d slide(s) failed extraction and are left out (see %s).",
-            len(failed),
+            len(summary.failed),
             features_dir / "failures.csv",
         )
-    data = config.data
-    if data.source == "h5_folder" and "features_dir" not in data.options:
-        options = dict(data.options, features_dir=str(features_dir))
-        if failed:
-            options.setdefault("missing", "skip")
-        config = replace(config, data=replace(data, options=options))
-    return config, summary
+    return _with_features(config, features_dir, failed=bool(summary.failed)), summary
 
 
-def run_pipeline(config: Config) -> tuple[dict[str, Any], int]:
-    """Run every configured stage; return the training summary and an exit code.
+def train_settings(config: Config, extract_key: str | None) -> dict[str, Any]:
+    """What the training results depend on (runtime-only keys left out)."""
+    d = config.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in _TRAIN_RUNTIME_KEYS}
+    evaluation = {
+        k: v for k, v in d["evaluation"].items() if k not in ("report", "heatmaps")
+    }
+    return {
+        "seed": d["seed"],
+        "data": d["data"],
+        "head": d["head"],
+        "miner": d["miner"],
+        "losses": d["losses"],
+        "train": train,
+        "cv": d["cv"],
+        "evaluation": evaluation,
+        "features": extract_key,
+    }
 
-    The exit code is 0, or 3 when some slides failed (partial success).
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out += _changed_keys(old.get(k), new.get(k), key)
+        return out
+    return [] if old == new else [prefix or "(all)"]
+
+
+def _check_same_training(
+    manifest: StageManifest, key: str, settings: dict[str, Any], out: Path
+) -> None:
+    """Refuse to resume training results made with other settings."""
+    entry = manifest.entry("train")
+    if not entry or entry.get("key") == key or not (out / "folds").is_dir():
+        return
+    changed = _changed_keys(entry.get("settings") or {}, settings)
+    shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+    msg = (
+        f"{out}: holds training results made with other settings (changed: "
+        f"{shown}); use another --output-path, or delete {out / 'folds'} and "
+        f"{out / MANIFEST} to retrain there."
+    )
+    raise ConfigError(msg)
+
+
+def _outline_rings(annotations: str | None, slide_id: str) -> list[Any]:
+    """Exterior rings (level-0 ``[K, 2]``) of a slide's GeoJSON/XML annotation."""
+    if not annotations:
+        return []
+    import numpy as np
+
+    from tiahnm.slides.annotations import find_annotation, read_asap_xml, read_geojson
+
+    path = find_annotation(annotations, slide_id)
+    if path is None or path.suffix.lower() not in (".geojson", ".json", ".xml"):
+        return []
+    reader = read_asap_xml if path.suffix.lower() == ".xml" else read_geojson
+    geom = reader(path)
+    polygons = getattr(geom, "geoms", [geom])
+    return [np.asarray(p.exterior.coords) for p in polygons if hasattr(p, "exterior")]
+
+
+def _pick_slides(slides: list[Any], limit: int) -> list[Any]:
+    """Up to ``limit`` slides (all for -1), alternating between labels."""
+    by_label: dict[int, list[Any]] = {}
+    for s in sorted(slides, key=lambda s: s.slide_id):
+        by_label.setdefault(s.label, []).append(s)
+    order = []
+    queues = [by_label[k] for k in sorted(by_label, reverse=True)]
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    return order if limit < 0 else order[:limit]
+
+
+def run_heatmap_stage(config: Config) -> list[Path]:
+    """Heatmaps of test slides from the folds' ``instance_scores.h5``.
+
+    Slides without coordinates cannot be drawn and are left out; one that fails is
+    logged and the others go on.
+
+    Returns:
+        list[Path]: The figures written in ``<output_dir>/heatmaps``.
     """
-    from tiahnm.training.cv import run_training
+    from tiahnm.evaluation.heatmap import render_heatmap
+    from tiahnm.evaluation.scores import find_score_files, read_instance_scores
 
-    config, extract_summary = run_extract_stage(config)
-    summary = run_training(config)
-    partial = extract_summary is not None and bool(extract_summary.failed)
-    return summary, 3 if partial else 0
+    out = Path(config.output_dir)
+    seen: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for path in find_score_files(out):
+        slides, attrs = read_instance_scores(path)
+        for s in slides:
+            if s.coords is not None and len(s.coords) and s.slide_id not in seen:
+                seen[s.slide_id] = (s, attrs)
+    picked = _pick_slides([s for s, _ in seen.values()], config.evaluation.heatmaps)
+    names = config.data.options.get("classes")
+    class_names = dict(enumerate(names)) if isinstance(names, list) else None
+    written = []
+    for s in picked:
+        attrs = seen[s.slide_id][1]
+        stored = attrs.get("instance_threshold")
+        try:
+            res = render_heatmap(
+                s,
+                out / "heatmaps",
+                kind=attrs.get("score_kind"),
+                fixed_threshold=0.5 if stored in (None, "") else float(stored),
+                class_names=class_names,
+                outlines=_outline_rings(config.extract.annotations, s.slide_id),
+            )
+        except Exception as exc:  # one slide must not stop the others
+            logger.warning("heatmap of %s failed: %s", s.slide_id, exc)
+            continue
+        written.append(res.png)
+    return written
+
+
+def run_pipeline(
+    config: Config, *, echo: Callable[[str], None] | None = None
+) -> PipelineResult:
+    """Run every configured stage, skipping those done with the same settings.
+
+    Args:
+        config (Config): The run config.
+        echo (Callable[[str], None] | None): Called with one line per stage
+            (default: the log).
+
+    Returns:
+        PipelineResult: Summary, exit code (3 when some slides failed), report path,
+        heatmaps and what each stage did.
+    """
+    say = echo or logger.info
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = StageManifest(out / MANIFEST)
+    result = PipelineResult(summary={})
+
+    def record(outcome: StageOutcome) -> None:
+        result.stages.append(outcome)
+        how = {"skipped": "skipped (done with the same settings)", "off": "off"}
+        line = f"[{outcome.name}] {how.get(outcome.status, 'done')}"
+        if outcome.status == "done":
+            line += f" in {outcome.seconds:.1f} s"
+        say(line + (f": {outcome.detail}" if outcome.detail else ""))
+
+    # 1. extract
+    extract_key = None
+    if config.extract.slides:
+        settings = extract_settings(config)
+        extract_key = settings_hash(settings)
+        entry = manifest.entry("extract") or {}
+        features_dir = _features_dir(config)
+        done = manifest.is_done("extract", extract_key) and not entry.get("failed")
+        if done and all(
+            (features_dir / f"{sid}.h5").is_file() for sid in entry.get("slides", [])
+        ):
+            config = _with_features(config, features_dir, failed=False)
+            record(StageOutcome("extract", "skipped", detail=str(features_dir)))
+        else:
+            t0 = time.perf_counter()
+            manifest.start("extract", extract_key, settings)
+            say(f"[extract] tissue masks, tiles and features -> {features_dir}")
+            config, summary = run_extract_stage(config)
+            seconds = time.perf_counter() - t0
+            ok = [r.slide for r in summary.results if r.status != "failed"]
+            manifest.finish(
+                "extract",
+                extract_key,
+                seconds,
+                slides=ok,
+                failed=len(summary.failed),
+                patches=sum(r.n_patches for r in summary.results),
+            )
+            if summary.failed:
+                result.exit_code = 3
+            record(
+                StageOutcome(
+                    "extract",
+                    "done",
+                    seconds,
+                    f"{len(ok)} slides ({summary.count('skipped')} already done), "
+                    f"{len(summary.failed)} failed",
+                )
+            )
+    else:
+        record(StageOutcome("extract", "off", detail="no extract.slides"))
+
+    # 2. train (+ evaluation of every fold)
+    settings = train_settings(config, extract_key)
+    train_key = settings_hash(settings)
+    summary_path = out / "summary.json"
+    trained = False
+    if manifest.is_done("train", train_key) and summary_path.is_file():
+        result.summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        record(StageOutcome("train", "skipped", detail=str(summary_path)))
+    else:
+        from tiahnm.training.cv import run_training
+
+        _check_same_training(manifest, train_key, settings, out)
+        t0 = time.perf_counter()
+        manifest.start("train", train_key, settings)
+        say(f"[train] {config.head.name} + miner {config.miner.name} under CV")
+        result.summary = run_training(config)
+        seconds = time.perf_counter() - t0
+        manifest.finish("train", train_key, seconds)
+        trained = True
+        record(
+            StageOutcome("train", "done", seconds, f"{result.summary['n_folds']} folds")
+        )
+
+    # 3. heatmaps
+    n_maps = config.evaluation.heatmaps
+    heat_settings = {"train": train_key, "n": n_maps, "ann": config.extract.annotations}
+    heat_key = settings_hash(heat_settings)
+    entry = manifest.entry("heatmaps") or {}
+    recorded = [Path(p) for p in entry.get("files", [])]
+    if n_maps == 0:
+        record(StageOutcome("heatmaps", "off", detail="evaluation.heatmaps is 0"))
+    elif (
+        not trained
+        and manifest.is_done("heatmaps", heat_key)
+        and all(p.is_file() for p in recorded)
+    ):
+        result.heatmaps = recorded
+        record(StageOutcome("heatmaps", "skipped", detail=str(out / "heatmaps")))
+    else:
+        t0 = time.perf_counter()
+        manifest.start("heatmaps", heat_key, heat_settings)
+        result.heatmaps = run_heatmap_stage(config)
+        seconds = time.perf_counter() - t0
+        files = [str(p) for p in result.heatmaps]
+        manifest.finish("heatmaps", heat_key, seconds, files=files)
+        record(
+            StageOutcome(
+                "heatmaps", "done", seconds, f"{len(files)} in {out / 'heatmaps'}"
+            )
+        )
+
+    # 4. report
+    report = out / "report.md"
+    report_key = settings_hash({"train": train_key, "heatmaps": heat_key})
+    if not config.evaluation.report:
+        record(StageOutcome("report", "off", detail="evaluation.report is false"))
+    elif not trained and manifest.is_done("report", report_key) and report.is_file():
+        result.report = report
+        record(StageOutcome("report", "skipped", detail=str(report)))
+    else:
+        from tiahnm.evaluation.report import load_run, write_report_safely
+
+        t0 = time.perf_counter()
+        manifest.start("report", report_key, {})
+        summary, folds = load_run(out)
+        result.report = write_report_safely(out, summary, folds)
+        seconds = time.perf_counter() - t0
+        if result.report is not None:
+            manifest.finish("report", report_key, seconds)
+        detail = str(result.report) if result.report else "could not be written"
+        record(StageOutcome("report", "done", seconds, detail))
+    return result
+
+
+__all__ = [
+    "MANIFEST",
+    "STAGES",
+    "PipelineResult",
+    "StageManifest",
+    "StageOutcome",
+    "extract_settings",
+    "run_extract_stage",
+    "run_heatmap_stage",
+    "run_pipeline",
+    "settings_hash",
+    "train_settings",
+]

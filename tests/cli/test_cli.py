@@ -157,9 +157,14 @@ def test_train_missing_data_file(runner, tmp_path):
     assert "none.csv: MIL CSV file not found" in res.output
 
 
-def test_run_requires_config(runner):
-    res = runner.invoke(cli, ["run"])
-    assert res.exit_code == 2 and "tiahnm init" in res.output
+def test_run_takes_a_config_or_the_demo_not_both(runner, tmp_path):
+    # `tiahnm run` without CONFIG runs the demo (tests/test_demo.py)
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 1\n")
+    res = runner.invoke(cli, ["run", str(config), "--demo"])
+    assert res.exit_code == 2 and "give either CONFIG or --demo, not both" in res.output
+    res = runner.invoke(cli, ["run", str(config), "--quick"])
+    assert res.exit_code == 2 and "--quick applies to the demo only" in res.output
 
 
 def test_console_script_runs(tmp_path):

@@ -100,40 +100,79 @@ def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Run the built-in demo (also what `tiahnm run` without CONFIG does).",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="With the demo: 4 small slides, 2 folds, 2 epochs (a check of the install).",
+)
 @cli_set()
 @cli_output_path()
 @cli_device()
 @cli_seed()
+@click.option("--verbose", is_flag=True, help="Show TIAToolbox's log messages too.")
 @_guard
 def run(
     config: str | None,
+    demo: bool,  # noqa: FBT001 - click flag
+    quick: bool,  # noqa: FBT001 - click flag
     overrides: tuple[str, ...],
     output_path: str | None,
     device: str | None,
     seed: int | None,
+    verbose: bool,  # noqa: FBT001 - click flag
 ) -> None:
-    """Run every stage CONFIG asks for: extract, train and evaluate under CV.
+    """Run every stage CONFIG asks for: extract, train + evaluate under CV, heatmaps, report.
 
-    The extract stage runs when the config lists slides. Stages already done with the same settings are skipped, so an interrupted run
-    resumes where it stopped. `tiahnm init` writes a commented CONFIG.
+    The extract stage runs when the config lists slides, the heatmaps stage when
+    evaluation.heatmaps is not 0. Stages already done with the same settings are
+    skipped (OUTPUT/stages.json records them), so an interrupted run resumes where it
+    stopped. `tiahnm init` writes a commented CONFIG.
+
+    Without CONFIG (or with --demo) it runs the built-in demo: synthetic slides with
+    known tumour regions, generated into --output-path (default ./tiahnm-demo),
+    through TIAToolbox tiling, a small CNN encoder, AB-MIL with MHIM-MIL mining,
+    heatmaps and a report, in a few minutes on a CPU.
     """
+    from tiahnm.cli.extract import _setup_logging
+
+    _setup_logging(verbose=verbose)
+    if demo and config is not None:
+        raise click.UsageError("give either CONFIG or --demo, not both.")
+    if quick and config is not None:
+        raise click.UsageError("--quick applies to the demo only (no CONFIG).")
     if config is None:
-        raise click.UsageError(
-            "give a CONFIG file; `tiahnm init config.yaml` writes one."
+        from tiahnm.demo import DEFAULT_OUTPUT, prepare_demo
+
+        root = output_path or DEFAULT_OUTPUT
+        click.echo(f"tiahnm demo in {Path(root).resolve()}")
+        config, drawn = prepare_demo(
+            root,
+            size="quick" if quick else "full",
+            on_slide=lambda sid: click.echo(f"[data] drawing synthetic slide {sid}"),
         )
+        if not drawn:
+            click.echo("[data] skipped (synthetic slides already there)")
+        output_path = None  # the demo config already writes there
     cfg = _load(
-        config,
+        str(config),
         overrides,
         output_dir=output_path,
         **{"train.device": device, "seed": seed},
     )
     from tiahnm.pipeline import run_pipeline
 
-    summary, code = run_pipeline(cfg)
-    _print_summary(summary, cfg.output_dir)
-    if code:
+    result = run_pipeline(cfg, echo=click.echo)
+    _print_summary(result.summary, cfg.output_dir)
+    if result.report is not None:
+        click.echo(f"Report: {result.report}")
+    if result.exit_code:
         click.echo("Some slides failed and were skipped (see failures.csv).", err=True)
-        sys.exit(code)
+        sys.exit(result.exit_code)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

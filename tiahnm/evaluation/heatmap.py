@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,7 @@ def render_heatmap(
     class_names: dict[int, str] | None = None,
     geojson: bool = False,
     store: bool = False,
+    outlines: Sequence[np.ndarray] | None = None,
 ) -> HeatmapResult:
     """Draw one slide's heatmap (and optionally its GeoJSON / annotation store).
 
@@ -249,6 +250,8 @@ def render_heatmap(
         class_names (dict[int, str] | None): Names of the label indices.
         geojson (bool): Also write ``<slide_id>.geojson``.
         store (bool): Also write ``<slide_id>.db`` (TIAToolbox ``SQLiteStore``).
+        outlines (Sequence[np.ndarray] | None): ``[K, 2]`` polygon rings in level-0
+            pixels (e.g. annotated tumour regions), drawn as black lines on the figure.
 
     Returns:
         HeatmapResult: The files written.
@@ -295,7 +298,11 @@ def render_heatmap(
     with atomic_path(overlay_path) as tmp:
         Image.fromarray(rgba, mode="RGBA").save(tmp, format="PNG", compress_level=3)
     png = out_dir / f"{stem}.png"
-    _figure(slide, thumb, rgba, png, bar_label, threshold, cmap, class_names)
+    rings = [
+        np.asarray(r, dtype=np.float64) * (width / level0[0], height / level0[1])
+        for r in outlines or ()
+    ]
+    _figure(slide, thumb, rgba, png, bar_label, threshold, cmap, class_names, rings)
     result = HeatmapResult(
         slide.slide_id, png, overlay_path, (width, height), background=background
     )
@@ -319,6 +326,7 @@ def _figure(
     threshold: float,
     cmap: str,
     class_names: dict[int, str] | None,
+    rings: Sequence[np.ndarray] = (),
 ) -> None:
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -339,6 +347,10 @@ def _figure(
     ax = fig.add_axes((0.1 / fw, 0.1 / fh, img_w / fw, img_h / fh))
     cax = fig.add_axes(((img_w + 0.25) / fw, 0.1 / fh, 0.18 / fw, img_h / fh))
     ax.imshow(blend, interpolation="nearest")
+    for ring in rings:
+        ax.plot(ring[:, 0], ring[:, 1], color="black", lw=1.0)
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
     ax.set_axis_off()
     pred = _label_text(slide.prediction, class_names)
     prob = "" if math.isnan(slide.probability) else f" (p = {slide.probability:.2f})"
