@@ -380,12 +380,14 @@ def load_config(
             msg = f"{p}: config file not found."
             raise ConfigError(msg)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            msg = f"{p}: not valid YAML ({exc})."
-            raise ConfigError(msg) from None
+            text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             msg = f"{p}: not a text file."
+            raise ConfigError(msg) from None
+        try:
+            loaded = _parse_yaml(text)
+        except ValueError as exc:
+            msg = f"{p}: not valid YAML ({exc})."
             raise ConfigError(msg) from None
         if loaded is None:
             loaded = {}
@@ -403,6 +405,22 @@ def load_config(
         raise
 
 
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load``; every parser failure becomes a ValueError.
+
+    Besides ``YAMLError``, PyYAML's safe constructors raise ``ValueError``,
+    ``IndexError``, ``AttributeError`` ... on bad tagged or timestamp scalars
+    (``!!int``, ``2001-13-45``, ``!!timestamp``): all of them mean "not valid YAML".
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+    except Exception as exc:  # the parser's own failures only (see above)
+        msg = f"{type(exc).__name__}: {exc}"
+        raise ValueError(msg) from None
+
+
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one ``dotted.key=value`` override to a nested dict in place."""
     if "=" not in item:
@@ -414,8 +432,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         msg = f"--set {item!r}: empty key."
         raise ConfigError(msg)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _parse_yaml(raw) if raw.strip() else ""
+    except ValueError:
         value = raw
     node = data
     parts = key.split(".")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ from tiahnm.data.bag import Bag
 from tiahnm.errors import DataError
 
 SPLITS = ("train", "val", "test")
+#: Integer labels are class indices; a larger one is taken as a mistake, not a class.
+MAX_INTEGER_CLASSES = 10_000
 
 
 def read_labels_csv(
@@ -35,7 +38,57 @@ def read_labels_csv(
     if not path.is_file():
         msg = f"{path}: labels CSV not found."
         raise DataError(msg)
-    with path.open(newline="") as fh:
+    try:
+        raw, splits = _read_label_rows(path)
+    except UnicodeDecodeError as exc:
+        msg = f"{path}: not a UTF-8 text CSV ({exc})."
+        raise DataError(msg) from None
+    except csv.Error as exc:
+        msg = f"{path}: malformed CSV ({exc})."
+        raise DataError(msg) from None
+    if not raw:
+        msg = f"{path}: no rows."
+        raise DataError(msg)
+    values = sorted(set(raw.values()))
+    if classes is None:
+        ints = _integers(values)
+        if ints is not None:
+            if ints[-1] >= MAX_INTEGER_CLASSES:
+                msg = (
+                    f"{path}: integer label {ints[-1]} would mean {ints[-1] + 1} "
+                    f"classes (integer labels are class indices 0..K-1, K <= "
+                    f"{MAX_INTEGER_CLASSES}); give data.options.classes for other names."
+                )
+                raise DataError(msg)
+            classes = [str(i) for i in range(max(ints[-1], 0) + 1)]
+        else:
+            classes = values
+    index = {c: i for i, c in enumerate(classes)}
+    labels = {}
+    for sid, value in raw.items():
+        if value not in index:
+            msg = (
+                f"{path}: label {value!r} of slide {sid!r} is not one of the classes "
+                f"{classes}."
+            )
+            raise DataError(msg)
+        labels[sid] = index[value]
+    return labels, splits, classes
+
+
+def _integers(values: list[str]) -> list[int] | None:
+    """The sorted integers when every label is an ASCII integer, else None."""
+    ints = []
+    for v in values:
+        if not v.isascii() or not v.lstrip("-").isdigit():
+            return None
+        ints.append(int(v))
+    return sorted(ints)
+
+
+def _read_label_rows(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``(slide id -> raw label, slide id -> split)`` of a labels CSV, checked per row."""
+    with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]
         for needed in ("slide_id", "label"):
@@ -67,27 +120,7 @@ def read_labels_csv(
                     )
                     raise DataError(msg)
                 splits[sid] = split
-    if not raw:
-        msg = f"{path}: no rows."
-        raise DataError(msg)
-    values = sorted(set(raw.values()))
-    if classes is None:
-        if all(v.lstrip("-").isdigit() for v in values):
-            ints = sorted({int(v) for v in values})
-            classes = [str(i) for i in range(max(ints) + 1)]
-        else:
-            classes = values
-    index = {c: i for i, c in enumerate(classes)}
-    labels = {}
-    for sid, value in raw.items():
-        if value not in index:
-            msg = (
-                f"{path}: label {value!r} of slide {sid!r} is not one of the classes "
-                f"{classes}."
-            )
-            raise DataError(msg)
-        labels[sid] = index[value]
-    return labels, splits, classes
+    return raw, splits
 
 
 @dataclass
@@ -131,14 +164,14 @@ def read_feature_arrays(path: str | Path) -> FeatureArrays:
             if "features" not in f:
                 msg = f"{path}: no 'features' dataset (keys: {', '.join(f.keys())})."
                 raise DataError(msg)
-            feats = np.asarray(f["features"][()], dtype=np.float32)
-            coords = np.asarray(f["coords"][()]) if "coords" in f else None
+            feats = _numeric(path, f, "features").astype(np.float32)
+            coords = _numeric(path, f, "coords") if "coords" in f else None
             labels = (
-                np.asarray(f["instance_labels"][()]) if "instance_labels" in f else None
+                _numeric(path, f, "instance_labels") if "instance_labels" in f else None
             )
     except DataError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         msg = f"{path}: unreadable HDF5 feature file ({exc})."
         raise DataError(msg) from None
     if feats.ndim == 3 and feats.shape[0] == 1:
@@ -149,6 +182,9 @@ def read_feature_arrays(path: str | Path) -> FeatureArrays:
     if feats.shape[0] == 0:
         msg = f"{path}: empty bag (0 instances)."
         raise DataError(msg)
+    if feats.shape[1] == 0:
+        msg = f"{path}: 'features' has width 0 (shape {feats.shape})."
+        raise DataError(msg)
     if not np.isfinite(feats).all():
         msg = f"{path}: 'features' contains NaN or infinite values."
         raise DataError(msg)
@@ -158,13 +194,41 @@ def read_feature_arrays(path: str | Path) -> FeatureArrays:
         if coords.ndim != 2 or coords.shape[0] != feats.shape[0]:
             msg = f"{path}: 'coords' shape {coords.shape} does not match {feats.shape[0]} instances."
             raise DataError(msg)
+        if not np.isfinite(coords).all():
+            msg = f"{path}: 'coords' contains NaN or infinite values."
+            raise DataError(msg)
     if labels is not None:
         labels = labels.reshape(-1) if labels.size == feats.shape[0] else labels
         if labels.shape != (feats.shape[0],):
             msg = f"{path}: 'instance_labels' shape {labels.shape} does not match {feats.shape[0]} instances."
             raise DataError(msg)
+        if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+            msg = f"{path}: 'instance_labels' must hold integers (got NaN/inf or fractions)."
+            raise DataError(msg)
         labels = labels.astype(np.int64)
     return FeatureArrays(feats, coords, labels)
+
+
+def _numeric(path: Path, f: Any, name: str) -> np.ndarray:
+    """Dataset ``name`` of an open HDF5 file as a plain numeric array.
+
+    Raises:
+        DataError: ``name`` is a group, an empty (null-dataspace) dataset, or not of a
+            numeric type (strings, compound records ...).
+    """
+    import h5py
+
+    node = f[name]
+    if not isinstance(node, h5py.Dataset):
+        msg = f"{path}: {name!r} is a {type(node).__name__}, not a dataset."
+        raise DataError(msg)
+    if node.shape is None:
+        msg = f"{path}: {name!r} is an empty (null) dataset."
+        raise DataError(msg)
+    if node.dtype.kind not in "biuf":
+        msg = f"{path}: {name!r} has non-numeric type {node.dtype}."
+        raise DataError(msg)
+    return np.asarray(node[()])
 
 
 class H5FeatureFolder:

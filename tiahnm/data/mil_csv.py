@@ -58,21 +58,30 @@ class MILCSVSource:
                     if len(row) < 3:
                         msg = f"{self.path}, row {lineno}: expected label, bag_id and features."
                         raise DataError(msg)
-                    try:
-                        label = int(float(row[0]))
-                    except ValueError:
-                        msg = f"{self.path}, row {lineno}: label {row[0]!r} is not a number."
-                        raise DataError(msg) from None
+                    label = self._integer(row[0], lineno, "label")
+                    bag_id = row[1].strip()
+                    if not bag_id:
+                        msg = f"{self.path}, row {lineno}: empty bag id."
+                        raise DataError(msg)
                     cols = row[2:]
                     inst = None
                     if self.instance_label_column is not None:
                         idx = self.instance_label_column - 2
-                        inst = int(float(cols.pop(idx)))
+                        if not 0 <= idx < len(cols):
+                            msg = (
+                                f"{self.path}, row {lineno}: no instance label column "
+                                f"{self.instance_label_column} ({len(row)} columns)."
+                            )
+                            raise DataError(msg)
+                        inst = self._integer(cols.pop(idx), lineno, "instance label")
                     try:
                         feats = [float(c) for c in cols]
                     except ValueError:
                         msg = f"{self.path}, row {lineno}: non-numeric feature value."
                         raise DataError(msg) from None
+                    if not feats:
+                        msg = f"{self.path}, row {lineno}: no feature columns."
+                        raise DataError(msg)
                     if width is None:
                         width = len(feats)
                     elif len(feats) != width:
@@ -86,9 +95,12 @@ class MILCSVSource:
                             f"{self.path}, row {lineno}: NaN or infinite feature value."
                         )
                         raise DataError(msg)
-                    rows.setdefault(row[1].strip(), []).append((label, feats, inst))
+                    rows.setdefault(bag_id, []).append((label, feats, inst))
         except UnicodeDecodeError as exc:
             msg = f"{self.path}: not a text CSV file ({exc})."
+            raise DataError(msg) from None
+        except csv.Error as exc:
+            msg = f"{self.path}: malformed CSV ({exc})."
             raise DataError(msg) from None
         if not rows:
             msg = f"{self.path}: no bags found."
@@ -113,3 +125,15 @@ class MILCSVSource:
                 )
             )
         return bags
+
+    def _integer(self, text: str, lineno: int, what: str) -> int:
+        """An integral number (``1``, ``1.0``) from a cell, or a DataError naming the row."""
+        try:
+            value = float(text)
+        except ValueError:
+            msg = f"{self.path}, row {lineno}: {what} {text!r} is not a number."
+            raise DataError(msg) from None
+        if not value.is_integer():
+            msg = f"{self.path}, row {lineno}: {what} {text!r} is not an integer."
+            raise DataError(msg)
+        return int(value)

@@ -661,6 +661,8 @@ def extract_features(
         raise DataError(msg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".*.h5.*.tmp"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     extractor = Extractor(cfg, output_dir)
     startup_s = time.perf_counter() - start
     results = extractor.run(paths, on_result=on_result)

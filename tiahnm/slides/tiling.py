@@ -187,7 +187,14 @@ def tissue_mask(
         return None
     from tiatoolbox.tools import tissuemask
 
-    thumb = np.asarray(slide.reader.slide_thumbnail(mask_scale, "baseline"))
+    try:
+        thumb = np.asarray(slide.reader.slide_thumbnail(mask_scale, "baseline"))
+    except Exception as exc:  # any decoder failure: the pixel data is bad
+        msg = (
+            f"{slide.path}: cannot read the slide's pixels (truncated or corrupt "
+            f"file?) ({type(exc).__name__}: {exc})."
+        )
+        raise DataError(msg) from None
     if thumb.ndim == 2:
         thumb = np.repeat(thumb[..., None], 3, axis=-1)
     thumb = np.ascontiguousarray(thumb[..., :3])
@@ -275,6 +282,13 @@ def tile_slide(slide: OpenedSlide, cfg: TilingConfig) -> Tiling:
     dims_res = tuple(int(v) for v in reader.slide_dimensions(cfg.resolution, cfg.units))
     if min(dims_res) < 1:
         msg = f"{slide.path}: empty at {cfg.resolution} {cfg.units}."
+        raise DataError(msg)
+    if cfg.patch_size > min(dims_res):
+        msg = (
+            f"{slide.path}: patch size {cfg.patch_size} px is larger than the slide "
+            f"({dims_res[0]} x {dims_res[1]} px at {cfg.resolution} {cfg.units}); "
+            "lower --patch-size or use a finer --resolution."
+        )
         raise DataError(msg)
     bounds = PatchExtractor.get_coordinates(
         image_shape=dims_res,
