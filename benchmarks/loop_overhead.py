@@ -3,14 +3,17 @@
 For each head (and optionally a miner), the same bags are trained for the same number
 of epochs by (a) ``tiahnm.training.loop.fit`` and (b) a reference loop that does only
 ``forward -> head.loss -> backward -> Adam step`` per bag. Both run in this process,
-interleaved (ref, ours, ref, ours ...) so machine load affects both alike; the ratio of
-median epoch times is the loop's overhead (target <= 1.10). Peak memory is measured per
-variant in a child process (CPU: peak RSS growth; CUDA: ``max_memory_allocated``).
+interleaved (a reference epoch runs in the ``on_epoch_end`` callback of one long
+``fit``), so machine load affects both alike; the ratio of median epoch times is the
+loop's overhead (target <= 1.10). With a miner, the reference calls the miner's
+``forward``/``after_step`` hooks itself. Peak memory is measured per variant in a
+fresh child process (CPU: peak RSS growth over one epoch, after the data and the
+model exist; CUDA: ``max_memory_allocated`` growth; see ``memprobe.py``).
 
 Usage::
 
     python benchmarks/loop_overhead.py --n-bags 20 --n-instances 8000 --dim 1024 \
-        --heads abmil dsmil --out benchmarks/results/loop_overhead_cpu.json
+        --heads abmil dsmil --miners none mhim --out benchmarks/results/loop_overhead_cpu.json
 """
 
 from __future__ import annotations
@@ -46,51 +49,152 @@ def build(head_name: str, dim: int) -> torch.nn.Module:
     return get_registry("head").create(head_name, dim, 2)
 
 
-def reference_epoch(head, bags, opt, device) -> float:
-    """The minimal loop: one Adam step per bag, nothing else."""
+def warm_up(head, dim: int, device: torch.device) -> None:
+    """One forward/backward/Adam step of a small bag through a copy of ``head``."""
+    import copy
+
+    h = copy.deepcopy(head)
+    x = torch.randn(64, dim, device=device)
+    out = h(x, label=torch.tensor([0], device=device))
+    h.loss(out, torch.tensor([0], device=device)).backward()
+    opt = torch.optim.Adam(h.parameters())  # its first use imports more of torch
+    opt.step()
+    del h, x, out, opt
+
+
+def make_miner(name: str | None):
+    """A registered miner with its default options, or None."""
+    from tiahnm.plugins import get_registry
+
+    return get_registry("miner").create(name) if name else None
+
+
+def reference_epoch(head, bags, opt, device, miner=None, ctx=None, step0=0) -> float:
+    """The minimal loop: per bag forward -> loss -> backward -> Adam step.
+
+    With a miner, its ``forward`` and ``after_step`` hooks are called directly (the
+    same mining work, none of the loop's machinery).
+    """
     head.train()
     t0 = time.perf_counter()
-    for bag in bags:
+    for i, bag in enumerate(bags):
         x = bag.features.to(device)
         y = torch.tensor([bag.label], device=device)
-        out = head(x, label=y if head.needs_label_in_forward else None)
-        loss = head.loss(out, y)
+        if miner is None:
+            out = head(x, label=y if head.needs_label_in_forward else None)
+            loss = head.loss(out, y)
+        else:
+            out, extra = miner.forward(ctx, x, y, step0 + i)
+            loss = head.loss(out, y) + sum(extra.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if miner is not None:
+            miner.after_step(ctx, step0 + i)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def reference_setup(head, miner_name, device, n_bags):
+    """Optimiser (and miner + context) of the reference loop."""
+    from tiahnm.miners.base import FitContext
+
+    miner = make_miner(miner_name)
+    ctx = None
+    params = list(head.parameters())
+    if miner is not None:
+        ctx = FitContext(head, device, epochs=1, steps_per_epoch=n_bags)
+        ctx.generator = torch.Generator().manual_seed(0)
+        miner.on_fit_start(ctx)
+        for m in miner.modules().values():
+            m.to(device)
+            params += [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=2e-4, weight_decay=1e-5)
+    return opt, miner, ctx
 
 
 def ours_epoch(head, bags, device, miner_name: str | None) -> float:
     """One epoch of the shared loop (no validation set, no checkpointing)."""
     from tiahnm.config import TrainConfig
-    from tiahnm.plugins import get_registry
     from tiahnm.training.loop import fit
 
-    miner = get_registry("miner").create(miner_name) if miner_name else None
     cfg = TrainConfig(epochs=1, scheduler="none", progress=False, amp="off")
     t0 = time.perf_counter()
-    fit(head, bags, [], cfg, miner=miner, device=device, seed=0)
+    fit(head, bags, [], cfg, miner=make_miner(miner_name), device=device, seed=0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
+def prepare_reference(head, miner_name) -> None:
+    """Imports of the reference variant (outside the memory probe)."""
+    import tiahnm.miners.base
+    import tiahnm.plugins  # noqa: F401
+
+
+def run_reference(head, bags, device, miner_name) -> None:
+    """One reference epoch (memory probe)."""
+    opt, miner, ctx = reference_setup(head, miner_name, device, len(bags))
+    reference_epoch(head, bags, opt, device, miner, ctx)
+
+
+def prepare_ours(head, miner_name) -> None:
+    """Imports of the shared loop (outside the memory probe)."""
+    import tiahnm.config
+    import tiahnm.training.loop
+    import tiahnm.training.metrics  # noqa: F401
+
+
+def run_ours(head, bags, device, miner_name) -> None:
+    """One epoch of the shared loop (memory probe)."""
+    ours_epoch(head, bags, device, miner_name)
+
+
 def time_pair(args: argparse.Namespace, head_name: str, miner: str | None) -> dict:
-    """Interleaved epoch times of the reference loop and of ours."""
+    """Interleaved epoch times of the reference loop and of ours.
+
+    One ``fit`` call runs ``epochs + 1`` epochs; its ``on_epoch_end`` callback runs
+    a reference epoch, so the two alternate (ours, reference, ours, ...) under the
+    same machine load. Our epoch time is from the end of one callback to the start
+    of the next (everything the loop does per epoch); the first epoch of each (set-up
+    and warm-up) is dropped.
+    """
+    from tiahnm.config import TrainConfig
+    from tiahnm.training.loop import fit
+
     device = torch.device(args.device)
     bags = make_bags(args.n_bags, args.n_instances, args.dim)
     ref_head = build(head_name, args.dim).to(device)
     our_head = build(head_name, args.dim).to(device)
-    opt = torch.optim.Adam(ref_head.parameters(), lr=2e-4, weight_decay=1e-5)
-    reference_epoch(ref_head, bags[:2], opt, device)  # warm-up
-    ours_epoch(our_head, bags[:2], device, miner)
-    ref, ours = [], []
-    for _ in range(args.epochs):
-        ref.append(reference_epoch(ref_head, bags, opt, device))
-        ours.append(ours_epoch(our_head, bags, device, miner))
+    opt, ref_miner, ctx = reference_setup(ref_head, miner, device, len(bags))
+    ref: list[float] = []
+    ours: list[float] = []
+    clock = [0.0]
+
+    def on_epoch_end(row: dict) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ours.append(time.perf_counter() - clock[0])
+        step0 = len(ref) * len(bags)
+        ref.append(reference_epoch(ref_head, bags, opt, device, ref_miner, ctx, step0))
+        clock[0] = time.perf_counter()
+
+    cfg = TrainConfig(
+        epochs=args.epochs + 1, scheduler="none", progress=False, amp="off"
+    )
+    clock[0] = time.perf_counter()
+    fit(
+        our_head,
+        bags,
+        [],
+        cfg,
+        miner=make_miner(miner),
+        device=device,
+        seed=0,
+        on_epoch_end=on_epoch_end,
+    )
+    ref, ours = ref[1:], ours[1:]
     r, o = statistics.median(ref), statistics.median(ours)
     return {
         "reference_epoch_s": r,
@@ -101,34 +205,53 @@ def time_pair(args: argparse.Namespace, head_name: str, miner: str | None) -> di
     }
 
 
-def peak_memory(
-    args: argparse.Namespace, head_name: str, miner: str | None, variant: str
-) -> float:
-    """Peak memory (MB) of one epoch of ``variant`` in a fresh child process."""
-    code = f"""
-import resource, sys, torch
+PROBE = """
+import sys, torch
 sys.argv = ['x']
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-import loop_overhead as lo
-device = torch.device({args.device!r})
-bags = lo.make_bags({args.n_bags}, {args.n_instances}, {args.dim})
-head = lo.build({head_name!r}, {args.dim}).to(device)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if device.type == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
-if {variant!r} == 'reference':
-    opt = torch.optim.Adam(head.parameters(), lr=2e-4)
-    lo.reference_epoch(head, bags, opt, device)
-else:
-    lo.ours_epoch(head, bags, device, {miner!r})
-if device.type == 'cuda':
-    print(torch.cuda.max_memory_allocated() / 2**20)
-else:
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+sys.path.insert(0, {bench_dir!r})
+import memprobe, {module} as bench
+torch.set_num_threads({threads})
+device = torch.device({device!r})
+bags = bench.make_bags({n_bags}, {n_instances}, {dim})
+head = bench.build({head!r}, {dim}).to(device)
+bench.prepare_{variant}(head, {miner!r})  # imports and one-off set-up, not measured
+bench.warm_up(head, {dim}, device)  # torch's lazily created runtime buffers
+with memprobe.Peak(device) as peak:
+    bench.run_{variant}(head, bags, device, {miner!r})
+print(peak.mb)
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+
+
+def peak_memory(
+    args: argparse.Namespace,
+    head_name: str,
+    miner: str | None,
+    variant: str,
+    module: str = "loop_overhead",
+) -> float:
+    """Peak memory (MB) of one epoch of ``variant`` in a fresh child process.
+
+    CPU: growth of the resident set over the epoch (``VmHWM`` is reset after the
+    data and the model exist, then compared with the RSS at that point); CUDA:
+    ``torch.cuda.max_memory_allocated`` growth. See ``benchmarks/memprobe.py``.
+    """
+    code = PROBE.format(
+        bench_dir=str(Path(__file__).parent),
+        module=module,
+        threads=torch.get_num_threads(),
+        device=args.device,
+        n_bags=args.n_bags,
+        n_instances=args.n_instances,
+        dim=args.dim,
+        head=head_name,
+        variant=variant,
+        miner=miner,
     )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -143,7 +266,11 @@ def main() -> None:
         default=["abmil", "abmil_gated", "dsmil", "clam_sb", "dtfd", "mean_pool"],
     )
     p.add_argument(
-        "--miner", default=None, help="Miner for our loop (the reference has none)."
+        "--miners",
+        nargs="+",
+        default=["none"],
+        help="Miners (none, mhim, ...): each head is timed with each miner; the "
+        "reference calls the miner's hooks directly.",
     )
     p.add_argument("--n-bags", type=int, default=20)
     p.add_argument("--n-instances", type=int, default=8000)
@@ -160,19 +287,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = []
     for head in args.heads:
-        row = {
-            "head": head,
-            "miner": args.miner or "none",
-            **time_pair(args, head, args.miner),
-        }
-        if not args.no_memory:
-            row["reference_peak_mb"] = peak_memory(args, head, None, "reference")
-            row["ours_peak_mb"] = peak_memory(args, head, args.miner, "ours")
-        rows.append(row)
-        print(
-            json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}),
-            flush=True,
-        )
+        for miner_name in args.miners:
+            miner = None if miner_name == "none" else miner_name
+            row = {"head": head, "miner": miner_name, **time_pair(args, head, miner)}
+            if not args.no_memory:
+                row["reference_peak_mb"] = peak_memory(args, head, miner, "reference")
+                row["ours_peak_mb"] = peak_memory(args, head, miner, "ours")
+            rows.append(row)
+            print(
+                json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}),
+                flush=True,
+            )
     device_name = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
@@ -186,6 +311,10 @@ def main() -> None:
         "n_instances": args.n_instances,
         "dim": args.dim,
         "epochs": args.epochs,
+        "command": "python " + " ".join(sys.argv),
+        "memory_method": "cuda.max_memory_allocated growth"
+        if args.device.startswith("cuda")
+        else "VmHWM growth (reset via /proc/self/clear_refs) over one epoch",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,33 @@ class TrainConfig:
     )
     checkpoint_every: int = _f(1, "Save a resumable checkpoint every N epochs.")
     progress: bool = _f(True, "Show progress bars.")
+    batch_size: int = _f(
+        1,
+        "Bags (miner batches) per optimiser step, over all processes; the step loss is "
+        "their mean. Under torchrun each process takes batch_size / world_size of them.",
+    )
+    pad_batches: bool = _f(
+        False,
+        "Forward the bags of a step as one padded [B, N_max, D] tensor with a mask "
+        "(heads with batched support: abmil, abmil_gated, mean_pool, max_pool; plain "
+        "training without extra losses); otherwise one bag per forward.",
+    )
+    compile: bool = _f(
+        False,
+        "torch.compile the head with dynamic shapes (bag sizes vary without "
+        "recompiling); meant for GPU.",
+    )
+    prefetch: int = _f(
+        2,
+        "Bags read ahead by background threads (streamed features, and pinning on "
+        "CUDA); 0 reads each bag when needed.",
+    )
+    loader_workers: int = _f(1, "Background threads reading bags ahead.")
+    pin_memory: bool = _f(
+        True,
+        "On CUDA, keep training features in pinned memory when they take less than "
+        "half the free RAM (asynchronous copies).",
+    )
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 
 from tiahnm.data.bag import Bag
 from tiahnm.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 #: Integer labels are class indices; a larger one is taken as a mistake, not a class.
@@ -241,6 +244,12 @@ class H5FeatureFolder:
         classes (list[str] | None): Class names in index order (default: sorted labels).
         missing (str): ``"error"`` (default) or ``"skip"`` for slides in the CSV
             without a feature file.
+        stream (bool): Memory-map each file's ``features`` instead of keeping them in
+            RAM (for cohorts larger than memory): the files are still read once and
+            checked at load, then the OS pages features in while training, and the
+            loop reads bags ahead in background threads (``train.prefetch``). Files
+            whose ``features`` are chunked, compressed or not float32 are read into
+            memory (with a warning).
     """
 
     def __init__(
@@ -250,7 +259,9 @@ class H5FeatureFolder:
         *,
         classes: list[str] | None = None,
         missing: str = "error",
+        stream: bool = False,
     ) -> None:
+        self.stream = stream
         self.features_dir = Path(features_dir)
         self.labels_csv = Path(labels_csv)
         self.classes = classes
@@ -284,11 +295,23 @@ class H5FeatureFolder:
             elif feats.shape[1] != width:
                 msg = f"{path}: feature width {feats.shape[1]}, other slides have {width}."
                 raise DataError(msg)
+            tensor, meta = torch.from_numpy(feats), {}
+            if self.stream:
+                mapped = map_features(path)
+                if mapped is None:
+                    logger.warning(
+                        "%s: 'features' cannot be memory-mapped (chunked, compressed "
+                        "or not float32); read into memory.",
+                        path,
+                    )
+                else:
+                    tensor, meta = mapped, {"storage": "mmap"}
             bags.append(
                 Bag(
                     slide_id=sid,
                     label=label,
-                    features=torch.from_numpy(feats),
+                    features=tensor,
+                    meta=meta,
                     coords=coords,
                     instance_labels=arrays.instance_labels,
                     split=splits.get(sid),
@@ -299,3 +322,36 @@ class H5FeatureFolder:
             msg = f"{self.features_dir}: no feature files for the slides in {self.labels_csv}."
             raise DataError(msg)
         return bags
+
+
+def map_features(path: str | Path) -> torch.Tensor | None:
+    """``features`` ``[N, D]`` of an HDF5 file as a memory-mapped (copy-on-write) tensor.
+
+    Only a contiguous, uncompressed little-endian float32 dataset can be mapped (the
+    layout ``tiahnm extract``, CLAM and TRIDENT write); None for any other layout.
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f["features"]
+            offset = ds.id.get_offset()
+            if (
+                ds.chunks is not None
+                or ds.compression is not None
+                or ds.dtype != np.dtype("<f4")
+                or offset is None
+                or ds.ndim not in (2, 3)
+            ):
+                return None
+            shape = tuple(ds.shape)
+    except (OSError, KeyError) as exc:
+        msg = f"{path}: unreadable HDF5 feature file ({exc})."
+        raise DataError(msg) from None
+    if len(shape) == 3:
+        if shape[0] != 1:
+            return None
+        shape = shape[1:]
+    mm = np.memmap(path, dtype=np.float32, mode="c", offset=offset, shape=shape)
+    return torch.from_numpy(mm)

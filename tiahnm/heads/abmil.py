@@ -43,12 +43,12 @@ class AttentionPool(nn.Module):
         self.w = nn.Linear(attn_dim, n_branches)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw attention scores ``[n_branches, N]`` (before the softmax)."""
+        """Raw attention scores ``[n_branches, N]`` (``[B, n_branches, N]`` for ``[B, N, E]``)."""
         v = self.V(h)
         a = torch.tanh(v) if self.act == "tanh" else F.softsign(v)
         if self.U is not None:
             a = a * torch.sigmoid(self.U(h))
-        return self.w(a).T
+        return self.w(a).transpose(-1, -2)
 
 
 class ABMIL(AdaptiveWeightingMixin, MILHead):
@@ -117,6 +117,22 @@ class ABMIL(AdaptiveWeightingMixin, MILHead):
             attention=a,
             extras=extras,
         )
+
+    def supports_padding(self) -> bool:
+        """Padded batches are supported unless adaptive weighting is on."""
+        return self.adaptive_lambda is None
+
+    def forward_padded(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bag logits ``[B, C]`` of a padded batch.
+
+        Args:
+            x (torch.Tensor): ``[B, N_max, D]`` features, zero-padded.
+            mask (torch.Tensor): ``[B, N_max]`` bool, True for real instances.
+        """
+        h = self.embed(x)
+        scores = self.attention(h).masked_fill(~mask[:, None, :], float("-inf"))
+        a = torch.softmax(scores, dim=-1)
+        return self.classifier((a @ h)[:, 0])
 
 
 class GatedABMIL(ABMIL):

@@ -62,6 +62,23 @@ class PoolingMIL(MILHead):
             instance_logits=c,
         )
 
+    def supports_padding(self) -> bool:
+        """Padded batches are always supported."""
+        return True
+
+    def forward_padded(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bag logits ``[B, C]`` of a padded batch.
+
+        Args:
+            x (torch.Tensor): ``[B, N_max, D]`` features, zero-padded.
+            mask (torch.Tensor): ``[B, N_max]`` bool, True for real instances.
+        """
+        c = self.classifier(self.embed(x))
+        m = mask[:, :, None]
+        if self.pool == "mean":
+            return (c * m).sum(1) / m.sum(1).to(c.dtype)
+        return c.masked_fill(~m, float("-inf")).max(1).values
+
 
 class MeanPoolingMIL(PoolingMIL):
     """Mean pooling of instance logits."""

@@ -9,6 +9,10 @@ encoded in batches on the device (autocast bf16/fp16 on GPU), and written atomic
 A slide whose file exists with the same settings is skipped. A slide that fails is
 recorded with its reason and the others go on; ``failures.csv`` (slide, error) and
 ``extract_summary.json`` are written at the end.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the slides are sharded by slide id across the
+processes (each on its own GPU, ``cuda:LOCAL_RANK``); rank 0 gathers every rank's
+outcomes and writes the merged ``failures.csv`` and ``extract_summary.json``.
 """
 
 from __future__ import annotations
@@ -282,7 +286,9 @@ class Extractor:
 
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        self.device = resolve_device(cfg.device)
+        from tiahnm.training.distributed import current, local_device
+
+        self.device = local_device(resolve_device(cfg.device), current())
         self.num_workers = resolve_workers(cfg.num_workers, self.device)
         self.amp_dtype, precision = _precision(self.device, cfg.amp)
         self.encoder = build_encoder(
@@ -611,6 +617,21 @@ class Extractor:
         return results
 
 
+def shard_slides(paths: Sequence[Path], rank: int, world_size: int) -> list[int]:
+    """Indices of the slides rank ``rank`` extracts.
+
+    Slides are dealt round robin by slide id (first occurrence), so files with the
+    same id land on the same rank, which reports the duplicate.
+    """
+    first: dict[str, int] = {}
+    owner = []
+    for path in paths:
+        sid = slide_id(path)
+        first.setdefault(sid, len(first))
+        owner.append(first[sid] % world_size)
+    return [i for i, r in enumerate(owner) if r == rank]
+
+
 def write_failures_csv(path: str | Path, results: Sequence[SlideResult]) -> Path:
     """``slide,error`` rows for the failed slides (header only when none failed)."""
     from tiahnm.utils.io import atomic_open
@@ -659,13 +680,29 @@ def extract_features(
             f"(suffixes: {', '.join(cfg.suffixes)})."
         )
         raise DataError(msg)
+    from tiahnm.training.distributed import (
+        all_gather_objects,
+        barrier,
+        init_distributed,
+    )
+
+    dctx = init_distributed(cfg.device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(".*.h5.*.tmp"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    if dctx.is_main:  # not while another rank may be writing its first file
+        for stale in output_dir.glob(".*.h5.*.tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+    barrier(dctx)
     extractor = Extractor(cfg, output_dir)
     startup_s = time.perf_counter() - start
-    results = extractor.run(paths, on_result=on_result)
+    mine = shard_slides(paths, dctx.rank, dctx.world_size)
+    results = extractor.run([paths[i] for i in mine], on_result=on_result)
+    if dctx.enabled:
+        parts = all_gather_objects(
+            [(i, asdict(r)) for i, r in zip(mine, results, strict=True)], dctx
+        )
+        merged = sorted((p for part in parts for p in part), key=lambda p: p[0])
+        results = [SlideResult(**r) for _, r in merged]
     summary = ExtractSummary(
         results=results,
         seconds=time.perf_counter() - start,
@@ -673,6 +710,8 @@ def extract_features(
         settings=extractor.settings,
         startup_s=startup_s,
     )
-    write_failures_csv(output_dir / "failures.csv", results)
-    write_json(output_dir / "extract_summary.json", summary.as_dict())
+    if dctx.is_main:
+        write_failures_csv(output_dir / "failures.csv", results)
+        write_json(output_dir / "extract_summary.json", summary.as_dict())
+    barrier(dctx)  # the merged files exist before any rank returns
     return summary

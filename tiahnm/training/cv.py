@@ -38,6 +38,13 @@ from tiahnm.evaluation.metrics import INSTANCE_METRICS, add_confidence_intervals
 from tiahnm.plugins import ensure_options_mapping, get_registry
 from tiahnm.training.checkpoint import save_checkpoint
 from tiahnm.training.device import amp_dtype, resolve_device
+from tiahnm.training.distributed import (
+    SINGLE,
+    DistContext,
+    barrier,
+    init_distributed,
+    local_device,
+)
 from tiahnm.training.loop import fit
 from tiahnm.training.metrics import METRICS, aggregate, binary_metrics, choose_threshold
 from tiahnm.training.splits import (
@@ -93,7 +100,14 @@ def _standardise(
     feats = torch.cat([bags[i].features for i in train_idx])
     mean = feats.mean(0)
     std = feats.std(0).clamp_min(1e-6)
-    out = [replace(b, features=(b.features - mean) / std) for b in bags]
+    out = [
+        replace(
+            b,
+            features=(b.features - mean) / std,
+            meta={k: v for k, v in b.meta.items() if k != "storage"},
+        )
+        for b in bags
+    ]
     return out, mean, std
 
 
@@ -174,8 +188,12 @@ def _fold_metrics(
     }
 
 
-def _progress(config: Config) -> bool:
-    return config.train.progress and os.environ.get("TIAHNM_NO_PROGRESS") is None
+def _progress(config: Config, dctx: DistContext = SINGLE) -> bool:
+    return (
+        config.train.progress
+        and dctx.is_main
+        and os.environ.get("TIAHNM_NO_PROGRESS") is None
+    )
 
 
 def run_fold(
@@ -186,12 +204,19 @@ def run_fold(
     *,
     n_classes: int,
     device: torch.device,
+    dctx: DistContext = SINGLE,
 ) -> dict[str, Any]:
-    """Train and evaluate one fold; returns (and writes) its result."""
+    """Train and evaluate one fold; returns (and writes) its result.
+
+    Under ``torchrun`` every rank trains (data parallel); rank 0 alone evaluates and
+    writes, and the other ranks read its ``result.json``.
+    """
     result_path = fold_dir / "result.json"
+    barrier(dctx)  # rank 0 may have just written the previous fold or this one
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    if dctx.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
     seed = config.seed + 1000 * fold.repeat + fold.fold
     torch.manual_seed(seed)
     norm = None
@@ -212,7 +237,7 @@ def run_fold(
         total=config.train.epochs * config.train.rounds,
         desc=fold.name,
         leave=False,
-        disable=not _progress(config),
+        disable=not _progress(config, dctx),
     ) as bar:
 
         def on_epoch_end(row: dict[str, float]) -> None:
@@ -232,9 +257,25 @@ def run_fold(
             seed=seed,
             checkpoint_dir=fold_dir,
             on_epoch_end=on_epoch_end,
+            dist_ctx=dctx,
         )
     head.load_state_dict(res.best_state)
     dtype = amp_dtype(device, config.train.amp)
+    if not dctx.is_main:
+        if config.cv.refit and val:
+            _refit(
+                config,
+                train + val,
+                n_classes,
+                fold,
+                fold_dir,
+                res.best_epoch,
+                seed,
+                device,
+                dctx,
+            )
+        barrier(dctx)
+        return json.loads(result_path.read_text())
     val_probs, _, val_scores = predict_with_scores(
         head,
         val,
@@ -251,20 +292,17 @@ def run_fold(
     if config.cv.refit and val:
         # The epoch count was chosen on validation; the final model also learns from
         # the validation bags. Nothing here looks at the test fold.
-        torch.manual_seed(seed)
-        head = build_head(config, in_dim, n_classes)
-        res = fit(
-            head,
+        head, res = _refit(
+            config,
             train + val,
-            [],
-            replace(config.train, epochs=best_epoch + 1),
-            miner=build_miner(config, fold),
-            losses=build_losses(config),
-            device=device,
-            seed=seed,
-            checkpoint_dir=fold_dir / "refit",
+            n_classes,
+            fold,
+            fold_dir,
+            best_epoch,
+            seed,
+            device,
+            dctx,
         )
-        head.load_state_dict(res.best_state)
     fit_seconds = time.perf_counter() - t0
     test_probs, test_loss, inst_scores = predict_with_scores(
         head, test, device, amp=dtype
@@ -331,7 +369,38 @@ def run_fold(
     write_json(result_path, result)
     (fold_dir / "last.pt").unlink(missing_ok=True)
     (fold_dir / "refit" / "last.pt").unlink(missing_ok=True)
+    barrier(dctx)
     return result
+
+
+def _refit(
+    config: Config,
+    bags: list[Bag],
+    n_classes: int,
+    fold: Fold,
+    fold_dir: Path,
+    best_epoch: int,
+    seed: int,
+    device: torch.device,
+    dctx: DistContext,
+) -> tuple[torch.nn.Module, Any]:
+    """Retrain a fresh head on ``bags`` for ``best_epoch + 1`` epochs (same seed)."""
+    torch.manual_seed(seed)
+    head = build_head(config, int(bags[0].features.shape[1]), n_classes)
+    res = fit(
+        head,
+        bags,
+        [],
+        replace(config.train, epochs=best_epoch + 1),
+        miner=build_miner(config, fold),
+        losses=build_losses(config),
+        device=device,
+        seed=seed,
+        checkpoint_dir=fold_dir / "refit",
+        dist_ctx=dctx,
+    )
+    head.load_state_dict(res.best_state)
+    return head, res
 
 
 def run_training(
@@ -343,27 +412,33 @@ def run_training(
         config (Config): The run config.
         bags (Sequence[Bag] | None): Bags to use instead of the configured source.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join a process group and
+    train each fold data parallel; rank 0 writes every file.
+
     Returns:
         dict: The content of ``summary.json``.
     """
+    dctx = init_distributed(config.train.device)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if dctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     bags = list(bags) if bags is not None else load_bags(config)
     n_classes = max(2, max(b.label for b in bags) + 1)
     folds = make_folds(config, bags)
-    write_split_file(out / "splits.csv", folds, [b.slide_id for b in bags])
-    device = resolve_device(config.train.device)
+    if dctx.is_main:
+        write_split_file(out / "splits.csv", folds, [b.slide_id for b in bags])
+    device = local_device(resolve_device(config.train.device), dctx)
     # Builds every component once before training, so a bad name or option fails fast.
     build_head(config, int(bags[0].features.shape[1]), n_classes)
-    build_miner(config)
+    build_miner(config, folds[0])  # fold placeholders filled as in the folds
     build_losses(config)
     from tqdm.auto import tqdm
 
     results = []
-    for fold in tqdm(folds, desc="folds", disable=not _progress(config)):
+    for fold in tqdm(folds, desc="folds", disable=not _progress(config, dctx)):
         results.append(
             run_fold(
                 config,
@@ -372,6 +447,7 @@ def run_training(
                 out / "folds" / fold.name,
                 n_classes=n_classes,
                 device=device,
+                dctx=dctx,
             )
         )
     summary = add_confidence_intervals(
@@ -380,6 +456,8 @@ def run_training(
         n_resamples=config.evaluation.bootstrap,
         seed=config.seed,
     )
+    if not dctx.is_main:
+        return summary
     write_json(out / "summary.json", summary)
     with atomic_open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)

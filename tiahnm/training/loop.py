@@ -1,15 +1,19 @@
 """The shared training loop used by every head and miner.
 
-One bag per forward pass (heads take ``[N, D]``); a step's batch is whatever the
-miner's :meth:`~tiahnm.miners.Miner.batches` yields. Model selection and early stopping
-use the validation bags only.
+One bag per forward pass (heads take ``[N, D]``); a miner batch is whatever the
+miner's :meth:`~tiahnm.miners.Miner.batches` yields, and an optimiser step takes
+``cfg.batch_size`` miner batches (1 by default: one step per miner batch). Under
+``torchrun`` the miner batches of a step are dealt round robin to the processes and
+the gradients averaged (:mod:`tiahnm.training.distributed`), which gives the same
+update as one process taking the whole step. Model selection and early stopping use
+the validation bags only.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +21,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tiahnm.errors import ConfigError
 from tiahnm.miners.base import FitContext, Miner
 from tiahnm.training.checkpoint import load_checkpoint, save_checkpoint
 from tiahnm.training.device import amp_dtype, autocast
+from tiahnm.training.distributed import (
+    SINGLE,
+    DistContext,
+    all_gather_objects,
+    all_reduce_gradients,
+    all_reduce_sum,
+    broadcast_modules,
+    current,
+    shard,
+    unshard,
+)
+from tiahnm.training.feeding import iter_features, pin_bags
 from tiahnm.training.metrics import binary_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,17 +89,25 @@ def predict(
     *,
     amp: torch.dtype | None = None,
     instance_scores: bool = False,
+    dist_ctx: DistContext = SINGLE,
+    prefetch: int = 0,
 ) -> tuple[np.ndarray, float, list[np.ndarray] | None]:
     """Deterministic forward over ``bags``.
+
+    With a multi-process ``dist_ctx`` every rank predicts its shard of ``bags`` and
+    the results are gathered in the original order on every rank (a collective
+    call: every rank must make it).
 
     Returns:
         tuple: ``(probs [n, C], mean loss, instance scores per bag or None)``.
     """
     was_training = head.training
     head.eval()
+    mine = shard(bags, dist_ctx)
     probs, losses, scores = [], [], []
-    for bag in bags:
-        x = bag.features.to(device, non_blocking=True)
+    for bag, x in zip(
+        mine, iter_features(mine, device, prefetch=prefetch), strict=True
+    ):
         y = torch.tensor([bag.label], device=device)
         with autocast(device, amp):
             out = head(x)
@@ -91,10 +116,21 @@ def predict(
         if instance_scores:
             scores.append(head.instance_scores(out).float().cpu().numpy())
     head.train(was_training)
+    if dist_ctx.enabled:
+        part = (
+            [p.cpu() for p in probs],
+            [v.cpu() for v in losses],
+            scores if instance_scores else None,
+        )
+        parts = all_gather_objects(part, dist_ctx)
+        probs = unshard([p[0] for p in parts], len(bags))
+        losses = unshard([p[1] for p in parts], len(bags))
+        if instance_scores:
+            scores = unshard([p[2] for p in parts], len(bags))
     if not bags:
         return np.zeros((0, head.n_classes)), math.nan, None
-    p = torch.stack(probs).cpu().numpy().astype(np.float64)
-    loss = float(torch.stack(losses).mean())
+    p = torch.stack([v.cpu() for v in probs]).numpy().astype(np.float64)
+    loss = float(torch.stack([v.cpu() for v in losses]).mean())
     return p, loss, (scores if instance_scores else None)
 
 
@@ -113,6 +149,33 @@ def _score(
     return (value, -val_loss)
 
 
+def _check_cfg(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "loader_workers"):
+        if getattr(cfg, name) < 1:
+            msg = f"train.{name} must be >= 1, got {getattr(cfg, name)}."
+            raise ConfigError(msg)
+    if cfg.prefetch < 0:
+        msg = f"train.prefetch must be >= 0, got {cfg.prefetch}."
+        raise ConfigError(msg)
+
+
+def compile_head(head: MILHead, *, backend: str = "inductor") -> MILHead:
+    """``torch.compile`` ``head`` in place with dynamic shapes.
+
+    Bag sizes vary from bag to bag: with ``dynamic=True`` the instance axis is
+    symbolic from the first compilation, so new sizes reuse the graph instead of
+    recompiling. Compiling in place keeps the state-dict keys (checkpoints stay
+    loadable without compile).
+    """
+    head.compile(dynamic=True, backend=backend)
+    return head
+
+
+def group_steps(batches: Sequence[list[Bag]], size: int) -> list[list[list[Bag]]]:
+    """Consecutive miner batches grouped ``size`` per optimiser step."""
+    return [list(batches[i : i + size]) for i in range(0, len(batches), size)]
+
+
 def fit(
     head: MILHead,
     train_bags: Sequence[Bag],
@@ -125,6 +188,7 @@ def fit(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> FitResult:
     """Train ``head`` with the shared loop; return the best (validation) state.
 
@@ -137,21 +201,30 @@ def fit(
         miner (Miner | None): Miner (default: plain training).
         losses (Sequence[tuple[BatchLoss, float]]): Extra losses and their weights.
         device (torch.device | None): Device (default CPU).
-        seed (int): Seed of shuffling and of the miner's randomness.
+        seed (int): Seed of shuffling and of the miner's randomness (the same on
+            every rank).
         checkpoint_dir (str | Path | None): Where ``last.pt`` is written every
-            ``cfg.checkpoint_every`` epochs; an existing ``last.pt`` is resumed.
+            ``cfg.checkpoint_every`` epochs (by rank 0); an existing ``last.pt`` is
+            resumed (by every rank).
         on_epoch_end (Callable | None): Called with each epoch's history row.
+        dist_ctx (DistContext | None): Multi-process context (default: the joined
+            process group, if any).
 
     Returns:
-        FitResult: Best state dict, its epoch and the history.
+        FitResult: Best state dict, its epoch and the history (the same on every rank).
     """
+    _check_cfg(cfg)
+    dctx = dist_ctx if dist_ctx is not None else current()
     miner = miner or Miner()
     device = device or torch.device("cpu")
     dtype = amp_dtype(device, cfg.amp)
     head.to(device)
     train_bags = list(train_bags)
+    if cfg.pin_memory:
+        train_bags = pin_bags(train_bags, device)
     generator = torch.Generator().manual_seed(seed)
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    batched = _can_pad(head, miner, losses) if cfg.pad_batches else False
 
     round_idx, start_epoch = 0, 0
     history: list[dict[str, float]] = []
@@ -173,22 +246,29 @@ def fit(
 
     val_labels = [b.label for b in val_bags]
     epoch_seconds: list[float] = []
+    compiled = False
     while round_idx < cfg.rounds:
+        n_miner_batches = max(1, miner.n_steps(len(train_bags)))
         ctx = FitContext(
             head=head,
             device=device,
             epochs=cfg.epochs,
-            steps_per_epoch=max(1, miner.n_steps(len(train_bags))),
+            steps_per_epoch=-(-n_miner_batches // cfg.batch_size),
             round=round_idx,
             generator=generator,
         )
         # Before the optimiser exists, so a miner can build trainable modules here.
         miner.on_fit_start(ctx)
+        if cfg.compile and not compiled:
+            # after on_fit_start: a miner's copy of the head (MHIM teacher) stays eager
+            compile_head(head)
+            compiled = True
         params = list(head.parameters())
         for module in miner.modules().values():
             module.to(device)
             params += [p for p in module.parameters() if p.requires_grad]
         params = [p for p in params if p.requires_grad]
+        broadcast_modules([head, *miner.modules().values()], dctx)
         opt = make_optimizer(params, cfg)
         sched = make_scheduler(opt, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
@@ -219,40 +299,45 @@ def fit(
             t0 = time.perf_counter()
             head.train()
             miner.on_epoch_start(ctx, epoch)
+            steps = group_steps(
+                list(miner.batches(ctx, train_bags, generator)), cfg.batch_size
+            )
+            mine = [shard(group, dctx) for group in steps]
+            feats = iter_features(
+                [bag for part in mine for batch in part for bag in batch],
+                device,
+                prefetch=cfg.prefetch,
+                workers=cfg.loader_workers,
+            )
             loss_sum = torch.zeros((), device=device)
-            n_steps = 0
-            for batch in miner.batches(ctx, train_bags, generator):
-                outs, labels, bag_losses = [], [], []
-                with autocast(device, dtype):
-                    for bag in batch:
-                        x = bag.features.to(device, non_blocking=True)
-                        y = torch.tensor([bag.label], device=device)
-                        out, extra = miner.forward(ctx, x, y, step)
-                        bag_loss = head.loss(out, y)
-                        for value in extra.values():
-                            bag_loss = bag_loss + value
-                        bag_losses.append(bag_loss)
-                        outs.append(out)
-                        labels.append(bag.label)
-                    loss = torch.stack(bag_losses).mean()
-                    for loss_fn, weight in losses:
-                        value = loss_fn(head, outs, labels)
-                        if value is not None:
-                            loss = loss + weight * value
+            for group, part in zip(steps, mine, strict=True):
+                # every rank's share is scaled so that the all-reduced mean of the
+                # gradients is the gradient of the mean loss over the whole step
+                scale = dctx.world_size / len(group)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                if batched and part:  # one padded forward; plain batches are 1 bag
+                    bags = [bag for batch in part for bag in batch]
+                    xs = [next(feats) for _ in bags]
+                    loss = _padded_loss(head, bags, xs, device, dtype) * len(part)
+                    loss_sum += _backward(scaler, loss, scale)
+                elif not batched:
+                    for batch in part:
+                        loss = _batch_loss(
+                            head, miner, ctx, batch, feats, losses, device, dtype, step
+                        )
+                        loss_sum += _backward(scaler, loss, scale)
+                all_reduce_gradients(params, dctx)
                 if cfg.grad_clip:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 scaler.step(opt)
                 scaler.update()
                 miner.after_step(ctx, step)
-                loss_sum += loss.detach().float()
-                n_steps += 1
                 step += 1
             if sched is not None:
                 sched.step()
-            train_loss = float(loss_sum) / max(n_steps, 1)
+            loss_sum = all_reduce_sum(loss_sum, dctx) / dctx.world_size
+            train_loss = float(loss_sum) / max(len(steps), 1)
             epoch_seconds.append(time.perf_counter() - t0)
             row: dict[str, float] = {
                 "round": round_idx,
@@ -261,7 +346,14 @@ def fit(
                 **miner.epoch_stats(),
             }
             if val_bags:
-                val_probs, val_loss, _ = predict(head, val_bags, device, amp=dtype)
+                val_probs, val_loss, _ = predict(
+                    head,
+                    val_bags,
+                    device,
+                    amp=dtype,
+                    dist_ctx=dctx,
+                    prefetch=cfg.prefetch,
+                )
                 score = _score(cfg.monitor, val_loss, val_probs, val_labels)
                 row["val_loss"] = val_loss
                 if val_probs.shape[1] == 2:
@@ -288,8 +380,10 @@ def fit(
                 and epoch + 1 >= cfg.min_epochs
             )
             last_epoch = stop or epoch + 1 == cfg.epochs
-            if ckpt_path is not None and (
-                (epoch + 1) % cfg.checkpoint_every == 0 or last_epoch
+            if (
+                ckpt_path is not None
+                and dctx.is_main
+                and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch)
             ):
                 save_checkpoint(
                     {
@@ -349,6 +443,80 @@ def fit(
     )
 
 
+def _batch_loss(
+    head: MILHead,
+    miner: Miner,
+    ctx: FitContext,
+    batch: Sequence[Bag],
+    feats: Iterator[torch.Tensor],
+    losses: Sequence[tuple[BatchLoss, float]],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    step: int,
+) -> torch.Tensor:
+    """Loss of one miner batch: mean bag loss (+ miner extras) plus the batch losses."""
+    outs, labels, bag_losses = [], [], []
+    with autocast(device, dtype):
+        for bag in batch:
+            x = next(feats)
+            y = torch.tensor([bag.label], device=device)
+            out, extra = miner.forward(ctx, x, y, step)
+            bag_loss = head.loss(out, y)
+            for value in extra.values():
+                bag_loss = bag_loss + value
+            bag_losses.append(bag_loss)
+            outs.append(out)
+            labels.append(bag.label)
+        loss = torch.stack(bag_losses).mean()
+        for loss_fn, weight in losses:
+            value = loss_fn(head, outs, labels)
+            if value is not None:
+                loss = loss + weight * value
+    return loss
+
+
+def _can_pad(
+    head: MILHead, miner: Miner, losses: Sequence[tuple[BatchLoss, float]]
+) -> bool:
+    """Whether a step's bags can go through ``head.forward_padded`` together."""
+    supports = getattr(head, "supports_padding", None)
+    return (
+        callable(supports)
+        and bool(supports())
+        and type(miner).forward is Miner.forward
+        and type(miner).batches is Miner.batches
+        and not losses
+        and not head.needs_label_in_forward
+    )
+
+
+def _padded_loss(
+    head: MILHead,
+    bags: Sequence[Bag],
+    xs: Sequence[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """Mean bag cross-entropy of ``bags`` from one padded ``[B, N_max, D]`` forward."""
+    lengths = torch.tensor([x.shape[0] for x in xs], device=device)
+    x = torch.nn.utils.rnn.pad_sequence(list(xs), batch_first=True)
+    mask = torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None]
+    y = torch.tensor([b.label for b in bags], device=device)
+    with autocast(device, dtype):
+        logits = head.forward_padded(x, mask)
+    return torch.nn.functional.cross_entropy(logits.float(), y)
+
+
+def _backward(
+    scaler: torch.amp.GradScaler, loss: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Backward of ``scale * loss`` (gradients accumulate); returns it detached."""
+    if scale != 1.0:
+        loss = loss * scale
+    scaler.scale(loss).backward()
+    return loss.detach().float()
+
+
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -372,4 +540,12 @@ def _bag_from_dict(item: dict[str, Any]) -> Bag:
     )
 
 
-__all__ = ["FitResult", "fit", "make_optimizer", "make_scheduler", "predict"]
+__all__ = [
+    "FitResult",
+    "compile_head",
+    "fit",
+    "group_steps",
+    "make_optimizer",
+    "make_scheduler",
+    "predict",
+]
