@@ -533,7 +533,8 @@ def test_cli_train_with_mhim_preset_and_teacher_init(tmp_path):
     res = runner.invoke(cli, [*common, "--output-path", str(base)])
     assert res.exit_code == 0, res.output
     out = tmp_path / "mhim"
-    best = base / "folds" / "r0_f0" / "best.pt"
+    # Each fold's teacher starts from the same fold's baseline (the official protocol).
+    best = base / "folds" / "{fold_name}" / "best.pt"
     args = [
         *common,
         "--output-path",
@@ -549,6 +550,8 @@ def test_cli_train_with_mhim_preset_and_teacher_init(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["miner"] == "mhim" and summary["n_folds"] == 2
+    config = (out / "config.yaml").read_text()
+    assert "{fold_name}" in config  # the placeholder is kept in the saved config
     res = runner.invoke(
         cli,
         [
