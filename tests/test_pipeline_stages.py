@@ -158,3 +158,20 @@ def test_heatmap_slides_alternate_between_labels():
         "n1",
         "n2",
     ]
+
+
+def test_only_rank_zero_writes_the_manifest_and_prints(tmp_path, monkeypatch, capsys):
+    from tiahnm.cli import _print_summary
+    from tiahnm.pipeline import StageManifest
+
+    summary = {"head": "abmil", "miner": "none", "n_folds": 2, "metrics": {}}
+    monkeypatch.setenv("RANK", "1")
+    StageManifest(tmp_path / "stages.json").start("train", "k", {})
+    _print_summary(summary, str(tmp_path))
+    assert not (tmp_path / "stages.json").exists()
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    StageManifest(tmp_path / "stages.json").start("train", "k", {})
+    _print_summary(summary, str(tmp_path))
+    assert (tmp_path / "stages.json").is_file()
+    assert "abmil + miner none: 2 folds" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -138,7 +139,12 @@ class StageManifest:
         self._save()
 
     def _save(self) -> None:
-        write_json(self.path, {"stages": self.stages})
+        if _is_main_process():  # under torchrun only rank 0 writes
+            write_json(self.path, {"stages": self.stages})
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _fingerprint(paths: list[Path]) -> list[list[Any]]:
@@ -443,6 +449,9 @@ def run_pipeline(
         record(
             StageOutcome("train", "done", seconds, f"{result.summary['n_folds']} folds")
         )
+
+    if not _is_main_process():  # heatmaps and the report are rank 0's
+        return result
 
     # 3. heatmaps
     n_maps = config.evaluation.heatmaps

@@ -8,6 +8,7 @@ hook.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,8 @@ def _load(
 
 
 def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     click.echo(
         f"\n{summary['head']} + miner {summary['miner']}: {summary['n_folds']} folds"
     )
