@@ -31,27 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from loop_overhead import build, make_bags
 
 PRESET = {"abmil": "c16_abmil", "transmil": "c16_transmil", "dsmil": "c16_dsmil"}
-
-
-def make_bags(n_bags: int, n_instances: int, dim: int, seed: int = 0) -> list:
-    """Synthetic bags (features only; labels alternate)."""
-    from tiahnm.data.bag import Bag
-
-    g = torch.Generator().manual_seed(seed)
-    return [
-        Bag(f"b{i}", i % 2, torch.randn(n_instances, dim, generator=g))
-        for i in range(n_bags)
-    ]
-
-
-def build(head_name: str, dim: int) -> torch.nn.Module:
-    """A registered head with its default options, seeded."""
-    from tiahnm.plugins import get_registry
-
-    torch.manual_seed(0)
-    return get_registry("head").create(head_name, dim, 2)
 
 
 def epoch(head, bags, device: torch.device, mhim: bool, head_name: str) -> float:
@@ -96,27 +78,15 @@ def time_pair(args: argparse.Namespace, head_name: str) -> dict:
 CHILD = """
 import sys, torch
 sys.path.insert(0, {here!r})
-import mhim_speed as ms
+import memprobe, mhim_speed as ms
 device = torch.device({device!r})
 bags = ms.make_bags({n_bags}, {n_instances}, {dim})
 head = ms.build({head!r}, {dim})
-ms.epoch(head, bags[:1], device, {mhim!r}, {head!r})
+ms.epoch(head, bags[:1], device, {mhim!r}, {head!r})  # warm-up, not measured
 head = ms.build({head!r}, {dim})
-def status(key):
-    for line in open('/proc/self/status'):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-if device.type == 'cuda':
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() / 2**20
-else:
-    open('/proc/self/clear_refs', 'w').write('5')
-    base = status('VmRSS')
-ms.epoch(head, bags, device, {mhim!r}, {head!r})
-if device.type == 'cuda':
-    print(torch.cuda.max_memory_allocated() / 2**20 - base)
-else:
-    print(status('VmHWM') - base)
+with memprobe.Peak(device) as peak:
+    ms.epoch(head, bags, device, {mhim!r}, {head!r})
+print(peak.mb)
 """
 
 
