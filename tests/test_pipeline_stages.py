@@ -165,6 +165,7 @@ def test_only_rank_zero_writes_the_manifest_and_prints(tmp_path, monkeypatch, ca
     from tiahnm.pipeline import StageManifest
 
     summary = {"head": "abmil", "miner": "none", "n_folds": 2, "metrics": {}}
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     StageManifest(tmp_path / "stages.json").start("train", "k", {})
     _print_summary(summary, str(tmp_path))

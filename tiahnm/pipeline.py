@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -144,7 +143,9 @@ class StageManifest:
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    from tiahnm.training.distributed import env_context
+
+    return env_context().is_main
 
 
 def _fingerprint(paths: list[Path]) -> list[list[Any]]:

@@ -8,7 +8,6 @@ hook.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,7 +87,9 @@ def _load(
 
 
 def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+    from tiahnm.training.distributed import env_context
+
+    if not env_context().is_main:  # under torchrun only rank 0 reports
         return
     click.echo(
         f"\n{summary['head']} + miner {summary['miner']}: {summary['n_folds']} folds"
