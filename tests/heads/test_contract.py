@@ -520,3 +520,22 @@ def test_dtfd_instance_logits_use_whole_slide_attention():
         a = torch.softmax(head.attention1(h)[0], dim=0)
         expected = head.classifier1(a.unsqueeze(1) * h)
     torch.testing.assert_close(out.instance_logits, expected)
+
+
+@pytest.mark.parametrize("n, num_landmarks", [(40, 64), (41, 8), (300, 16), (7, 3)])
+def test_nystrom_first_row_equals_the_full_layer(n, num_landmarks):
+    """The class-token-only path of the last layer: same value, same gradients."""
+    from tiahnm.heads.transmil import TransLayer
+
+    torch.manual_seed(0)
+    layer = TransLayer(
+        16, n_heads=2, num_landmarks=num_landmarks, pinv_iterations=6, dropout=0.0
+    )
+    # float32: the Nystrom kernels are computed in float32 whatever the input.
+    x = torch.randn(n, 16).requires_grad_()
+    full = layer(x)[0][:1]
+    (g_full,) = torch.autograd.grad(full.square().sum(), x)
+    first = layer.forward_first(x)
+    (g_first,) = torch.autograd.grad(first.square().sum(), x)
+    torch.testing.assert_close(first, full)
+    torch.testing.assert_close(g_first, g_full, rtol=1e-4, atol=1e-6)

@@ -254,8 +254,25 @@ def test_mil_rounds_train_on_cached_features_of_the_current_encoder():
     with torch.no_grad():
         head.eval()
         images = next(b for b in bags if b.slide_id == batches[0][0].slide_id)
-        want = head.encoder(images.features.reshape(-1, 1, SIDE, SIDE))
-    torch.testing.assert_close(feats, want)
+        raw = {
+            b.slide_id: head.encoder(b.features.reshape(-1, 1, SIDE, SIDE)) for b in bags
+        }
+        flat = torch.cat(list(raw.values()))
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        want = (raw[images.slide_id] - mean) / std
+        # standardised with the training patches' statistics, stored in the head
+        torch.testing.assert_close(feats, want)
+        torch.testing.assert_close(head.feature_mean, mean)
+        torch.testing.assert_close(head.feature_std, std)
+        # evaluation through the whole head sees the same features as training
+        head.head.eval()
+        via_head = head(images.features).instance_logits
+        via_feats = head.head(feats).instance_logits
+        torch.testing.assert_close(via_head, via_feats)
+    plain = miner(neg_ratio=1.0, standardize=False)
+    plain.on_fit_start(ctx)
+    got = plain.mil_features(ctx, bags)
+    torch.testing.assert_close(got[images.slide_id], raw[images.slide_id])
     out, extra = m.forward(ctx, feats, torch.tensor([1]), 0)
     assert out.instance_logits.shape == (5, 2) and extra == {}
     first_version = m._cache_version

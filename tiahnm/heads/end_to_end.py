@@ -23,6 +23,12 @@ class EncoderMIL(MILHead):
     work too. Scores, attention and losses are the inner head's. (MHIM's recycle
     network projects raw instances, so it needs a feature head, not this one.)
 
+    Between the encoder and the inner head sit two buffers, ``feature_mean`` and
+    ``feature_std`` (identity until set with :meth:`set_feature_stats`): a miner that
+    trains the inner head on extracted features (``hnm``) standardises them with
+    training-set statistics and stores those here, so validation, test and a saved
+    model see the features the head was trained on.
+
     Args:
         in_dim (int): ``C * H * W``.
         n_classes (int): Number of classes.
@@ -82,6 +88,20 @@ class EncoderMIL(MILHead):
         self.supported_scores = self.head.supported_scores
         self.default_eval_score = self.head.default_eval_score
         self.needs_label_in_forward = self.head.needs_label_in_forward
+        self.register_buffer("feature_mean", torch.zeros(info.out_dim))
+        self.register_buffer("feature_std", torch.ones(info.out_dim))
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise encoder features as ``(f - mean) / std`` before the head."""
+        self.feature_mean.copy_(mean.reshape(-1))
+        self.feature_std.copy_(std.reshape(-1))
+
+    def normalize_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Apply the stored feature statistics to encoder output ``[N, D]``."""
+        return (feats - self.feature_mean.to(feats.dtype)) / self.feature_std.to(
+            feats.dtype
+        )
 
     def forward(
         self,
@@ -97,7 +117,7 @@ class EncoderMIL(MILHead):
         if keep_idx is not None:
             x = x.index_select(0, keep_idx)
         images = x.reshape(x.shape[0], *self.image_shape)
-        feats = self.encoder(images)
+        feats = self.normalize_features(self.encoder(images))
         return self.head(feats, extra_tokens=extra_tokens, label=label)
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:

@@ -165,8 +165,49 @@ class NystromAttention(nn.Module):
             kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # [H, m, m]
             kernel3 = torch.softmax(q_l @ kf.transpose(-1, -2), dim=-1)  # [H, m, n]
             kernel2_inv = iterative_pinv(kernel2, self.pinv_iterations)
-            out = (kernel1 @ kernel2_inv) @ (kernel3 @ vf)
+            # Right to left: [m, m] @ [m, d] first costs n*m*d, not n*m*m.
+            out = kernel1 @ (kernel2_inv @ (kernel3 @ vf))
         return out.to(v.dtype)
+
+    def forward_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The output row of the first token only, ``[1, E]``, for the same ``x``.
+
+        Equal to ``forward(x)[0][:1]`` (up to rounding): the first token's query
+        meets every key and value, but the other queries are only needed through
+        the landmarks, and a landmark query is a segment mean of queries, i.e. the
+        projection of the segment mean of ``x`` (the query projection has no bias).
+        Saves the query projection of all tokens, the ``n x m`` kernel, the output
+        projection of all rows and most of the residual convolution.
+        """
+        n, e = x.shape
+        w_q, w_k, w_v = self.to_qkv.weight.split(e, dim=0)
+        heads, d = self.n_heads, self.head_dim
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # [r, E] -> [H, r, d]
+            return t.view(t.shape[0], heads, d).transpose(0, 1)
+
+        k = split(F.linear(x, w_k))
+        v = split(F.linear(x, w_v))
+        q0 = split(F.linear(x[:1], w_q)) * self.scale
+        if n <= self.num_landmarks:
+            out = torch.softmax(q0 @ k.transpose(-1, -2), dim=-1) @ v
+        else:
+            m = self.num_landmarks
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                xf, kf, vf, q0f = x.float(), k.float(), v.float(), q0.float()
+                q_l = split(F.linear(segment_means(xf[None], m)[0], w_q.float()))
+                q_l = q_l * self.scale
+                k_l = segment_means(kf, m)
+                kernel1 = torch.softmax(q0f @ k_l.transpose(-1, -2), dim=-1)
+                kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)
+                kernel3 = torch.softmax(q_l @ kf.transpose(-1, -2), dim=-1)
+                kernel2_inv = iterative_pinv(kernel2, self.pinv_iterations)
+                out = (kernel1 @ (kernel2_inv @ (kernel3 @ vf))).to(v.dtype)
+        # The convolution along the sequence reaches k // 2 rows past the first.
+        reach = RESIDUAL_CONV_KERNEL // 2 + 1
+        conv = self.res_conv(v[:, :reach].unsqueeze(0)).squeeze(0)[:, :1]
+        out = (out + conv).transpose(0, 1).reshape(1, heads * d)
+        return self.dropout(self.to_out(out))
 
 
 class TransLayer(nn.Module):
@@ -197,6 +238,10 @@ class TransLayer(nn.Module):
         """Output ``[n, E]``, class-token attention ``[H, n]`` and values."""
         out, cls_attention, values = self.attn(self.norm(x))
         return x + out, cls_attention, values
+
+    def forward_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The first token's output row ``[1, E]`` (see ``forward_first``)."""
+        return x[:1] + self.attn.forward_first(self.norm(x))
 
 
 class PPEG(nn.Module):
@@ -313,8 +358,8 @@ class TransMIL(MILHead):
         x = torch.cat([self.cls_token.to(tokens.dtype), tokens], dim=0)
         x, cls_attention, values = self.layer1(x)
         x = self.ppeg(x, side)
-        x, _, _ = self.layer2(x)
-        z = self.norm(x)[:1]
+        # Only the class token leaves the last layer: compute that row alone.
+        z = self.norm(self.layer2.forward_first(x))
         attention = cls_attention[:, 1 : n + 1]
         attention = attention / attention.sum(dim=-1, keepdim=True)
         return MILOutput(
