@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-weights", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="CV repeats (default per dataset)"
+    )
     args = parser.parse_args(argv)
     args.epochs = args.epochs or (2 if args.quick else 40)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for ds in args.datasets:
         spec = dataset_spec(ds, args.data_dir, args.quick)
+        if args.repeats:
+            spec["repeats"] = args.repeats
         bags = load(spec)
         rows = {}
         for variant in args.variants:

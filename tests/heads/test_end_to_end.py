@@ -44,3 +44,37 @@ def test_shape_errors():
         EncoderMIL(785, 2)
     with pytest.raises(ConfigError, match="image_shape"):
         EncoderMIL(784, 2, image_shape=(3, 28, 28))
+
+
+def test_eval_cache_reuses_features_only_while_nothing_changed():
+    h = head()
+    h.enable_eval_cache()
+    calls = []
+    h.encoder.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(6, 784)
+    h.eval()
+    with torch.inference_mode():
+        first = h(x).bag_logits
+        again = h(x).bag_logits
+    assert len(calls) == 1  # second forward served from the cache
+    torch.testing.assert_close(first, again)
+    with torch.no_grad():
+        x[0] += 1.0  # bag changed in place
+        changed = h(x).bag_logits
+        assert len(calls) == 2
+        next(h.encoder.parameters()).mul_(0.5)  # encoder changed in place
+        h(x)
+        assert len(calls) == 3
+    h(x)  # autograd on: never cached
+    assert len(calls) == 4
+    h.train()
+    with torch.no_grad():
+        h(x)  # training mode: never cached
+    assert len(calls) == 5
+    assert not torch.equal(first, changed)
+    uncached = head()
+    uncached.eval()
+    with torch.no_grad():
+        uncached(x)
+        uncached(x)
+    assert uncached._eval_cache is None

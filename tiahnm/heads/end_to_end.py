@@ -29,6 +29,12 @@ class EncoderMIL(MILHead):
     training-set statistics and stores those here, so validation, test and a saved
     model see the features the head was trained on.
 
+    With :meth:`enable_eval_cache` (the ``hnm`` miner turns it on: its encoder is
+    frozen during MIL rounds), the encoder features of a whole bag computed in eval
+    mode without autograd are kept and reused while neither the bag tensor nor any
+    encoder parameter or buffer has changed in place (tracked by their version
+    counters), so per-epoch validation does not re-encode the same images.
+
     Args:
         in_dim (int): ``C * H * W``.
         n_classes (int): Number of classes.
@@ -90,6 +96,37 @@ class EncoderMIL(MILHead):
         self.needs_label_in_forward = self.head.needs_label_in_forward
         self.register_buffer("feature_mean", torch.zeros(info.out_dim))
         self.register_buffer("feature_std", torch.ones(info.out_dim))
+        self._eval_cache: dict[tuple, tuple] | None = None
+
+    def enable_eval_cache(self, enabled: bool = True) -> None:
+        """Reuse encoder features of unchanged bags in eval mode (see class doc)."""
+        self._eval_cache = {} if enabled else None
+
+    def _encoder_version(self) -> tuple[int, ...]:
+        tensors = [*self.encoder.parameters(), *self.encoder.buffers()]
+        return tuple(t._version for t in tensors)
+
+    def _encode_bag(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features of all rows of ``x``, from the eval cache when valid."""
+        usable = (
+            self._eval_cache is not None
+            and not self.training
+            and not self.encoder.training
+            and not torch.is_grad_enabled()
+        )
+        if not usable:
+            return self.encoder(x.reshape(x.shape[0], *self.image_shape))
+        assert self._eval_cache is not None
+        # The entry holds ``x`` itself, so its storage cannot be freed and reused by
+        # another tensor while the key (its address) is in the cache.
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+        version = self._encoder_version()
+        hit = self._eval_cache.get(key)
+        if hit is not None and hit[0] == version and hit[2] == x._version:
+            return hit[3]
+        feats = self.encoder(x.reshape(x.shape[0], *self.image_shape))
+        self._eval_cache[key] = (version, x, x._version, feats)
+        return feats
 
     @torch.no_grad()
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -116,8 +153,7 @@ class EncoderMIL(MILHead):
             x = x[0]
         if keep_idx is not None:
             x = x.index_select(0, keep_idx)
-        images = x.reshape(x.shape[0], *self.image_shape)
-        feats = self.normalize_features(self.encoder(images))
+        feats = self.normalize_features(self._encode_bag(x))
         return self.head(feats, extra_tokens=extra_tokens, label=label)
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:

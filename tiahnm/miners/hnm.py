@@ -308,6 +308,9 @@ class HNMMiner(Miner):
             )
             raise ConfigError(msg)
         head.encoder.requires_grad_(requires_grad=False)
+        # Frozen between fine-tuning stages: validation need not re-encode each epoch.
+        if head._eval_cache is None:
+            head.enable_eval_cache()
         if self.generator is None:
             base = ctx.generator.initial_seed() if ctx.generator is not None else 0
             self.generator = torch.Generator().manual_seed((base + SEED_OFFSET) % 2**63)
