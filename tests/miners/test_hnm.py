@@ -255,7 +255,8 @@ def test_mil_rounds_train_on_cached_features_of_the_current_encoder():
         head.eval()
         images = next(b for b in bags if b.slide_id == batches[0][0].slide_id)
         raw = {
-            b.slide_id: head.encoder(b.features.reshape(-1, 1, SIDE, SIDE)) for b in bags
+            b.slide_id: head.encoder(b.features.reshape(-1, 1, SIDE, SIDE))
+            for b in bags
         }
         flat = torch.cat(list(raw.values()))
         mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)

@@ -98,7 +98,7 @@ class EncoderMIL(MILHead):
         self.register_buffer("feature_std", torch.ones(info.out_dim))
         self._eval_cache: dict[tuple, tuple] | None = None
 
-    def enable_eval_cache(self, enabled: bool = True) -> None:
+    def enable_eval_cache(self, *, enabled: bool = True) -> None:
         """Reuse encoder features of unchanged bags in eval mode (see class doc)."""
         self._eval_cache = {} if enabled else None
 
