@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tests.synthetic import make_bags, write_mil_csv
 from tiahnm.config import TrainConfig, from_dict
+from tiahnm.data.bag import Bag
 from tiahnm.errors import ConfigError
 from tiahnm.heads.abmil import ABMIL, AttentionPool, GatedABMIL
 from tiahnm.heads.adaptive import adaptive_weights, pseudo_negative_mask
@@ -27,6 +28,7 @@ from tiahnm.miners.li2019 import (
     sample_bag_sizes,
     sample_from_clusters,
     sample_uniform,
+    stratified_folds,
 )
 from tiahnm.plugins import get_plugin_manager, get_registry
 from tiahnm.training.cv import run_training
@@ -425,3 +427,275 @@ def test_generated_bags_never_reach_val_or_test(tmp_path, refit):
         assert not any(
             r["slide_id"].startswith("generated") for r in csv.DictReader(fh)
         )
+
+
+# ------------------------------------------------------------------ fp_source
+def fixed_example():
+    """12 bags and an untrained head: negatives with p(positive) 0.509, 0.511, 0.468,
+    0.516, 0.524, 0.528; eq. 3 keeps one instance of the first four, none of the
+    last two."""
+    return make_bags(12, DIM, seed=4, min_n=5, max_n=9), tiny_head(seed=3)
+
+
+def test_default_fp_source_mines_the_same_set():
+    bags, head = fixed_example()
+    init = {k: v.clone() for k, v in head.state_dict().items()}
+    miner = Li2019Miner(mode="sb", fp_threshold=0.5)
+    assert miner.fp_source == "train"
+    ctx = ctx_for(head, seed=7)
+    miner.on_fit_start(ctx)
+    (new,) = miner.on_round_end(ctx, bags)
+    by_id = {b.slide_id: b for b in bags}
+    hard = torch.stack(
+        [
+            by_id["bag000"].features[1],
+            by_id["bag002"].features[2],
+            by_id["bag006"].features[1],
+        ]
+    )
+    assert torch.equal(new.features, hard)  # bag004 is below 0.5
+    assert miner.log == [
+        {
+            "li2019_round": 0.0,
+            "li2019_negative_bags": 6.0,
+            "li2019_fp_bags": 5.0,
+            "li2019_hard_instances": 3.0,
+            "li2019_generated_bags": 1.0,
+            "li2019_fp_source": "train",
+        }
+    ]
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in init.items())
+    # FMB from the same set, recorded before fp_source existed (rows of `hard`)
+    bags, head = fixed_example()
+    miner = Li2019Miner(mode="fmb", n_bags=3, n_clusters=2, fp_threshold=0.5)
+    ctx = ctx_for(head, seed=7)
+    miner.on_fit_start(ctx)
+    new = miner.on_round_end(ctx, bags)
+    picked = [
+        [next(j for j in range(3) if torch.equal(row, hard[j])) for row in b.features]
+        for b in new
+    ]
+    assert picked == [
+        [0, 1, 2, 0, 2, 2, 1],
+        [0, 2, 2, 1, 2, 0, 0, 0, 2],
+        [1, 2, 0, 1, 0, 2, 0],
+    ]
+
+
+class OofSpy(Li2019Miner):
+    """Records the bags each model is asked to mine."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(fp_source="out_of_fold", **options)
+        self.predicted: list[tuple[object, list[str]]] = []
+
+    def mine(self, head, bags, device):
+        self.predicted.append((head, [b.slide_id for b in bags]))
+        return super().mine(head, bags, device)
+
+
+@pytest.fixture
+def inner_fits(monkeypatch):
+    """Spy on the shared loop as the out-of-fold models call it."""
+    import tiahnm.training.loop as loop
+
+    calls: list[dict] = []
+    real_fit = loop.fit
+
+    def spy(head, train, val, cfg, **kwargs):
+        calls.append(
+            {
+                "head": head,
+                "train": [b.slide_id for b in train],
+                "val": list(val),
+                "cfg": cfg,
+                "start": {k: v.clone() for k, v in head.state_dict().items()},
+                "seed": kwargs["seed"],
+            }
+        )
+        return real_fit(head, train, val, cfg, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", spy)
+    return calls
+
+
+def with_generated_bag(bags):
+    extra = Bag(
+        slide_id="generated_r0_0000",
+        label=0,
+        features=torch.randn(5, DIM, generator=gen(9)),
+        origin="generated",
+    )
+    return [*bags, extra]
+
+
+def test_out_of_fold_holds_every_bag_out_once(inner_fits):
+    real = train_bags()  # 6 negative, 6 positive
+    bags = with_generated_bag(real)
+    head = tiny_head()
+    init = {k: v.clone() for k, v in head.state_dict().items()}
+    miner = OofSpy(mode="sb", fp_threshold=0.0, reinit=False, oof_epochs=2)
+    ctx = ctx_for(head, round_idx=0)
+    miner.on_fit_start(ctx)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.5)  # "trained": differs from the initial state
+    trained = {k: v.clone() for k, v in head.state_dict().items()}
+    (new,) = miner.on_round_end(ctx, bags)
+
+    real_ids = {b.slide_id for b in real}
+    label = {b.slide_id: b.label for b in real}
+    assert len(inner_fits) == len(miner.predicted) == 3
+    held_out = []
+    for call, (model, predicted) in zip(inner_fits, miner.predicted, strict=True):
+        assert model is call["head"] and model is not head
+        assert not set(call["train"]) & set(predicted)  # never predicts its own bags
+        assert set(call["train"]) | set(predicted) == real_ids
+        assert call["val"] == []
+        assert call["cfg"].epochs == call["cfg"].patience == 2
+        assert call["cfg"].scheduler == "none" and call["cfg"].lr == 5e-4
+        assert call["cfg"].weight_decay == 1e-4
+        assert all(torch.equal(call["start"][k], v) for k, v in init.items())
+        # stratified: 2 negatives and 2 positives held out per fold
+        assert sorted(label[i] for i in predicted) == [0, 0, 1, 1]
+        held_out += predicted
+    assert sorted(held_out) == sorted(real_ids)  # every real bag exactly once
+    assert len({c["seed"] for c in inner_fits}) == 3
+    # the round's model is untouched (reinit=False), generation is unchanged
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in trained.items())
+    assert new.origin == "generated" and new.label == 0
+    negatives = [b for b in real if b.label == 0]
+    assert rows_of([new]) <= rows_of(negatives)  # not from the generated bag
+    row = miner.epoch_stats()
+    assert row["li2019_fp_source"] == "out_of_fold"
+    assert row["li2019_negative_bags"] == row["li2019_fp_bags"] == 6
+
+
+def test_stratified_folds():
+    labels = [0] * 7 + [1] * 5
+    folds = stratified_folds(labels, 3, gen(0))
+    assert sorted(i for f in folds for i in f) == list(range(12))
+    assert sorted(len(f) for f in folds) == [4, 4, 4]
+    for c, n in ((0, 7), (1, 5)):
+        counts = [sum(labels[i] == c for i in f) for f in folds]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == n
+    assert folds == stratified_folds(labels, 3, gen(0))
+    assert folds != stratified_folds(labels, 3, gen(1))
+
+
+def oof_round(seed: int):
+    bags = train_bags()
+    miner = Li2019Miner(
+        fp_source="out_of_fold",
+        mode="fmb",
+        n_bags=3,
+        n_clusters=2,
+        fp_threshold=0.0,
+        oof_epochs=2,
+    )
+    ctx = ctx_for(tiny_head(), seed=seed)
+    miner.on_fit_start(ctx)
+    state = miner.state_dict()
+    return miner.on_round_end(ctx, bags), miner, state
+
+
+def test_out_of_fold_is_deterministic_and_checkpointed():
+    a, miner, state = oof_round(seed=3)
+    b, _, _ = oof_round(seed=3)
+    assert len(a) == len(b) == 3
+    assert all(torch.equal(x.features, y.features) for x, y in zip(a, b, strict=True))
+    # a miner restored from the state before the round end repeats it
+    again = Li2019Miner(
+        fp_source="out_of_fold",
+        mode="fmb",
+        n_bags=3,
+        n_clusters=2,
+        fp_threshold=0.0,
+        oof_epochs=2,
+    )
+    ctx = ctx_for(tiny_head(), seed=99)
+    again.on_fit_start(ctx)
+    again.load_state_dict(state)
+    c = again.on_round_end(ctx, train_bags())
+    assert all(torch.equal(x.features, y.features) for x, y in zip(a, c, strict=True))
+    assert miner.generator.get_state().equal(again.generator.get_state())
+
+
+def test_out_of_fold_finds_false_positives_the_round_model_fits():
+    # bag000 (negative) holds one positive-looking instance (first axis +4, as the
+    # positive witnesses) with a marker on the second axis that no other bag has:
+    # trained on, it is fitted; held out, it looks positive.
+    bags = make_bags(18, DIM, seed=5, min_n=4, max_n=7)
+    trap = bags[0]
+    assert trap.label == 0
+    trap.features[0, 0] += 4.0
+    trap.features[0, 1] += 8.0
+    cfg = TrainConfig(epochs=20, lr=0.02, scheduler="none", progress=False)
+    logs = {}
+    for source in ("train", "out_of_fold"):
+        head = tiny_head(seed=1)
+        miner = Li2019Miner(mode="sb", fp_source=source, oof_lr=0.02)
+        ctx = ctx_for(head)
+        ctx.epochs = cfg.epochs
+        miner.on_fit_start(ctx)
+        head.load_state_dict(fit(head, bags, [], cfg, seed=0).best_state)
+        new = miner.on_round_end(ctx, bags)
+        logs[source] = miner.epoch_stats()
+        if source == "train":
+            assert new == []
+        else:
+            (bag,) = new
+            assert tuple(trap.features[0].tolist()) in rows_of([bag])
+    assert logs["train"]["li2019_fp_bags"] == 0
+    assert logs["out_of_fold"]["li2019_fp_bags"] >= 1
+    assert logs["out_of_fold"]["li2019_negative_bags"] == 9
+
+
+def test_out_of_fold_falls_back_without_both_classes(caplog, inner_fits):
+    # one positive bag: the fold holding it out trains on negatives only
+    bags = [b for b in train_bags() if b.label == 0] + [train_bags()[1]]
+    head = tiny_head()
+    miner = OofSpy(mode="sb", fp_threshold=0.0, oof_folds=2, oof_epochs=1)
+    ctx = ctx_for(head)
+    miner.on_fit_start(ctx)
+    with caplog.at_level(logging.WARNING, logger="tiahnm.miners.li2019"):
+        miner.on_round_end(ctx, bags)
+    assert "lack a positive or a negative bag" in caplog.text
+    assert len(miner.predicted) == 2 and len(inner_fits) == 1
+    fallback = [ids for model, ids in miner.predicted if model is head]
+    assert len(fallback) == 1 and "bag001" in fallback[0]
+    assert miner.epoch_stats()["li2019_fp_bags"] == 6
+
+
+def test_out_of_fold_in_the_loop_keeps_val_out(inner_fits):
+    head = tiny_head(adaptive_lambda=2.0)
+    bags = make_bags(16, DIM, seed=1, min_n=4, max_n=8)
+    cfg = TrainConfig(epochs=2, rounds=2, lr=0.01, progress=False)
+    miner = OofSpy(mode="mb", n_bags=2, fp_threshold=0.0, oof_epochs=1)
+    res = fit(head, bags[:12], bags[12:], cfg, miner=miner, seed=0)
+    val_ids = {b.slide_id for b in bags[12:]}
+    assert len(inner_fits) == 3
+    assert not any(set(c["train"]) & val_ids for c in inner_fits)
+    assert not any(set(ids) & val_ids for _, ids in miner.predicted)
+    generated = [b for b in res.train_bags if b.origin == "generated"]
+    assert [b.slide_id for b in generated] == ["generated_r0_0000", "generated_r0_0001"]
+    assert res.history[-1]["li2019_fp_source"] == "out_of_fold"
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"fp_source": "val"}, "fp_source"),
+        ({"fp_source": None}, "fp_source"),
+        ({"oof_folds": 1}, "oof_folds"),
+        ({"oof_folds": 2.0}, "oof_folds"),
+        ({"oof_folds": True}, "oof_folds"),
+        ({"oof_epochs": 0}, "oof_epochs"),
+        ({"oof_lr": 0}, "oof_lr"),
+        ({"oof_lr": "1e-3"}, "oof_lr"),
+        ({"oof_weight_decay": -1e-4}, "oof_weight_decay"),
+    ],
+)
+def test_bad_out_of_fold_options(options, key):
+    with pytest.raises(ConfigError, match=f"miner.options.{key}"):
+        get_registry("miner").create("li2019", key="miner.options", **options)

@@ -32,6 +32,22 @@ After a training round (the loop has loaded the round's best state), the miner
    bootstrapping of Dalal and Triggs it cites); ``reinit=False`` fine-tunes the best
    model of the round instead.
 
+Where the false positives come from (``fp_source``):
+
+* ``train`` (default, the paper): the round's best model predicts the training bags
+  it was trained on (step 1 above);
+* ``out_of_fold``: **a departure from the paper**, for when the model fits its
+  training bags so that no training bag is a false positive and nothing would be
+  generated. The real training bags are split into ``oof_folds`` stratified folds
+  (miner generator); for each fold a copy of the head, reset to its state at fit
+  start, is trained with the shared loop on the other folds' bags (``oof_epochs``
+  fixed epochs, Adam with ``oof_lr`` / ``oof_weight_decay``, no scheduler, no
+  validation bags) and steps 1-2 run on the fold's held-out negative bags with that
+  model. The hard negatives of all folds are pooled; generation (step 3) and
+  ``reinit`` (step 4) are unchanged, and the mined instances still come from real
+  training bags only. A fold whose training part lacks a positive or a negative
+  bag is mined with the round's model instead (with a warning).
+
 The loop appends the returned bags to the training set only; validation and test
 bags are never seen here. Only real bags are mined and used for the size statistics
 (generated bags of earlier rounds are copies of real instances). All randomness comes
@@ -41,6 +57,7 @@ With ``train.rounds: 2`` the schedule is the paper's: train, mine, re-train.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -65,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("sb", "mb", "fmb")
 FEATURE_SPACES = ("input", "embedding")
+FP_SOURCES = ("train", "out_of_fold")
 #: Added to the loop's seed, so the miner's stream differs from the shuffling stream.
 SEED_OFFSET = 2019
 #: Relative slack of the eq. 3 comparison (float32 weights; ``max == mean + std``
@@ -177,6 +195,32 @@ def kmeans_labels(features: np.ndarray, n_clusters: int, seed: int) -> np.ndarra
         return km.fit_predict(features.astype(np.float64)).astype(np.int64)
 
 
+def stratified_folds(
+    labels: Sequence[int], n_folds: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Stratified random folds: indices of each class shuffled and dealt in turn.
+
+    The dealing continues from class to class, so fold sizes differ by at most one
+    and so do the per-class counts.
+
+    Args:
+        labels (Sequence[int]): Label of every item.
+        n_folds (int): Number of folds (some are empty when there are fewer items).
+        generator (torch.Generator): Source of randomness.
+
+    Returns:
+        list[list[int]]: ``n_folds`` sorted lists of indices into ``labels``.
+    """
+    folds: list[list[int]] = [[] for _ in range(n_folds)]
+    slot = 0
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        for j in torch.randperm(len(members), generator=generator).tolist():
+            folds[slot % n_folds].append(members[j])
+            slot += 1
+    return [sorted(f) for f in folds]
+
+
 @dataclass
 class HardNegatives:
     """Result of mining one round.
@@ -193,6 +237,18 @@ class HardNegatives:
     n_negative_bags: int
     n_false_positive_bags: int
 
+    @staticmethod
+    def concat(parts: Sequence[HardNegatives], width: int) -> HardNegatives:
+        """Pool the hard negatives (and add the counts) of several mining passes."""
+        feats = [p.features for p in parts if p.features.shape[0]]
+        embeds = [p.embeddings for p in parts if p.embeddings.shape[0]]
+        return HardNegatives(
+            features=torch.cat(feats) if feats else torch.zeros(0, width),
+            embeddings=torch.cat(embeds) if embeds else torch.zeros(0, 0),
+            n_negative_bags=sum(p.n_negative_bags for p in parts),
+            n_false_positive_bags=sum(p.n_false_positive_bags for p in parts),
+        )
+
 
 # ------------------------------------------------------------------ option checks
 def _number(name: str, value: Any, low: float, high: float) -> float:
@@ -205,6 +261,13 @@ def _number(name: str, value: Any, low: float, high: float) -> float:
         msg = f"{KEY}.{name} must be a number in [{low}, {high}], got {value!r}."
         raise ConfigError(msg)
     return float(value)
+
+
+def _int_at_least(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        msg = f"{KEY}.{name} must be an integer >= {low}, got {value!r}."
+        raise ConfigError(msg)
+    return value
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -235,6 +298,17 @@ class Li2019Miner(Miner):
         std_scale (float): Multiplier of sigma in eq. 3 (1.0 as in the paper).
         reinit (bool): Reset the head to its initial state before the next round
             (re-training; default) instead of fine-tuning the round's best model.
+        fp_source (str): Which model finds the false-positive bags. ``train``
+            (default, the paper): the round's best model on its own training bags.
+            ``out_of_fold``: a departure from the paper, for when the model fits its
+            training bags so that no training bag is a false positive: every real
+            training bag is predicted by a copy of the head (reset to its state at
+            fit start) trained on the other ``oof_folds - 1`` stratified folds.
+        oof_folds (int): Folds of ``out_of_fold`` (>= 2; default 3).
+        oof_epochs (int | None): Fixed training epochs of each out-of-fold model
+            (default: the round's ``train.epochs``).
+        oof_lr (float): Adam learning rate of the out-of-fold models (5e-4).
+        oof_weight_decay (float): Their weight decay (1e-4).
     """
 
     name = "li2019"
@@ -249,6 +323,11 @@ class Li2019Miner(Miner):
         fp_threshold: float = 0.5,
         std_scale: float = 1.0,
         reinit: bool = True,
+        fp_source: str = "train",
+        oof_folds: int = 3,
+        oof_epochs: int | None = None,
+        oof_lr: float = 5e-4,
+        oof_weight_decay: float = 1e-4,
     ) -> None:
         self.mode = _choice("mode", mode, MODES)
         self.n_bags = _positive_int("n_bags", n_bags)
@@ -257,8 +336,20 @@ class Li2019Miner(Miner):
         self.fp_threshold = _number("fp_threshold", fp_threshold, 0.0, 1.0)
         self.std_scale = _number("std_scale", std_scale, 0.0, math.inf)
         self.reinit = _bool("reinit", reinit)
+        self.fp_source = _choice("fp_source", fp_source, FP_SOURCES)
+        self.oof_folds = _int_at_least("oof_folds", oof_folds, 2)
+        self.oof_epochs = (
+            None if oof_epochs is None else _positive_int("oof_epochs", oof_epochs)
+        )
+        self.oof_lr = _number("oof_lr", oof_lr, 0.0, math.inf)
+        if self.oof_lr == 0.0:
+            msg = f"{KEY}.oof_lr must be > 0, got {oof_lr!r}."
+            raise ConfigError(msg)
+        self.oof_weight_decay = _number(
+            "oof_weight_decay", oof_weight_decay, 0.0, math.inf
+        )
         self.generator: torch.Generator | None = None
-        self.log: list[dict[str, float]] = []
+        self.log: list[dict[str, float | str]] = []
         self._init_state: dict[str, torch.Tensor] | None = None
 
     # -------------------------------------------------------------- loop hooks
@@ -274,7 +365,8 @@ class Li2019Miner(Miner):
         if self.generator is None:
             base = ctx.generator.initial_seed() if ctx.generator is not None else 0
             self.generator = torch.Generator().manual_seed((base + SEED_OFFSET) % 2**63)
-        if self.reinit and self._init_state is None:
+        keep_init = self.reinit or self.fp_source == "out_of_fold"
+        if keep_init and self._init_state is None:
             # The first call sees the freshly built head (also on resume: the loop
             # loads the checkpoint after this hook).
             self._init_state = {
@@ -288,7 +380,10 @@ class Li2019Miner(Miner):
             self.on_fit_start(ctx)
         assert self.generator is not None
         real = [b for b in train_bags if b.origin != "generated"]
-        mined = self.mine(ctx.head, real, ctx.device)
+        if self.fp_source == "out_of_fold":
+            mined = self.mine_out_of_fold(ctx, real)
+        else:
+            mined = self.mine(ctx.head, real, ctx.device)
         sizes = [b.n_instances for b in real]
         new_bags = self.generate(mined, sizes, round_idx=ctx.round)
         stats = {
@@ -297,6 +392,7 @@ class Li2019Miner(Miner):
             "li2019_fp_bags": float(mined.n_false_positive_bags),
             "li2019_hard_instances": float(mined.features.shape[0]),
             "li2019_generated_bags": float(len(new_bags)),
+            "li2019_fp_source": self.fp_source,
         }
         self.log.append(stats)
         if not new_bags:
@@ -322,7 +418,7 @@ class Li2019Miner(Miner):
             ctx.head.load_state_dict(self._init_state)
         return new_bags
 
-    def epoch_stats(self) -> dict[str, float]:
+    def epoch_stats(self) -> dict[str, float | str]:
         """The last mining round's counts (empty before the first round ends)."""
         return dict(self.log[-1]) if self.log else {}
 
@@ -351,7 +447,8 @@ class Li2019Miner(Miner):
         """False-positive negative bags and their eq. 3 hard instances.
 
         Args:
-            head (MILHead): The round's best head (put in eval mode here).
+            head (MILHead): The round's best head, or with ``out_of_fold`` a model
+                that did not train on ``bags`` (put in eval mode here).
             bags (Sequence[Bag]): Real training bags.
             device (torch.device): Where the head lives.
 
@@ -367,20 +464,12 @@ class Li2019Miner(Miner):
                 if bag.label != 0 or bag.n_instances == 0:
                     continue
                 n_neg += 1
-                x = bag.features.to(device)
-                out = head(x)
-                p_pos = 1.0 - float(out.bag_probabilities()[0])
-                if p_pos < self.fp_threshold:
+                hard = self._hard_instances(head, bag, device)
+                if hard is None:
                     continue
                 n_fp += 1
-                weights = head.instance_scores(out, "attention")[: bag.n_instances]
-                keep = hard_negative_mask(weights.cpu(), self.std_scale)
-                feats.append(bag.features[keep].float())
-                embeds.append(
-                    out.instance_embeddings[: bag.n_instances][keep.to(device)]
-                    .float()
-                    .cpu()
-                )
+                feats.append(hard[0])
+                embeds.append(hard[1])
         finally:
             head.train(was_training)
         width = bags[0].features.shape[1] if bags else 0
@@ -390,6 +479,104 @@ class Li2019Miner(Miner):
             n_negative_bags=n_neg,
             n_false_positive_bags=n_fp,
         )
+
+    def _hard_instances(
+        self, head: MILHead, bag: Bag, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Eq. 3 instances of one negative bag if it is a false positive, else None.
+
+        Args:
+            head (MILHead): Head in eval mode (called under inference mode).
+            bag (Bag): A non-empty negative bag.
+            device (torch.device): Where the head lives.
+
+        Returns:
+            tuple | None: ``(input features, head embeddings)`` of the kept instances.
+        """
+        out = head(bag.features.to(device))
+        p_pos = 1.0 - float(out.bag_probabilities()[0])
+        if p_pos < self.fp_threshold:
+            return None
+        weights = head.instance_scores(out, "attention")[: bag.n_instances]
+        keep = hard_negative_mask(weights.cpu(), self.std_scale)
+        return (
+            bag.features[keep].float(),
+            out.instance_embeddings[: bag.n_instances][keep.to(device)].float().cpu(),
+        )
+
+    def mine_out_of_fold(self, ctx: FitContext, bags: Sequence[Bag]) -> HardNegatives:
+        """:meth:`mine` each fold's bags with a head trained on the other folds.
+
+        A departure from the paper (see the module docstring): every bag is
+        predicted by a model that did not train on it.
+
+        Args:
+            ctx (FitContext): The round's context (head, device, epochs).
+            bags (Sequence[Bag]): Real training bags.
+
+        Returns:
+            HardNegatives: The pooled hard negatives and counts of all folds.
+        """
+        assert self.generator is not None
+        assert self._init_state is not None, "on_fit_start keeps the initial state"
+        folds = stratified_folds(
+            [b.label for b in bags], self.oof_folds, self.generator
+        )
+        parts = []
+        for k, held in enumerate(folds):
+            if not held:
+                continue
+            seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+            train = [bags[i] for j, f in enumerate(folds) if j != k for i in f]
+            held_bags = [bags[i] for i in held]
+            labels = {b.label for b in train}
+            if 0 in labels and len(labels) > 1:
+                head = self._fit_out_of_fold(ctx, train, seed)
+            else:
+                logger.warning(
+                    "li2019: out-of-fold fold %d of %d: the other folds lack a "
+                    "positive or a negative bag; its %d bags are mined with the "
+                    "round's model.",
+                    k,
+                    self.oof_folds,
+                    len(held_bags),
+                )
+                head = ctx.head
+            parts.append(self.mine(head, held_bags, ctx.device))
+        width = bags[0].features.shape[1] if bags else 0
+        return HardNegatives.concat(parts, width)
+
+    def _fit_out_of_fold(
+        self, ctx: FitContext, bags: Sequence[Bag], seed: int
+    ) -> MILHead:
+        """A copy of the head, reset to its initial state, trained on ``bags``.
+
+        The global torch RNG (dropout) is seeded with ``seed`` inside a fork, so the
+        model is reproducible and the outer training's random stream is untouched.
+        """
+        from tiahnm.config import TrainConfig
+        from tiahnm.training.loop import fit
+
+        assert self._init_state is not None
+        head = copy.deepcopy(ctx.head)
+        head.load_state_dict(self._init_state)
+        epochs = self.oof_epochs if self.oof_epochs is not None else ctx.epochs
+        cfg = TrainConfig(
+            epochs=epochs,
+            lr=self.oof_lr,
+            weight_decay=self.oof_weight_decay,
+            scheduler="none",
+            progress=False,
+            patience=epochs,
+        )
+        devices = []
+        if ctx.device.type == "cuda":
+            index = ctx.device.index
+            devices = [torch.cuda.current_device() if index is None else index]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            fit(head, bags, [], cfg, device=ctx.device, seed=seed)
+        return head
 
     def generate(
         self, mined: HardNegatives, sizes: Sequence[int], *, round_idx: int
@@ -448,4 +635,5 @@ __all__ = [
     "sample_bag_sizes",
     "sample_from_clusters",
     "sample_uniform",
+    "stratified_folds",
 ]
