@@ -461,7 +461,7 @@ def test_default_fp_source_mines_the_same_set():
             "li2019_fp_bags": 5.0,
             "li2019_hard_instances": 3.0,
             "li2019_generated_bags": 1.0,
-            "li2019_fp_source": "train",
+            "li2019_out_of_fold": 0.0,
         }
     ]
     assert all(torch.equal(head.state_dict()[k], v) for k, v in init.items())
@@ -567,7 +567,7 @@ def test_out_of_fold_holds_every_bag_out_once(inner_fits):
     negatives = [b for b in real if b.label == 0]
     assert rows_of([new]) <= rows_of(negatives)  # not from the generated bag
     row = miner.epoch_stats()
-    assert row["li2019_fp_source"] == "out_of_fold"
+    assert row["li2019_out_of_fold"] == 1.0
     assert row["li2019_negative_bags"] == row["li2019_fp_bags"] == 6
 
 
@@ -679,7 +679,7 @@ def test_out_of_fold_in_the_loop_keeps_val_out(inner_fits):
     assert not any(set(ids) & val_ids for _, ids in miner.predicted)
     generated = [b for b in res.train_bags if b.origin == "generated"]
     assert [b.slide_id for b in generated] == ["generated_r0_0000", "generated_r0_0001"]
-    assert res.history[-1]["li2019_fp_source"] == "out_of_fold"
+    assert res.history[-1]["li2019_out_of_fold"] == 1.0
 
 
 @pytest.mark.parametrize(

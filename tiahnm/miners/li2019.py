@@ -392,7 +392,7 @@ class Li2019Miner(Miner):
             "li2019_fp_bags": float(mined.n_false_positive_bags),
             "li2019_hard_instances": float(mined.features.shape[0]),
             "li2019_generated_bags": float(len(new_bags)),
-            "li2019_fp_source": self.fp_source,
+            "li2019_out_of_fold": float(self.fp_source == "out_of_fold"),
         }
         self.log.append(stats)
         if not new_bags:
