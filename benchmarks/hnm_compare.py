@@ -25,6 +25,7 @@ Usage::
 
     python benchmarks/hnm_compare.py --data-dir ../shared/data            # full
     python benchmarks/hnm_compare.py --data-dir ../shared/data --quick    # smoke run
+    python benchmarks/hnm_compare.py --report                              # collect runs
 """
 
 from __future__ import annotations
@@ -162,6 +163,55 @@ def finetune_seconds(out: Path) -> list[float]:
     return values
 
 
+def fold_aucs(out: Path) -> dict[str, float]:
+    """Test bag AUC of each fold, keyed ``r<repeat>_f<fold>``."""
+    values = {}
+    for path in sorted((out / "folds").glob("*/result.json")):
+        res = json.loads(path.read_text())
+        values[f"r{res['repeat']}_f{res['fold']}"] = float(res["metrics"]["auc"])
+    return values
+
+
+def paired(rows: dict[str, Any], base: str = "dsmil") -> None:
+    """Add, per variant, the fold-by-fold bag-AUC comparison with ``base``."""
+    if base not in rows:
+        return
+    ref = rows[base]["fold_auc"]
+    for name, row in rows.items():
+        common = sorted(set(ref) & set(row["fold_auc"]))
+        if name == base or not common:
+            continue
+        diff = np.array([row["fold_auc"][k] - ref[k] for k in common])
+        row[f"vs_{base}"] = {
+            "folds": len(common),
+            "auc_diff_mean": float(diff.mean()),
+            "wins_ties_losses": [
+                int((diff > 1e-9).sum()),
+                int((abs(diff) <= 1e-9).sum()),
+                int((diff < -1e-9).sum()),
+            ],
+        }
+
+
+def row_from_dir(out: Path) -> dict[str, Any]:
+    """One variant's numbers from its finished run folder."""
+    summary = json.loads((out / "summary.json").read_text())
+    ft = finetune_seconds(out)
+    seconds = [
+        float(json.loads(p.read_text())["seconds"])
+        for p in sorted((out / "folds").glob("*/result.json"))
+    ]
+    return {
+        "bag_auc": metric(summary, "auc"),
+        "bag_accuracy": metric(summary, "accuracy"),
+        "instance_auc": metric(summary, "instance_auc"),
+        "finetune_seconds_per_fold": float(np.mean(ft)) if ft else 0.0,
+        "train_seconds_per_fold": float(np.mean(seconds)) if seconds else 0.0,
+        "n_folds": summary["n_folds"],
+        "fold_auc": fold_aucs(out),
+    }
+
+
 def metric(summary: dict[str, Any], key: str) -> dict[str, float] | None:
     """``{mean, std}`` of a metric over folds, or None when absent."""
     m = summary["metrics"].get(key)
@@ -192,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=None, help="CV repeats (default per dataset)"
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="no training: collect the finished runs under --work-dir into the JSON",
+    )
     args = parser.parse_args(argv)
     args.epochs = args.epochs or (2 if args.quick else 40)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -221,31 +276,36 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for variant in args.variants:
             out = args.work_dir / ("quick" if args.quick else "full") / ds / variant
+            if args.report:
+                if not (out / "summary.json").is_file():
+                    continue
+                rows[variant] = row_from_dir(out)
+                continue
             config = from_dict(config_for(variant, spec, args, out))
             t0 = time.perf_counter()
-            summary = run_training(config, bags=bags)
-            wall = time.perf_counter() - t0
-            ft = finetune_seconds(out)
-            rows[variant] = {
-                "bag_auc": metric(summary, "auc"),
-                "bag_accuracy": metric(summary, "accuracy"),
-                "instance_auc": metric(summary, "instance_auc"),
-                "finetune_seconds_per_fold": float(np.mean(ft)) if ft else 0.0,
-                "wall_seconds": wall,
-                "n_folds": summary["n_folds"],
-            }
+            run_training(config, bags=bags)
+            rows[variant] = row_from_dir(out)
+            rows[variant]["wall_seconds"] = time.perf_counter() - t0
             auc = rows[variant]["bag_auc"] or {"mean": math.nan}
             print(
                 f"{ds:6s} {variant:13s} auc {auc['mean']:.3f} "
                 f"finetune {rows[variant]['finetune_seconds_per_fold']:.1f}s "
-                f"wall {wall:.1f}s",
+                f"wall {rows[variant]['wall_seconds']:.1f}s",
                 flush=True,
             )
+        paired(rows)
         results["datasets"][ds] = {
             "n_bags": len(bags),
             "n_instances": int(sum(b.n_instances for b in bags)),
             "folds": spec["folds"],
-            "repeats": spec["repeats"],
+            "repeats": max(
+                (
+                    int(k.split("_")[0][1:]) + 1
+                    for r in rows.values()
+                    for k in r["fold_auc"]
+                ),
+                default=spec["repeats"],
+            ),
             "variants": rows,
         }
     write_json(out_json, results)
