@@ -349,7 +349,7 @@ class Li2019Miner(Miner):
             "oof_weight_decay", oof_weight_decay, 0.0, math.inf
         )
         self.generator: torch.Generator | None = None
-        self.log: list[dict[str, float | str]] = []
+        self.log: list[dict[str, float]] = []
         self._init_state: dict[str, torch.Tensor] | None = None
 
     # -------------------------------------------------------------- loop hooks
@@ -418,7 +418,7 @@ class Li2019Miner(Miner):
             ctx.head.load_state_dict(self._init_state)
         return new_bags
 
-    def epoch_stats(self) -> dict[str, float | str]:
+    def epoch_stats(self) -> dict[str, float]:
         """The last mining round's counts (empty before the first round ends)."""
         return dict(self.log[-1]) if self.log else {}
 
