@@ -13,6 +13,7 @@ def tiahnm_register_bag_sources(register: Register) -> None:
     from tiahnm.data.image_patches import ImagePatchBags
     from tiahnm.data.mil_csv import MILCSVSource
     from tiahnm.data.mnist_bags import MNISTBags
+    from tiahnm.data.slide_patches import SlidePatchBags
 
     register(
         "h5_folder",
@@ -32,4 +33,10 @@ def tiahnm_register_bag_sources(register: Register) -> None:
         ImagePatchBags,
         description="Folder of images + labels CSV: one bag of non-overlapping "
         "patches per image, white background dropped",
+    )
+    register(
+        "slide_patches",
+        SlidePatchBags,
+        description="Whole-slide images (TIAToolbox) + labels CSV: one bag of tissue "
+        "patch images per slide, for encoder training",
     )
