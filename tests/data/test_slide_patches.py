@@ -111,3 +111,35 @@ def test_hnm_fine_tunes_the_encoder_on_slide_patches(slide_dir):
         k for k, v in head.encoder.state_dict().items() if not torch.equal(before[k], v)
     ]
     assert changed
+
+
+@pytest.mark.shared_data
+def test_real_svs_slides(shared_data, tmp_path, caplog):
+    slides = shared_data / "slides"
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "slide_id,label\nCMU-1-Small-Region,1\ntcga-cr-7395-01a-01-ts1,0\n"
+    )
+    opts = {
+        "slides": [
+            str(slides / "CMU-1-Small-Region.svs"),
+            str(slides / "tcga-cr-7395-01a-01-ts1.svs"),
+        ],
+        "labels_csv": str(labels),
+        "resolution": 4.0,
+        "units": "mpp",
+        "patch_size": 32,
+    }
+    reg = get_registry("bag_source")
+    with caplog.at_level(logging.WARNING):
+        bags = reg.create("slide_patches", **opts).load()
+    # the TCGA slide has no mpp: reported and skipped, the other one loads
+    assert [b.slide_id for b in bags] == ["CMU-1-Small-Region"]
+    assert "tcga-cr-7395-01a-01-ts1.svs: no resolution metadata" in caplog.text
+    bags = reg.create("slide_patches", **opts, mpp=0.25).load()
+    assert [b.label for b in bags] == [1, 0]
+    for bag, dims in zip(bags, ((2220, 2967), (4443, 3567)), strict=True):
+        assert bag.n_instances > 20 and bag.features.shape[1] == 3 * 32 * 32
+        assert (bag.coords >= 0).all() and (bag.coords < dims).all()
+        # tissue, not background: H&E patches are well below white on average
+        assert float(bag.features.mean()) < 0.9
