@@ -149,19 +149,26 @@ class NystromAttention(nn.Module):
         return self.dropout(self.to_out(out)), cls_attention, v
 
     def _nystrom(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_l: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Nystrom attention output ``[H, n, d]`` from scaled ``q``, ``k``, ``v``.
+        """Nystrom attention output ``[H, r, d]`` for the scaled queries ``q``.
 
-        Computed in float32 with autocast off: the pseudo-inverse of the
+        ``q`` ``[H, r, d]`` are the queries whose outputs are wanted (all tokens, or
+        only the first); ``k``, ``v`` ``[H, n, d]``; ``q_l`` ``[H, m, d]`` are the
+        landmark queries (default: segment means of ``q``, which must then hold all
+        tokens). Computed in float32 with autocast off: the pseudo-inverse of the
         landmark kernel can have large entries that overflow half precision.
         """
         m = self.num_landmarks
         with torch.autocast(device_type=q.device.type, enabled=False):
             qf, kf, vf = q.float(), k.float(), v.float()
-            q_l = segment_means(qf, m)
+            q_l = segment_means(qf, m) if q_l is None else q_l.float()
             k_l = segment_means(kf, m)
-            kernel1 = torch.softmax(qf @ k_l.transpose(-1, -2), dim=-1)  # [H, n, m]
+            kernel1 = torch.softmax(qf @ k_l.transpose(-1, -2), dim=-1)  # [H, r, m]
             kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # [H, m, m]
             kernel3 = torch.softmax(q_l @ kf.transpose(-1, -2), dim=-1)  # [H, m, n]
             kernel2_inv = iterative_pinv(kernel2, self.pinv_iterations)
@@ -192,17 +199,10 @@ class NystromAttention(nn.Module):
         if n <= self.num_landmarks:
             out = torch.softmax(q0 @ k.transpose(-1, -2), dim=-1) @ v
         else:
-            m = self.num_landmarks
             with torch.autocast(device_type=x.device.type, enabled=False):
-                xf, kf, vf, q0f = x.float(), k.float(), v.float(), q0.float()
-                q_l = split(F.linear(segment_means(xf[None], m)[0], w_q.float()))
-                q_l = q_l * self.scale
-                k_l = segment_means(kf, m)
-                kernel1 = torch.softmax(q0f @ k_l.transpose(-1, -2), dim=-1)
-                kernel2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)
-                kernel3 = torch.softmax(q_l @ kf.transpose(-1, -2), dim=-1)
-                kernel2_inv = iterative_pinv(kernel2, self.pinv_iterations)
-                out = (kernel1 @ (kernel2_inv @ (kernel3 @ vf))).to(v.dtype)
+                means = segment_means(x.float()[None], self.num_landmarks)[0]
+                q_l = split(F.linear(means, w_q.float())) * self.scale
+            out = self._nystrom(q0, k, v, q_l=q_l)
         # The convolution along the sequence reaches k // 2 rows past the first.
         reach = RESIDUAL_CONV_KERNEL // 2 + 1
         conv = self.res_conv(v[:, :reach].unsqueeze(0)).squeeze(0)[:, :1]
