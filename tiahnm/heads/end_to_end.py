@@ -99,8 +99,14 @@ class EncoderMIL(MILHead):
         self._eval_cache: dict[tuple, tuple] | None = None
 
     def enable_eval_cache(self, *, enabled: bool = True) -> None:
-        """Reuse encoder features of unchanged bags in eval mode (see class doc)."""
-        self._eval_cache = {} if enabled else None
+        """Reuse encoder features of unchanged bags in eval mode (see class doc).
+
+        Enabling keeps an existing cache; disabling drops it.
+        """
+        if not enabled:
+            self._eval_cache = None
+        elif self._eval_cache is None:
+            self._eval_cache = {}
 
     def _encoder_version(self) -> tuple[int, ...]:
         tensors = [*self.encoder.parameters(), *self.encoder.buffers()]
@@ -135,10 +141,8 @@ class EncoderMIL(MILHead):
         self.feature_std.copy_(std.reshape(-1))
 
     def normalize_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """Apply the stored feature statistics to encoder output ``[N, D]``."""
-        return (feats - self.feature_mean.to(feats.dtype)) / self.feature_std.to(
-            feats.dtype
-        )
+        """Apply the stored statistics to encoder output ``[N, D]`` (its device, dtype)."""
+        return (feats - self.feature_mean.to(feats)) / self.feature_std.to(feats)
 
     def forward(
         self,

@@ -309,8 +309,7 @@ class HNMMiner(Miner):
             raise ConfigError(msg)
         head.encoder.requires_grad_(requires_grad=False)
         # Frozen between fine-tuning stages: validation need not re-encode each epoch.
-        if head._eval_cache is None:
-            head.enable_eval_cache()
+        head.enable_eval_cache()
         if self.generator is None:
             base = ctx.generator.initial_seed() if ctx.generator is not None else 0
             self.generator = torch.Generator().manual_seed((base + SEED_OFFSET) % 2**63)
@@ -490,9 +489,9 @@ class HNMMiner(Miner):
                 std = flat.std(dim=0) if flat.shape[0] > 1 else torch.ones_like(flat[0])
                 ctx.head.set_feature_stats(flat.mean(dim=0), std.clamp_min(1e-6))
                 self._stats_version = self._cache_version
-        mean = ctx.head.feature_mean.detach().cpu()
-        std = ctx.head.feature_std.detach().cpu()
-        return {b.slide_id: (feats[b.slide_id] - mean) / std for b in bags}
+        return {
+            b.slide_id: ctx.head.normalize_features(feats[b.slide_id]) for b in bags
+        }
 
     def _encode(self, ctx: FitContext, rows: torch.Tensor) -> torch.Tensor:
         shape = ctx.head.image_shape
