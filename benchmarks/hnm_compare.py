@@ -153,25 +153,6 @@ def config_for(
     }
 
 
-def finetune_seconds(out: Path) -> list[float]:
-    """Encoder fine-tuning seconds of each fold (sum over its rounds)."""
-    values = []
-    for path in sorted((out / "folds").glob("*/result.json")):
-        history = json.loads(path.read_text())["history"]
-        totals = [r.get("hnm_finetune_seconds_total", 0.0) for r in history]
-        values.append(float(max(totals, default=0.0)))
-    return values
-
-
-def fold_aucs(out: Path) -> dict[str, float]:
-    """Test bag AUC of each fold, keyed ``r<repeat>_f<fold>``."""
-    values = {}
-    for path in sorted((out / "folds").glob("*/result.json")):
-        res = json.loads(path.read_text())
-        values[f"r{res['repeat']}_f{res['fold']}"] = float(res["metrics"]["auc"])
-    return values
-
-
 def paired(rows: dict[str, Any], base: str = "dsmil") -> None:
     """Add, per variant, the fold-by-fold bag-AUC comparison with ``base``."""
     if base not in rows:
@@ -196,19 +177,31 @@ def paired(rows: dict[str, Any], base: str = "dsmil") -> None:
 def row_from_dir(out: Path) -> dict[str, Any]:
     """One variant's numbers from its finished run folder."""
     summary = json.loads((out / "summary.json").read_text())
-    ft = finetune_seconds(out)
-    seconds = [
-        float(json.loads(p.read_text())["seconds"])
-        for p in sorted((out / "folds").glob("*/result.json"))
+    results = [
+        json.loads(p.read_text()) for p in sorted((out / "folds").glob("*/result.json"))
+    ]
+    # fine-tuning seconds of a fold: the running total of its last history row
+    ft = [
+        max(
+            (r.get("hnm_finetune_seconds_total", 0.0) for r in res["history"]),
+            default=0.0,
+        )
+        for res in results
     ]
     return {
         "bag_auc": metric(summary, "auc"),
         "bag_accuracy": metric(summary, "accuracy"),
         "instance_auc": metric(summary, "instance_auc"),
         "finetune_seconds_per_fold": float(np.mean(ft)) if ft else 0.0,
-        "train_seconds_per_fold": float(np.mean(seconds)) if seconds else 0.0,
+        "train_seconds_per_fold": (
+            float(np.mean([res["seconds"] for res in results])) if results else 0.0
+        ),
         "n_folds": summary["n_folds"],
-        "fold_auc": fold_aucs(out),
+        "n_repeats": len({res["repeat"] for res in results}),
+        "fold_auc": {
+            f"r{res['repeat']}_f{res['fold']}": float(res["metrics"]["auc"])
+            for res in results
+        },
     }
 
 
@@ -299,12 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_instances": int(sum(b.n_instances for b in bags)),
             "folds": spec["folds"],
             "repeats": max(
-                (
-                    int(k.split("_")[0][1:]) + 1
-                    for r in rows.values()
-                    for k in r["fold_auc"]
-                ),
-                default=spec["repeats"],
+                (r["n_repeats"] for r in rows.values()), default=spec["repeats"]
             ),
             "variants": rows,
         }

@@ -583,16 +583,19 @@ def test_stratified_folds():
     assert folds != stratified_folds(labels, 3, gen(1))
 
 
+OOF_FMB = {
+    "fp_source": "out_of_fold",
+    "mode": "fmb",
+    "n_bags": 3,
+    "n_clusters": 2,
+    "fp_threshold": 0.0,
+    "oof_epochs": 2,
+}
+
+
 def oof_round(seed: int):
     bags = train_bags()
-    miner = Li2019Miner(
-        fp_source="out_of_fold",
-        mode="fmb",
-        n_bags=3,
-        n_clusters=2,
-        fp_threshold=0.0,
-        oof_epochs=2,
-    )
+    miner = Li2019Miner(**OOF_FMB)
     ctx = ctx_for(tiny_head(), seed=seed)
     miner.on_fit_start(ctx)
     state = miner.state_dict()
@@ -605,14 +608,7 @@ def test_out_of_fold_is_deterministic_and_checkpointed():
     assert len(a) == len(b) == 3
     assert all(torch.equal(x.features, y.features) for x, y in zip(a, b, strict=True))
     # a miner restored from the state before the round end repeats it
-    again = Li2019Miner(
-        fp_source="out_of_fold",
-        mode="fmb",
-        n_bags=3,
-        n_clusters=2,
-        fp_threshold=0.0,
-        oof_epochs=2,
-    )
+    again = Li2019Miner(**OOF_FMB)
     ctx = ctx_for(tiny_head(), seed=99)
     again.on_fit_start(ctx)
     again.load_state_dict(state)
