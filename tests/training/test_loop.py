@@ -132,6 +132,11 @@ class CountingMiner(Miner):
         self.seen = set()
         self.steps = 0
 
+    def batches(self, ctx, bags, generator):
+        for batch in super().batches(ctx, bags, generator):
+            self.seen.update(b.slide_id for b in batch)
+            yield batch
+
     def forward(self, ctx, features, label, step):
         self.steps += 1
         return super().forward(ctx, features, label, step)
@@ -142,8 +147,12 @@ def test_miner_sees_only_training_bags_and_val_selects():
     miner = CountingMiner()
     res = fit(new_head(), bags[:8], bags[8:], cfg(epochs=2), miner=miner, seed=0)
     assert miner.steps == 16
+    assert miner.seen == {b.slide_id for b in bags[:8]}
     assert res.best_epoch in (0, 1)
     assert all(not math.isnan(r["val_loss"]) for r in res.history)
+    # the best epoch is the one with the lowest validation loss
+    losses = [r["val_loss"] for r in res.history]
+    assert res.best_epoch == losses.index(min(losses))
 
 
 def test_extra_losses_are_added():
@@ -159,14 +168,40 @@ def test_extra_losses_are_added():
         def n_steps(self, n_bags):
             return n_bags // 2
 
+    class RecordingRank(MIRankLoss):
+        def __init__(self):
+            super().__init__(k=2)
+            self.values = []
+
+        def __call__(self, head, outputs, labels):
+            assert sorted(labels) == [0, 1]
+            value = super().__call__(head, outputs, labels)
+            self.values.append(float(value))
+            return value
+
     bags = make_bags(12)
-    res = fit(
-        new_head(),
-        bags[:8],
-        bags[8:],
-        cfg(epochs=2),
-        miner=PairMiner(),
-        losses=[(MIRankLoss(k=2), 0.5)],
-        seed=0,
-    )
-    assert len(res.history) == 2
+
+    def run(weight):
+        rank = RecordingRank()
+        res = fit(
+            new_head(),
+            bags[:8],
+            bags[8:],
+            cfg(epochs=2, lr=0.0),  # lr 0: both runs see the same outputs
+            miner=PairMiner(),
+            losses=[(rank, weight)],
+            seed=0,
+        )
+        return res, rank.values
+
+    with_rank, values = run(0.5)
+    without, _ = run(0.0)
+    assert len(with_rank.history) == 2
+    assert len(values) == 8 and max(values) > 0  # 4 pairs per epoch
+    for epoch in range(2):
+        added = 0.5 * sum(values[4 * epoch : 4 * epoch + 4]) / 4
+        got = (
+            with_rank.history[epoch]["train_loss"]
+            - without.history[epoch]["train_loss"]
+        )
+        assert got == pytest.approx(added, rel=1e-5, abs=1e-6)
