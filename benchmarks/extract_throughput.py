@@ -31,7 +31,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -41,6 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from tiahnm.utils.provenance import write_result
 
 ROOT = Path(__file__).parents[1]
 DEFAULT_SLIDE = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
@@ -281,7 +282,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     for c in configs:
         print(
             f"{c['masker']:>6} workers={c['num_workers']} patches={c['patches']}: "

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from tiahnm.config import from_dict  # noqa: E402
 from tiahnm.plugins import get_registry  # noqa: E402
 from tiahnm.training.cv import run_training  # noqa: E402
-from tiahnm.utils.io import write_json  # noqa: E402
+from tiahnm.utils.provenance import write_result  # noqa: E402
 
 VARIANTS = ("dsmil", "dsmil_mirank", "hnm_5", "hnm_100", "dsmil_e2e")
 MIRANK = {"name": "mirank", "weight": 0.1, "options": {"k": 10, "margin": 1.0}}
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "variants": rows,
         }
-    write_json(out_json, results)
+    write_result(out_json, results)
     print(f"wrote {out_json}")
     return 0
 

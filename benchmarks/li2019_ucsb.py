@@ -231,9 +231,9 @@ def main() -> None:
             print(f"{v}: {time.perf_counter() - t0:.0f} s", flush=True)
         return
     rows = report(args)
-    from tiahnm.utils.io import write_json
+    from tiahnm.utils.provenance import write_result
 
-    write_json(
+    write_result(
         args.out,
         {
             "features": args.features,

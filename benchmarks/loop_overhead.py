@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from tiahnm.utils.provenance import write_result
+
 
 def make_bags(n_bags: int, n_instances: int, dim: int, seed: int = 0) -> list:
     """Synthetic bags of Camelyon16 size (features only; labels alternate)."""
@@ -317,8 +319,7 @@ def main() -> None:
         else "VmHWM growth (reset via /proc/self/clear_refs) over one epoch",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tiahnm.utils.provenance import write_result
+
 PRESET = {"abmil": "c16_abmil", "transmil": "c16_transmil"}
 MNIST_TRAIN = {
     "epochs": 30,
@@ -257,7 +259,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload)
     for r in rows:
         parts = [f"{r['dataset']:<14} {r['head']:<9}"]
         for m in ("accuracy", "auc", "instance_auc"):

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from loop_overhead import build, make_bags
 
+from tiahnm.utils.provenance import write_result
+
 PRESET = {"abmil": "c16_abmil", "transmil": "c16_transmil", "dsmil": "c16_dsmil"}
 
 
@@ -158,7 +160,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from musk_table import ORDER as HEADS
 
+from tiahnm.utils.provenance import write_result
+
 PUBLISHED = {  # bag accuracy, mean over 5 runs of 10-fold CV (Ilse 2018; DSMIL 2021)
     "abmil": {"musk1": 0.892, "musk2": 0.858},
     "abmil_gated": {"musk1": 0.900, "musk2": 0.863},
@@ -193,7 +195,7 @@ def main() -> None:
         "trivial_published": TRIVIAL_PUBLISHED,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload)
     print(
         "| dataset | head | accuracy (mean ± std over repeats) | AUC | published | trivial baseline |"
     )

@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from loop_overhead import build, make_bags, peak_memory, warm_up  # noqa: F401
 
+from tiahnm.utils.provenance import write_result
+
 #: MHIM masking ratios shared by both variants (the paper's C16 AB-MIL setting with
 #: a constant beta_h so that both sides mask the same number of instances).
 MHIM = {
@@ -258,7 +260,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload)
 
 
 if __name__ == "__main__":
