@@ -539,3 +539,82 @@ def test_nystrom_first_row_equals_the_full_layer(n, num_landmarks):
     (g_first,) = torch.autograd.grad(first.square().sum(), x)
     torch.testing.assert_close(first, full)
     torch.testing.assert_close(g_first, g_full, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------- permutation, padding, checkpoint
+
+# Heads whose output depends on instance order by design: TransMIL's PPEG convolves
+# the token sequence folded into a square; DTFD splits the bag into pseudo-bags by
+# position.
+ORDER_DEPENDENT = {"transmil", "dtfd"}
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_permutation_invariance(name):
+    head = make_head(name).eval()
+    x = bag()
+    perm = torch.randperm(N_INST, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out, shuffled = head(x), head(x[perm])
+    if name in ORDER_DEPENDENT:
+        assert not torch.allclose(out.bag_logits, shuffled.bag_logits, atol=1e-6), (
+            f"{name} is allow-listed as order dependent but gave the same logits"
+        )
+        return
+    torch.testing.assert_close(
+        shuffled.bag_logits, out.bag_logits, rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        shuffled.instance_embeddings,
+        out.instance_embeddings[perm],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    if out.attention is not None:
+        torch.testing.assert_close(
+            shuffled.attention, out.attention[:, perm], rtol=1e-5, atol=1e-6
+        )
+    for kind in head.supported_scores:
+        torch.testing.assert_close(
+            head.instance_scores(shuffled, kind),
+            head.instance_scores(out, kind)[perm],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+PADDED_HEADS = [n for n in HEAD_NAMES if make_head(n).supports_padding()]
+
+
+def test_padding_heads_found():
+    assert {"abmil", "abmil_gated", "mean_pool", "max_pool"} <= set(PADDED_HEADS)
+
+
+@pytest.mark.parametrize("name", PADDED_HEADS)
+def test_padded_batch_equals_per_bag_forward(name):
+    head = make_head(name).eval()
+    bags = [bag(n, seed=s) for s, n in enumerate((3, 12, 7))]
+    n_max = max(b.shape[0] for b in bags)
+    x = torch.zeros(len(bags), n_max, IN_DIM)
+    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
+    for i, b in enumerate(bags):
+        x[i, : b.shape[0]] = b
+        # padding rows hold garbage: a correct mask makes them irrelevant
+        x[i, b.shape[0] :] = 1e3
+        mask[i, : b.shape[0]] = True
+    with torch.no_grad():
+        padded = head.forward_padded(x, mask)
+        single = torch.cat([head(b).bag_logits for b in bags])
+    torch.testing.assert_close(padded, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_checkpoint_round_trip(name, tmp_path):
+    head = make_head(name, seed=4).eval()
+    path = tmp_path / "head.pt"
+    torch.save(head.state_dict(), path)
+    fresh = make_head(name, seed=9).eval()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    x = bag()
+    with torch.no_grad():
+        assert_same_output(head(x), fresh(x), exact=True)

@@ -144,6 +144,23 @@ class MILHead(nn.Module):
         """Pool projected instances ``h`` ``[N, E]`` into a :class:`MILOutput`."""
         raise NotImplementedError
 
+    def supports_padding(self) -> bool:
+        """Whether :meth:`forward_padded` gives the same logits as per-bag forwards.
+
+        Heads that return True let the loop train several bags in one padded forward.
+        """
+        return False
+
+    def forward_padded(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bag logits ``[B, C]`` of a zero-padded batch (only if :meth:`supports_padding`).
+
+        Args:
+            x (torch.Tensor): ``[B, N_max, D]`` features.
+            mask (torch.Tensor): ``[B, N_max]`` bool, True for real instances.
+        """
+        msg = f"{type(self).__name__} does not support padded batches."
+        raise NotImplementedError(msg)
+
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
         """The head's own training loss: bag cross-entropy plus its auxiliary losses.
 
