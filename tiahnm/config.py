@@ -93,6 +93,11 @@ class ExtractStageConfig:
     masker: str = _f("otsu", "Tissue masker: otsu, morphological or none.")
     min_tissue: float = _f(0.5, "Minimum tissue fraction of a kept patch.")
     batch_size: int = _f(64, "Patches per forward pass.")
+    cpu_precision: Literal["fp32", "bf16", "auto"] = _f(
+        "fp32",
+        "Encoder precision on CPU: fp32, bf16 (needs AMX / AVX-512 bf16, else an "
+        "error) or auto (bf16 when supported and a probe batch agrees to cosine 0.999).",
+    )
     num_workers: int | None = _f(None, "Patch-reading workers (default: auto).")
     mpp: float | None = _f(None, "Level-0 mpp for slides without resolution metadata.")
     power: float | None = _f(None, "Objective power for slides without metadata.")
@@ -125,7 +130,12 @@ class TrainConfig:
     patience: int = _f(20, "Stop after this many epochs without improvement.")
     min_epochs: int = _f(0, "Never stop before this epoch.")
     amp: Literal["auto", "off", "bf16", "fp16"] = _f(
-        "auto", "Mixed precision on GPU (auto: bf16 when supported); always off on CPU."
+        "auto", "Mixed precision on GPU (auto: bf16 when supported); CPU: cpu_precision."
+    )
+    cpu_precision: Literal["fp32", "bf16", "auto"] = _f(
+        "fp32",
+        "On CPU: fp32, bf16 autocast (needs AMX / AVX-512 bf16, else an error) or auto "
+        "(bf16 when supported and a probe bag agrees with fp32 to cosine 0.999).",
     )
     device: str = _f(
         "auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ..."
