@@ -98,10 +98,15 @@ def requested_dtype(value: str, device: torch.device, key: str) -> torch.dtype |
 
 
 def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity (float64) of each row (first axis) of ``a`` and ``b``."""
+    """Cosine similarity (float64) of each row (first axis) of ``a`` and ``b``.
+
+    Two all-zero rows (e.g. an instance the ReLU silences in both) agree: 1.
+    """
     a2 = a.detach().double().reshape(a.shape[0] if a.dim() > 1 else 1, -1)
     b2 = b.detach().double().reshape(a2.shape)
-    return torch.nn.functional.cosine_similarity(a2, b2, dim=1, eps=1e-12)
+    cos = torch.nn.functional.cosine_similarity(a2, b2, dim=1, eps=1e-12)
+    both_zero = (a2 == 0).all(dim=1) & (b2 == 0).all(dim=1)
+    return torch.where(both_zero, torch.ones_like(cos), cos)
 
 
 def row_cosine(a: Outputs, b: Outputs) -> float:
@@ -137,7 +142,7 @@ def resolve(
     device: torch.device,
     key: str,
     probe: Callable[[torch.dtype | None], Outputs] | None = None,
-    min_cosine: float = MIN_COSINE,
+    min_cosine: float | None = None,
 ) -> Precision:
     """Resolve ``value`` on ``device``; for ``auto``, run the guard on ``probe``.
 
@@ -148,7 +153,8 @@ def resolve(
         probe (Callable | None): ``probe(dtype)`` returns the output(s) ``[R, ...]``
             of the computation under autocast ``dtype`` (None: fp32); without it
             ``auto`` takes bf16 unguarded.
-        min_cosine (float): Mean row cosine ``auto`` requires.
+        min_cosine (float | None): Mean row cosine ``auto`` requires (default
+            :data:`MIN_COSINE`).
 
     Returns:
         Precision: The dtype and, for ``auto``, the measured cosine.
@@ -160,15 +166,16 @@ def resolve(
         ref = probe(None)
         low = probe(dtype)
     cosine = row_cosine(ref, low)
+    min_cosine = MIN_COSINE if min_cosine is None else min_cosine
     if not cosine >= min_cosine:
         logger.warning(
-            "%s auto: fp32 (bf16 output cosine %.5f < %.4f on the probe).",
+            "%s auto: fp32 (bf16 output cosine %.6f < %.4f on the probe).",
             key,
             cosine,
             min_cosine,
         )
         return Precision(None, cosine)
-    logger.info("%s auto: bf16 (output cosine %.5f on the probe).", key, cosine)
+    logger.info("%s auto: bf16 (output cosine %.6f on the probe).", key, cosine)
     return Precision(dtype, cosine)
 
 
