@@ -191,7 +191,7 @@ def test_mhim_teacher_forward_runs_in_bf16(
     seen = []
     original = MHIMMiner.teacher_scores
 
-    def spy(self, teacher, out):  # noqa: ANN001, ANN202
+    def spy(self, teacher, out):
         seen.append(out.instance_embeddings.dtype)
         return original(self, teacher, out)
 
