@@ -24,7 +24,8 @@ hits both alike; medians and their ratio are reported):
 
 Usage::
 
-    python benchmarks/bf16_cpu.py --threads 2 --auc --out benchmarks/results/bf16_cpu.json
+    python benchmarks/bf16_cpu.py --threads 2 --out benchmarks/results/bf16_cpu.json
+    python benchmarks/bf16_cpu.py --workloads --auc --update   # the AUC part alone
 """
 
 from __future__ import annotations
@@ -343,7 +344,7 @@ def main() -> None:
     )
     p.add_argument(
         "--workloads",
-        nargs="+",
+        nargs="*",
         default=["abmil_epoch", "mhim_abmil_epoch", "vit_s_extract", "vit_b_extract"],
     )
     p.add_argument("--n-bags", type=int, default=6)
@@ -359,17 +360,27 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bf16_cpu")
     p.add_argument("--out", type=Path, default=HERE / "results" / "bf16_cpu.json")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other parts of an existing --out (run workloads and --auc apart)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    payload = environment(args)
+    payload: dict[str, Any] = {}
+    if args.update and args.out.is_file():
+        payload = json.loads(args.out.read_text())
+    run_env = environment(args)
     jobs = {
         "abmil_epoch": lambda: training(args, mhim=False),
         "mhim_abmil_epoch": lambda: training(args, mhim=True),
         "vit_s_extract": lambda: extraction(args, "vit_small_patch16_224"),
         "vit_b_extract": lambda: extraction(args, "vit_base_patch16_224"),
     }
-    rows = {}
+    rows = payload.get("workloads", {}) if args.workloads else {}
+    if args.workloads or not payload:
+        payload.update(run_env)
     for name in args.workloads:
         rows[name] = jobs[name]()
         print(
@@ -378,10 +389,12 @@ def main() -> None:
             flush=True,
         )
     payload["workloads"] = rows
+    if args.workloads:
+        payload["load_average_end"] = os.getloadavg()
     if args.auc:
         payload["auc"] = auc_workloads(args, args.work_dir)
+        payload["auc_run"] = {**run_env, "load_average_end": os.getloadavg()}
         print(json.dumps(payload["auc"], indent=1), flush=True)
-    payload["load_average_end"] = os.getloadavg()
     from tiahnm.utils.io import write_json
 
     write_json(args.out, payload)
