@@ -564,7 +564,20 @@ def reference_markdown() -> str:
             shown = "`" + dumped.strip().removesuffix("...").strip() + "`"
         escaped = tp.replace("|", r"\|")
         lines.append(f"| `{key}` | {escaped} | {shown} | {doc} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *_CPU_PRECISION_NOTE]) + "\n"
+
+
+_CPU_PRECISION_NOTE = [
+    "",
+    "`train.cpu_precision` and `extract.cpu_precision` (`tiahnm extract/predict",
+    "--cpu-precision`) apply on CPU only (`train.amp` / `--amp` on GPU). `bf16` on a CPU",
+    "without AMX or AVX-512 bf16 units (torch's CPU capability report) is a config error",
+    "(exit code 2); `auto` there falls back to fp32 with a log line. `auto` on a CPU with",
+    "the units runs one probe (the first training bag through the head, or a synthetic",
+    "batch through the encoder) in fp32 and bf16 and keeps bf16 only when the mean row",
+    "cosine similarity is >= 0.999. `fp32` is exactly the earlier full-precision path.",
+    "Measured speed and accuracy: docs/benchmarks.md, section bf16 on CPU.",
+]
 
 
 if __name__ == "__main__":

@@ -248,3 +248,65 @@ def test_fp32_is_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
     last = fit(_head(), _bags(), [], cfg, seed=0).best_state
     for k, v in ref.state_dict().items():
         assert torch.equal(last[k], v), k
+
+
+# --- the commands ----------------------------------------------------------------------
+
+
+def test_train_cli_bf16_without_hardware_exits_2(without_bf16: None, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from tests.synthetic import make_bags, write_mil_csv
+    from tiahnm.cli import cli
+
+    csv = tmp_path / "bags.csv"
+    write_mil_csv(csv, make_bags(8))
+    args = ["train", "--mil-csv", str(csv), "--folds", "2", "--epochs", "1"]
+    args += ["--output-path", str(tmp_path / "o"), "--set", "train.cpu_precision=bf16"]
+    res = CliRunner().invoke(cli, [*args, "--set", "train.device=cpu"])
+    assert res.exit_code == 2, res.output
+    assert "Error: train.cpu_precision: bf16 needs a CPU with AMX" in res.output
+
+
+def test_extract_cli_bf16_without_hardware_exits_2(
+    without_bf16: None, tmp_path
+) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from tiahnm.cli import cli
+
+    img = tmp_path / "s.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(img)
+    args = ["extract", str(img), "--output-path", str(tmp_path / "f"), "--mpp", "0.5"]
+    res = CliRunner().invoke(cli, [*args, "--device", "cpu", "--cpu-precision", "bf16"])
+    assert res.exit_code == 2, res.output
+    assert "Error: extract.cpu_precision (--cpu-precision): bf16 needs a CPU" in (
+        res.output
+    )
+
+
+def test_extractor_bf16_encodes_in_bf16(with_bf16: None, tmp_path) -> None:
+    from tiahnm.slides.extract import ExtractConfig, Extractor
+
+    cfgs = {
+        p: ExtractConfig(device="cpu", num_workers=0, batch_size=4, cpu_precision=p)
+        for p in ("fp32", "bf16", "auto")
+    }
+    ext = {p: Extractor(c, tmp_path) for p, c in cfgs.items()}
+    assert ext["fp32"].settings["precision"] == "fp32" and ext["fp32"].amp_dtype is None
+    assert ext["bf16"].settings["precision"] == "bf16"
+    assert ext["auto"].amp_dtype is torch.bfloat16  # the probe batch agrees
+    seen: list = []
+    conv = next(
+        m for m in ext["bf16"].module.modules() if isinstance(m, torch.nn.Conv2d)
+    )
+    _record_dtypes(conv, seen)
+    g = torch.Generator().manual_seed(0)
+    patches = list(torch.randint(0, 256, (6, 32, 32, 3), generator=g).to(torch.uint8))
+    low, _, _ = ext["bf16"].encode(patches)
+    ref, _, _ = ext["fp32"].encode(patches)
+    assert seen and {d for d, _ in seen} == {torch.bfloat16}
+    assert low.dtype == np.float32 and low.shape == ref.shape
+    cos = precision.row_cosines(torch.from_numpy(ref), torch.from_numpy(low))
+    assert float(cos.min()) > 0.99
