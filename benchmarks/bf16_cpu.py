@@ -378,7 +378,7 @@ def main() -> None:
         "vit_s_extract": lambda: extraction(args, "vit_small_patch16_224"),
         "vit_b_extract": lambda: extraction(args, "vit_base_patch16_224"),
     }
-    rows = payload.get("workloads", {}) if args.workloads else {}
+    rows = dict(payload.get("workloads", {}))
     if args.workloads or not payload:
         payload.update(run_env)
     for name in args.workloads:
