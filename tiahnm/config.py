@@ -130,7 +130,8 @@ class TrainConfig:
     patience: int = _f(20, "Stop after this many epochs without improvement.")
     min_epochs: int = _f(0, "Never stop before this epoch.")
     amp: Literal["auto", "off", "bf16", "fp16"] = _f(
-        "auto", "Mixed precision on GPU (auto: bf16 when supported); CPU: cpu_precision."
+        "auto",
+        "Mixed precision on GPU (auto: bf16 when supported); CPU: cpu_precision.",
     )
     cpu_precision: Literal["fp32", "bf16", "auto"] = _f(
         "fp32",
@@ -576,7 +577,9 @@ _CPU_PRECISION_NOTE = [
     "the units runs one probe (the first training bag through the head, or a synthetic",
     "batch through the encoder) in fp32 and bf16 and keeps bf16 only when the mean row",
     "cosine similarity is >= 0.999. `fp32` is exactly the earlier full-precision path.",
-    "Measured speed and accuracy: docs/benchmarks.md, section bf16 on CPU.",
+    "`tiahnm predict --cpu-precision` applies to the extraction of slide images (its",
+    "one head pass per slide stays fp32). Measured speed and accuracy:",
+    "docs/benchmarks.md, section bf16 on CPU.",
 ]
 
 
