@@ -26,6 +26,7 @@ Usage::
 
     python benchmarks/bf16_cpu.py --threads 2 --out benchmarks/results/bf16_cpu.json
     python benchmarks/bf16_cpu.py --workloads --auc --update   # the AUC part alone
+    python benchmarks/bf16_cpu.py --workloads --auc --update --auc-data ucsb --auc-repeats 3
 """
 
 from __future__ import annotations
@@ -291,8 +292,12 @@ def auc_compare(name: str, config: dict[str, Any], bags: Any, work: Path) -> dic
 
 
 def auc_workloads(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Musk1 and UCSB, fp32 vs bf16 on the same folds and seeds."""
-    import li2019_ucsb
+    """Musk1 and/or UCSB, fp32 vs bf16 on the same folds and seeds."""
+    jobs = {"musk1": _musk1, "ucsb": _ucsb}
+    return {name: jobs[name](args, work) for name in args.auc_data}
+
+
+def _musk1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import yaml
 
     from tiahnm.training.cv import load_bags
@@ -302,7 +307,16 @@ def auc_workloads(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     musk["cv"]["repeats"] = args.auc_repeats
     musk["train"].update(num_threads=args.threads or 1, progress=False)
     musk["evaluation"] = {"bootstrap": 0, "report": False}
-    musk_bags = load_bags(_cfg(musk))
+    return {
+        "protocol": f"examples/musk1_abmil_gated.yaml, 10-fold CV x "
+        f"{args.auc_repeats}, seed 0, epoch by validation loss",
+        **auc_compare(f"musk1_r{args.auc_repeats}", musk, load_bags(_cfg(musk)), work),
+    }
+
+
+def _ucsb(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import li2019_ucsb
+
     ucsb_args = argparse.Namespace(
         data_dir=args.data_dir,
         work_dir=work / "ucsb_cache",
@@ -315,19 +329,13 @@ def auc_workloads(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     )
     ucsb = li2019_ucsb.config_for("plain", ucsb_args)
     ucsb["train"]["num_threads"] = args.threads or 1
-    ucsb_bags = li2019_ucsb.load_bags(ucsb_args)
     return {
-        "musk1": {
-            "protocol": f"examples/musk1_abmil_gated.yaml, 10-fold CV x "
-            f"{args.auc_repeats}, seed 0, epoch by validation loss",
-            **auc_compare("musk1", musk, musk_bags, work),
-        },
-        "ucsb": {
-            "protocol": f"li2019_ucsb.py 'plain' (random-CNN patch features, gated "
-            f"attention), 4-fold CV x {args.auc_repeats}, seed 0, epoch by "
-            "validation loss",
-            **auc_compare("ucsb", ucsb, ucsb_bags, work),
-        },
+        "protocol": f"li2019_ucsb.py 'plain' (random-CNN patch features, gated "
+        f"attention), 4-fold CV x {args.auc_repeats}, seed 0, epoch by "
+        "validation loss",
+        **auc_compare(
+            f"ucsb_r{args.auc_repeats}", ucsb, li2019_ucsb.load_bags(ucsb_args), work
+        ),
     }
 
 
@@ -357,6 +365,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--auc", action="store_true", help="also the Musk1/UCSB AUC check")
     p.add_argument("--auc-repeats", type=int, default=1)
+    p.add_argument(
+        "--auc-data", nargs="+", choices=("musk1", "ucsb"), default=["musk1", "ucsb"]
+    )
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bf16_cpu")
     p.add_argument("--out", type=Path, default=HERE / "results" / "bf16_cpu.json")
@@ -392,8 +403,11 @@ def main() -> None:
     if args.workloads:
         payload["load_average_end"] = os.getloadavg()
     if args.auc:
-        payload["auc"] = auc_workloads(args, args.work_dir)
-        payload["auc_run"] = {**run_env, "load_average_end": os.getloadavg()}
+        auc = auc_workloads(args, args.work_dir)
+        payload.setdefault("auc", {}).update(auc)
+        env = {**run_env, "load_average_end": os.getloadavg()}
+        payload.setdefault("auc_runs", {}).update(dict.fromkeys(auc, env))
+        payload.pop("auc_run", None)
         print(json.dumps(payload["auc"], indent=1), flush=True)
     from tiahnm.utils.io import write_json
 
