@@ -310,3 +310,29 @@ def test_extractor_bf16_encodes_in_bf16(with_bf16: None, tmp_path) -> None:
     assert low.dtype == np.float32 and low.shape == ref.shape
     cos = precision.row_cosines(torch.from_numpy(ref), torch.from_numpy(low))
     assert float(cos.min()) > 0.99
+
+
+def test_run_config_extract_precision_reaches_the_extractor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    import tiahnm.slides.extract as extract_mod
+    from tiahnm.pipeline import run_extract_stage
+
+    seen = []
+
+    class Summary:
+        failed = ()
+
+    def fake(slides, out, cfg):
+        seen.append(cfg.cpu_precision)
+        return Summary()
+
+    monkeypatch.setattr(extract_mod, "extract_features", fake)
+    config = from_dict(
+        {
+            "output_dir": str(tmp_path),
+            "extract": {"slides": [str(tmp_path)], "cpu_precision": "auto"},
+        }
+    )
+    run_extract_stage(config)
+    assert seen == ["auto"]
