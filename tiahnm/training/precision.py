@@ -7,8 +7,8 @@ CPU, ``cpu_precision`` (``train.cpu_precision``, ``extract.cpu_precision``,
 - ``fp32`` (default): full precision, exactly the computation of earlier versions.
 - ``bf16``: ``torch.autocast("cpu", bfloat16)``; matrix products and convolutions run
   in bf16 on AMX / AVX-512 bf16 units. On a CPU without them it is a
-  :class:`~tiahnm.errors.ConfigError` (without those units bf16 is emulated and slower
-  than fp32).
+  :class:`~tiahnm.errors.ConfigError`: without those units there is no bf16 matrix
+  hardware to gain from, so it is refused rather than run unmeasured.
 - ``auto``: bf16 when the CPU has the units **and** the accuracy guard passes, else fp32
   (logged). The guard runs one probe (a bag through the head, or a batch through the
   encoder) in fp32 and in bf16 and keeps bf16 only when the mean cosine similarity of
