@@ -38,7 +38,9 @@ def test_dry_run_runs_every_workload(suite, tmp_path) -> None:
     assert suite.main(["--dry-run", "--out", str(out)]) == 0
     got = json.loads(out.read_text())
     assert got["dry_run"] is True and got["device"] == "cpu"
-    assert len(got["commit"]) == 40 and got["versions"]["torch"] == torch.__version__
+    assert got["versions"]["torch"] == torch.__version__
+    if (SUITE.parents[1] / ".git").exists():  # a checkout (worktrees: a .git file)
+        assert len(got["commit"]) == 40
     w = got["workloads"]
     assert set(w) == {"loop_overhead", "mhim_speed", "extraction", "compile", "ddp"}
     for name, result in w.items():
