@@ -93,6 +93,11 @@ class ExtractStageConfig:
     masker: str = _f("otsu", "Tissue masker: otsu, morphological or none.")
     min_tissue: float = _f(0.5, "Minimum tissue fraction of a kept patch.")
     batch_size: int = _f(64, "Patches per forward pass.")
+    cpu_precision: Literal["fp32", "bf16", "auto"] = _f(
+        "fp32",
+        "Encoder precision on CPU: fp32, bf16 (needs AMX / AVX-512 bf16, else an "
+        "error) or auto (bf16 when supported and a probe batch agrees to cosine 0.999).",
+    )
     num_workers: int | None = _f(None, "Patch-reading workers (default: auto).")
     mpp: float | None = _f(None, "Level-0 mpp for slides without resolution metadata.")
     power: float | None = _f(None, "Objective power for slides without metadata.")
@@ -125,7 +130,13 @@ class TrainConfig:
     patience: int = _f(20, "Stop after this many epochs without improvement.")
     min_epochs: int = _f(0, "Never stop before this epoch.")
     amp: Literal["auto", "off", "bf16", "fp16"] = _f(
-        "auto", "Mixed precision on GPU (auto: bf16 when supported); always off on CPU."
+        "auto",
+        "Mixed precision on GPU (auto: bf16 when supported); CPU: cpu_precision.",
+    )
+    cpu_precision: Literal["fp32", "bf16", "auto"] = _f(
+        "fp32",
+        "On CPU: fp32, bf16 autocast (needs AMX / AVX-512 bf16, else an error) or auto "
+        "(bf16 when supported and a probe bag agrees with fp32 to cosine 0.999).",
     )
     device: str = _f(
         "auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ..."
@@ -554,7 +565,22 @@ def reference_markdown() -> str:
             shown = "`" + dumped.strip().removesuffix("...").strip() + "`"
         escaped = tp.replace("|", r"\|")
         lines.append(f"| `{key}` | {escaped} | {shown} | {doc} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *_CPU_PRECISION_NOTE]) + "\n"
+
+
+_CPU_PRECISION_NOTE = [
+    "",
+    "`train.cpu_precision` and `extract.cpu_precision` (`tiahnm extract/predict",
+    "--cpu-precision`) apply on CPU only (`train.amp` / `--amp` on GPU). `bf16` on a CPU",
+    "without AMX or AVX-512 bf16 units (torch's CPU capability report) is a config error",
+    "(exit code 2); `auto` there falls back to fp32 with a log line. `auto` on a CPU with",
+    "the units runs one probe (the first training bag through the head, or a synthetic",
+    "batch through the encoder) in fp32 and bf16 and keeps bf16 only when the mean row",
+    "cosine similarity is >= 0.999. `fp32` is exactly the earlier full-precision path.",
+    "`tiahnm predict --cpu-precision` applies to the extraction of slide images (its",
+    "one head pass per slide stays fp32). Measured speed and accuracy:",
+    "docs/benchmarks.md, section bf16 on CPU.",
+]
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ def run_extract_stage(config: Config) -> tuple[Config, Any]:
         batch_size=stage.batch_size,
         num_workers=stage.num_workers,
         device=config.train.device,
+        cpu_precision=stage.cpu_precision,
         mpp=stage.mpp,
         power=stage.power,
         seed=config.seed,

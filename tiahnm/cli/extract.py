@@ -135,7 +135,16 @@ def _setup_logging(*, verbose: bool) -> None:
     type=click.Choice(["auto", "bf16", "fp16", "off"]),
     default="auto",
     show_default=True,
-    help="Autocast on GPU (auto: bf16 if supported, else fp16). CPU runs in fp32.",
+    help="Autocast on GPU (auto: bf16 if supported, else fp16). CPU: --cpu-precision.",
+)
+@click.option(
+    "--cpu-precision",
+    type=click.Choice(["fp32", "bf16", "auto"]),
+    default="fp32",
+    show_default=True,
+    help="Encoder precision on CPU: bf16 autocast needs AMX / AVX-512 bf16 (else an "
+    "error); auto takes bf16 when supported and a probe batch agrees with fp32 to "
+    "cosine 0.999.",
 )
 @click.option(
     "--masker",
@@ -221,6 +230,7 @@ def extract(
     num_workers: int | None,
     device: str,
     amp: str,
+    cpu_precision: str,
     masker: str,
     min_tissue: float,
     mask_mpp: float | None,
@@ -275,6 +285,7 @@ def extract(
         num_workers=num_workers,
         device=device,
         amp=amp,
+        cpu_precision=cpu_precision,
         mpp=mpp,
         power=power,
         seed=0 if seed is None else seed,

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: Version of the file layout written here (part of the skip check).
 FORMAT_VERSION = 1
+#: How messages name the CPU precision setting.
+CPU_PRECISION_KEY = "extract.cpu_precision (--cpu-precision)"
 
 
 @dataclass
@@ -55,8 +57,10 @@ class ExtractConfig:
             uses every core, the thread overlaps reading), else
             ``min(8, cpu_count - 1)``.
         device (str): ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``.
-        amp (str): ``auto`` (bf16 if supported, else fp16, on GPU; fp32 on CPU),
-            ``bf16``, ``fp16`` or ``off``.
+        amp (str): ``auto`` (bf16 if supported, else fp16, on GPU), ``bf16``,
+            ``fp16`` or ``off``.
+        cpu_precision (str): On CPU: ``fp32``, ``bf16`` or ``auto``
+            (:mod:`tiahnm.training.precision`; the guard probes a synthetic batch).
         mpp (float | None): Level-0 mpp for slides without resolution metadata.
         power (float | None): Objective power for slides without it.
         seed (int): Seed of the encoder's random initialisation.
@@ -76,6 +80,7 @@ class ExtractConfig:
     num_workers: int | None = None
     device: str = "auto"
     amp: str = "auto"
+    cpu_precision: str = "fp32"
     mpp: float | None = None
     power: float | None = None
     seed: int = 0
@@ -95,6 +100,9 @@ class ExtractConfig:
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             msg = f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}."
             raise ConfigError(msg)
+        from tiahnm.training.precision import check_cpu_precision
+
+        check_cpu_precision(self.cpu_precision, CPU_PRECISION_KEY)
         for name in ("mpp", "power"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -303,8 +311,35 @@ class Extractor:
             .to(memory_format=torch.channels_last)
             .eval()
         )
+        if self.device.type == "cpu":
+            self.amp_dtype, precision = self._cpu_precision()
         self.settings = run_settings(cfg, self.encoder, precision)
         self._key = _settings_key(self.settings)
+
+    def _cpu_precision(self) -> tuple[Any, str]:
+        """``cfg.cpu_precision`` resolved; ``auto`` probes a seeded synthetic batch."""
+        import torch
+
+        from tiahnm.encoders.base import pool_output
+        from tiahnm.training.precision import resolve
+
+        size = self.cfg.tiling.patch_size
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        # smooth random colour fields: image-like statistics, no slide needed yet
+        low = torch.rand(4, 3, 8, 8, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear")
+        batch = (img * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+        def probe(dtype: Any) -> Any:
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None),
+            ):
+                x = self.encoder.preprocessing(batch.to(self.device))
+                return pool_output(self.module(x)).float()
+
+        res = resolve(self.cfg.cpu_precision, self.device, CPU_PRECISION_KEY, probe)
+        return res.dtype, res.name
 
     def output_path(self, sid: str) -> Path:
         """The feature file of slide ``sid``."""
@@ -391,7 +426,8 @@ class Extractor:
         if not np.isfinite(out).all():
             msg = (
                 f"encoder {self.encoder.name} produced NaN/inf features "
-                f"(precision {self.settings['precision']}; try --amp off)."
+                f"(precision {self.settings['precision']}; try --amp off or "
+                "--cpu-precision fp32)."
             )
             raise DataError(msg)
         return out, read_s, model_s

@@ -37,7 +37,7 @@ from tiahnm.evaluation.fold import evaluate_fold_instances, predict_with_scores
 from tiahnm.evaluation.metrics import INSTANCE_METRICS, add_confidence_intervals
 from tiahnm.plugins import ensure_options_mapping, get_registry
 from tiahnm.training.checkpoint import save_checkpoint
-from tiahnm.training.device import amp_dtype, resolve_device
+from tiahnm.training.device import resolve_device
 from tiahnm.training.distributed import (
     SINGLE,
     DistContext,
@@ -260,7 +260,7 @@ def run_fold(
             dist_ctx=dctx,
         )
     head.load_state_dict(res.best_state)
-    dtype = amp_dtype(device, config.train.amp)
+    dtype = res.autocast_dtype
     if not dctx.is_main:
         if config.cv.refit and val:
             _refit(

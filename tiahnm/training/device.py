@@ -40,7 +40,7 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    """Autocast on GPU when ``dtype`` is set, a no-op otherwise."""
+    """Autocast when ``dtype`` is set (GPU, or bf16 on CPU), a no-op otherwise."""
     if dtype is None:
         yield
         return

@@ -38,6 +38,7 @@ from tiahnm.training.distributed import (
 )
 from tiahnm.training.feeding import iter_features, pin_bags
 from tiahnm.training.metrics import binary_metrics
+from tiahnm.training.precision import head_precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.config import TrainConfig
@@ -55,6 +56,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     train_bags: list[Bag] = field(default_factory=list)
     seconds_per_epoch: float = math.nan
+    #: The autocast dtype training and validation ran under (None: full precision).
+    autocast_dtype: torch.dtype | None = None
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -217,9 +220,9 @@ def fit(
     dctx = dist_ctx if dist_ctx is not None else current()
     miner = miner or Miner()
     device = device or torch.device("cpu")
-    dtype = amp_dtype(device, cfg.amp)
     head.to(device)
     train_bags = list(train_bags)
+    dtype = _autocast_dtype(head, train_bags, device, cfg)
     if cfg.pin_memory:
         train_bags = pin_bags(train_bags, device)
     generator = torch.Generator().manual_seed(seed)
@@ -440,7 +443,18 @@ def fit(
         seconds_per_epoch=float(np.median(epoch_seconds))
         if epoch_seconds
         else math.nan,
+        autocast_dtype=dtype,
     )
+
+
+def _autocast_dtype(
+    head: MILHead, bags: list[Bag], device: torch.device, cfg: TrainConfig
+) -> torch.dtype | None:
+    """``train.amp`` on CUDA; ``train.cpu_precision`` (guarded on a bag) on CPU."""
+    if device.type != "cpu":
+        return amp_dtype(device, cfg.amp)
+    key = "train.cpu_precision"
+    return head_precision(head, bags, device, cfg.cpu_precision, key).dtype
 
 
 def _batch_loss(
