@@ -382,6 +382,7 @@ def main() -> None:
     payload: dict[str, Any] = {}
     if args.update and args.out.is_file():
         payload = json.loads(args.out.read_text())
+        payload.pop("provenance", None)  # written afresh for this update
     run_env = environment(args)
     jobs = {
         "abmil_epoch": lambda: training(args, mhim=False),
@@ -409,9 +410,9 @@ def main() -> None:
         payload.setdefault("auc_runs", {}).update(dict.fromkeys(auc, env))
         payload.pop("auc_run", None)
         print(json.dumps(payload["auc"], indent=1), flush=True)
-    from tiahnm.utils.io import write_json
+    from tiahnm.utils.provenance import write_result
 
-    write_json(args.out, payload)
+    write_result(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -611,9 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cuda")
     payload = run_suite(args, device)
-    from tiahnm.utils.io import write_json
+    from tiahnm.utils.provenance import write_result
 
-    write_json(args.out, payload)
+    write_result(args.out, payload)
     print(f"wrote {args.out} ({payload['elapsed_s']:.0f} s)", file=sys.stderr)
     return 0
 

@@ -68,4 +68,6 @@ def test_every_benchmark_writes_its_json_through_the_harness(script):
     assert "write_result(" in text, (
         f"{script.name} must write its JSON via write_result"
     )
-    assert "json.dumps(payload" not in text and "json.dump(payload" not in text
+    # no second way of writing a result file beside the harness
+    assert "write_text(json.dumps(" not in text
+    assert "write_json(" not in text
