@@ -1,0 +1,311 @@
+"""Named encoder presets: a published pathology model, built exactly as published.
+
+A preset (:class:`EncoderPreset`) is the whole model card of one encoder: the
+architecture and its keyword arguments, the input pipeline (resize, crop,
+interpolation, mean/std), the pooling rule, the output width, the recommended
+resolution and patch size, the weight files and how their keys map onto the
+network, the licence and whether the weights are gated.
+
+Presets register through the ordinary encoder hook: the preset object *is* the
+factory, so a third-party package adds a model with
+``register("my_model", EncoderPreset(...))`` and ``tiahnm encoders`` lists it.
+
+Weights come only from local files (never a download):
+
+* a file (``pytorch_model.bin``, ``model.safetensors``, ``*.pth``);
+* a folder holding one of the preset's weight files (a Hugging Face snapshot
+  folder, or a ``models--org--name`` cache folder);
+* ``hf-cache``: the preset's files in an already-filled Hugging Face cache, looked
+  up with ``huggingface_hub.try_to_load_from_cache`` (which never contacts the hub;
+  set ``HF_HUB_OFFLINE=1`` so that nothing else does either);
+* ``random-init``: the architecture untrained (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tiahnm.encoders.base import (
+    RANDOM_INIT,
+    EncoderModule,
+    Preprocessing,
+    load_state_dict_file,
+    load_weights,
+    sha256_file,
+)
+from tiahnm.errors import ConfigError, DataError
+
+#: The ``weights`` value that reads the preset's files from the local HF cache.
+HF_CACHE = "hf-cache"
+
+
+@dataclass(frozen=True)
+class EncoderPreset:
+    """A published encoder: architecture, preprocessing, pooling and weights.
+
+    Attributes:
+        name (str): Registry name (``uni``, ``virchow2`` ...).
+        title (str): The model's published name.
+        builder (str): Key of :data:`tiahnm.encoders.preset_archs.BUILDERS`.
+        arch (str): Architecture passed to the builder (timm name, transformers
+            class ...).
+        kwargs (Mapping): Builder keyword arguments (``"layer:SwiGLUPacked"``
+            strings name classes).
+        pooling (str): ``cls``, ``cls+mean``, ``pooler``, ``avg`` or
+            ``encode_image``.
+        out_dim (int): Published feature width, checked after building.
+        mean (tuple[float, ...]): Normalisation mean (0-1 scale).
+        std (tuple[float, ...]): Normalisation std.
+        resize_size (int | None): torchvision ``Resize`` (shorter side).
+        crop_size (int | None): torchvision ``CenterCrop``.
+        interpolation (str): ``bilinear`` or ``bicubic``.
+        mpp (float): Recommended micrometres per pixel.
+        patch_px (int): Recommended patch size at ``mpp``.
+        weight_files (tuple[str, ...]): Accepted weight file names, preferred first.
+        hf_repo (str): Hugging Face repository (or ``""``).
+        source_url (str): Where the weights are published.
+        licence (str): Licence of the weights (model card).
+        gated (bool): Whether the weights need an access request.
+        n_params (int): Published parameter count.
+        params_note (str): What the count covers and where it is published.
+        ignore_prefixes (tuple[str, ...]): Checkpoint keys that may be dropped.
+        drop_keys (str): Regex of checkpoint keys to drop (buffers, masks).
+        key_filter (str): ``""`` or ``"timm_swin"`` (old-timm Swin layout).
+        requires (str): How to install a package the builder needs ("" if none).
+        notes (str): Anything a user must know.
+    """
+
+    name: str
+    title: str
+    builder: str
+    arch: str
+    kwargs: Mapping[str, Any]
+    pooling: str
+    out_dim: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_size: int | None
+    crop_size: int | None
+    interpolation: str
+    mpp: float
+    patch_px: int
+    weight_files: tuple[str, ...]
+    hf_repo: str
+    source_url: str
+    licence: str
+    gated: bool
+    n_params: int
+    params_note: str
+    ignore_prefixes: tuple[str, ...] = ()
+    drop_keys: str = ""
+    key_filter: str = ""
+    requires: str = ""
+    notes: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preset's input pipeline."""
+        return Preprocessing(
+            input_size=self.crop_size or self.resize_size,
+            mean=self.mean,
+            std=self.std,
+            resize_size=self.resize_size,
+            crop_size=self.crop_size,
+            interpolation=self.interpolation,
+        )
+
+    def card(self) -> dict[str, Any]:
+        """The model card as a JSON-friendly dict (``tiahnm encoders --json``)."""
+        return {
+            "name": self.name,
+            "title": self.title,
+            "out_dim": self.out_dim,
+            "n_params": self.n_params,
+            "input": self.crop_size or self.resize_size,
+            "resize_size": self.resize_size,
+            "crop_size": self.crop_size,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "pooling": self.pooling,
+            "mpp": self.mpp,
+            "patch_px": self.patch_px,
+            "licence": self.licence,
+            "gated": self.gated,
+            "weight_files": list(self.weight_files),
+            "hf_repo": self.hf_repo,
+            "source_url": self.source_url,
+            "requires": self.requires,
+        }
+
+    def how_to_get(self) -> str:
+        """One sentence telling where the weight files come from."""
+        gate = " (gated: request access on the model page first)" if self.gated else ""
+        return (
+            f"download {' or '.join(self.weight_files)} from {self.source_url}{gate} "
+            "on a machine with internet and copy the file or folder here"
+        )
+
+    def build_network(self) -> tuple[nn.Module, nn.Module]:
+        """``(backbone, encoder)`` without weights, on the current default device."""
+        from tiahnm.encoders.preset_archs import BUILDERS
+
+        return BUILDERS[self.builder](self.arch, self.kwargs, self.pooling)
+
+    def __call__(self, *, weights: str | None = None) -> EncoderModule:
+        """Build the encoder with local weights (the registry factory).
+
+        Args:
+            weights (str | None): A weights file or folder, ``hf-cache`` or
+                ``random-init``. Required.
+
+        Returns:
+            EncoderModule: ``[B, 3, H, W] -> [B, out_dim]`` with the preset's
+            preprocessing, its weights' SHA-256 and its card.
+
+        Raises:
+            ConfigError: No usable weights, or a package the preset needs is missing.
+            DataError: The weights do not fit, or the output width is not
+                ``out_dim``.
+        """
+        path = resolve_weights(self, weights)
+        backbone, net = self.build_network()
+        if path is not None:
+            self.load(backbone, load_state_dict_file(path), source=path)
+        encoder = EncoderModule(
+            net,
+            out_dim=self.out_dim,
+            preprocessing=self.preprocessing,
+            weights_sha256=sha256_file(path) if path is not None else RANDOM_INIT,
+            spec=f"preset:{self.name}",
+            card={"preset": self.name, "pooling": self.pooling, **self.card()},
+        )
+        check_out_dim(self, encoder.eval())
+        return encoder
+
+    def load(
+        self, backbone: nn.Module, state: Mapping[str, torch.Tensor], *, source: Any
+    ) -> None:
+        """Load a checkpoint in the published key layout into ``backbone``.
+
+        Raises:
+            DataError: Keys or shapes do not match (names them and how to obtain the
+                right file).
+        """
+        state = remap_keys(self, dict(state), backbone)
+        try:
+            load_weights(
+                backbone, state, source=source, ignore_prefixes=self.ignore_prefixes
+            )
+        except DataError as exc:
+            msg = f"{exc} Expected the {self.title} checkpoint: {self.how_to_get()}."
+            raise DataError(msg) from None
+
+
+def remap_keys(
+    preset: EncoderPreset, state: dict[str, torch.Tensor], backbone: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Apply the preset's key rules (dropped keys, old-timm Swin layout)."""
+    if preset.drop_keys:
+        pattern = re.compile(preset.drop_keys)
+        state = {k: v for k, v in state.items() if not pattern.search(k)}
+    if preset.key_filter == "timm_swin":
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, backbone)
+    return state
+
+
+def check_out_dim(preset: EncoderPreset, encoder: nn.Module) -> None:
+    """One forward pass of a blank patch; the width must be ``preset.out_dim``.
+
+    Raises:
+        DataError: The encoder gives another width.
+    """
+    size = preset.crop_size or preset.resize_size or preset.patch_px
+    device = next(encoder.parameters()).device
+    with torch.inference_mode():
+        out = encoder(torch.zeros(1, 3, size, size, device=device))
+    if tuple(out.shape) != (1, preset.out_dim):
+        msg = (
+            f"preset {preset.name!r}: the network gives features of shape "
+            f"{tuple(out.shape)}, the published width is {preset.out_dim}."
+        )
+        raise DataError(msg)
+
+
+def resolve_weights(preset: EncoderPreset, weights: str | None) -> Path | None:
+    """The weights file for ``weights`` (file, folder, ``hf-cache``) or None.
+
+    Raises:
+        ConfigError: Missing, or no expected file found (names the files looked for
+            and how to obtain them).
+    """
+    hint = (
+        f"tiahnm never downloads weights: {preset.how_to_get()}, then pass "
+        f"--weights FILE_OR_FOLDER, or --weights {HF_CACHE} to use a filled Hugging "
+        f"Face cache (with HF_HUB_OFFLINE=1), or --weights {RANDOM_INIT}."
+    )
+    if weights is None or str(weights).strip() == "":
+        msg = f"preset {preset.name!r} needs local weights. {hint}"
+        raise ConfigError(msg)
+    if str(weights) == RANDOM_INIT:
+        return None
+    if str(weights) == HF_CACHE:
+        found = _from_hf_cache(preset)
+        where = f"the Hugging Face cache (repo {preset.hf_repo or 'none'})"
+    else:
+        path = Path(weights).expanduser()
+        if path.is_file():
+            return path
+        found = _from_folder(preset, path) if path.is_dir() else None
+        where = f"{path}" if path.is_dir() else f"{path} (not found)"
+    if found is None:
+        msg = (
+            f"preset {preset.name!r}: none of {', '.join(preset.weight_files)} in "
+            f"{where}. {hint}"
+        )
+        raise ConfigError(msg)
+    return found
+
+
+def _from_folder(preset: EncoderPreset, folder: Path) -> Path | None:
+    """A weight file in ``folder``, its ``snapshots/*`` (HF cache layout) first."""
+    candidates = [folder, *sorted((folder / "snapshots").glob("*"))[::-1]]
+    for base in candidates:
+        for name in preset.weight_files:
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def _from_hf_cache(preset: EncoderPreset) -> Path | None:
+    if not preset.hf_repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in preset.weight_files:
+        hit = try_to_load_from_cache(preset.hf_repo, name)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
+
+
+def registered_presets() -> dict[str, EncoderPreset]:
+    """Every registered encoder that is a preset (built-in or from a plugin)."""
+    from tiahnm.plugins import get_registry
+
+    registry = get_registry("encoder")
+    return {
+        name: entry.factory
+        for name, entry in registry.items()
+        if isinstance(entry.factory, EncoderPreset)
+    }
