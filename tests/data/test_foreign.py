@@ -26,7 +26,9 @@ MPP = 0.499
 
 def _labels(tmp_path: Path, ids: list[str]) -> str:
     path = tmp_path / "labels.csv"
-    path.write_text("slide_id,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(ids)))
+    path.write_text(
+        "slide_id,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(ids))
+    )
     return str(path)
 
 
@@ -35,14 +37,22 @@ def _source(name: str, **options):
 
 
 def _grid(n: int) -> np.ndarray:
-    return np.stack([np.arange(n) * 256, (np.arange(n) % 3) * 256], axis=1).astype(np.int64)
+    return np.stack([np.arange(n) * 256, (np.arange(n) % 3) * 256], axis=1).astype(
+        np.int64
+    )
 
 
 def _clam_save_hdf5(path: Path, assets: dict[str, np.ndarray]) -> None:
     """CLAM utils/file_utils.save_hdf5 (mode 'w', resizable chunked datasets)."""
     with h5py.File(path, "w") as f:
         for key, val in assets.items():
-            f.create_dataset(key, shape=val.shape, maxshape=(None, *val.shape[1:]), chunks=(1, *val.shape[1:]), dtype=val.dtype)[:] = val
+            f.create_dataset(
+                key,
+                shape=val.shape,
+                maxshape=(None, *val.shape[1:]),
+                chunks=(1, *val.shape[1:]),
+                dtype=val.dtype,
+            )[:] = val
 
 
 def test_clam_pt_files_with_h5_coordinates(tmp_path):
@@ -52,16 +62,24 @@ def test_clam_pt_files_with_h5_coordinates(tmp_path):
     want = {}
     for sid, n in (("s1", 5), ("s2", 3)):
         feats = rng.normal(size=(n, 1024)).astype(np.float32)
-        _clam_save_hdf5(tmp_path / "h5_files" / f"{sid}.h5", {"features": feats, "coords": _grid(n)})
+        _clam_save_hdf5(
+            tmp_path / "h5_files" / f"{sid}.h5", {"features": feats, "coords": _grid(n)}
+        )
         torch.save(torch.from_numpy(feats), tmp_path / "pt_files" / f"{sid}.pt")
         want[sid] = feats
-    bags = _source("clam_pt", features_dir=str(tmp_path / "pt_files"), labels_csv=_labels(tmp_path, ["s1", "s2"])).load()
+    bags = _source(
+        "clam_pt",
+        features_dir=str(tmp_path / "pt_files"),
+        labels_csv=_labels(tmp_path, ["s1", "s2"]),
+    ).load()
     for bag in bags:
         np.testing.assert_array_equal(bag.features.numpy(), want[bag.slide_id])
         np.testing.assert_array_equal(bag.coords, _grid(len(want[bag.slide_id])))
 
 
-def _stamp_file(path: Path, feats: np.ndarray, coords_um: np.ndarray, extractor: str) -> None:
+def _stamp_file(
+    path: Path, feats: np.ndarray, coords_um: np.ndarray, extractor: str
+) -> None:
     """As STAMP's preprocessing writes it: coords (um, float32), feats (fp16), attrs."""
     with h5py.File(path, "w") as h5_fp:
         h5_fp["coords"] = coords_um
@@ -81,8 +99,15 @@ def test_stamp_h5_um_to_level0_pixels(tmp_path):
     px = np.array([[0, 0], [513, 0], [0, 1026], [513, 1026]], dtype=np.float64)
     coords_um = (px * MPP).astype(np.float32)
     _stamp_file(tmp_path / "s1.h5", feats, coords_um, "uni")
-    (bag,) = _source("stamp_h5", features_dir=str(tmp_path), labels_csv=_labels(tmp_path, ["s1"]), mpp=MPP).load()
-    np.testing.assert_array_equal(bag.features.numpy(), feats.astype(np.float16).astype(np.float32))
+    (bag,) = _source(
+        "stamp_h5",
+        features_dir=str(tmp_path),
+        labels_csv=_labels(tmp_path, ["s1"]),
+        mpp=MPP,
+    ).load()
+    np.testing.assert_array_equal(
+        bag.features.numpy(), feats.astype(np.float16).astype(np.float32)
+    )
     np.testing.assert_allclose(bag.coords, coords_um.astype(np.float64) / MPP)
     np.testing.assert_allclose(bag.coords, px, atol=1e-3)
 
@@ -92,22 +117,50 @@ def test_stamp_h5_reads_the_slide_mpp(tmp_path):
     if not (SLIDES / "CMU-1-Small-Region.svs").is_file():
         pytest.skip("../shared/data/slides is absent")
     coords_um = np.array([[0.0, 0.0], [499.0, 998.0]], dtype=np.float32)
-    _stamp_file(tmp_path / "CMU-1-Small-Region.h5", np.ones((2, 4), np.float32), coords_um, "uni")
+    _stamp_file(
+        tmp_path / "CMU-1-Small-Region.h5",
+        np.ones((2, 4), np.float32),
+        coords_um,
+        "uni",
+    )
     (bag,) = _source(
-        "stamp_h5", features_dir=str(tmp_path), labels_csv=_labels(tmp_path, ["CMU-1-Small-Region"]), slides_dir=str(SLIDES)
+        "stamp_h5",
+        features_dir=str(tmp_path),
+        labels_csv=_labels(tmp_path, ["CMU-1-Small-Region"]),
+        slides_dir=str(SLIDES),
     ).load()
     np.testing.assert_allclose(bag.coords, [[0, 0], [1000, 2000]], atol=1e-3)
 
 
 def test_mixed_encoders_are_refused_naming_the_files(tmp_path):
-    _stamp_file(tmp_path / "a.h5", np.ones((2, 8), np.float32), np.zeros((2, 2), np.float32), "uni")
-    _stamp_file(tmp_path / "b.h5", np.ones((2, 8), np.float32), np.zeros((2, 2), np.float32), "virchow2")
-    src = _source("stamp_h5", features_dir=str(tmp_path), labels_csv=_labels(tmp_path, ["a", "b"]), mpp=MPP)
-    with pytest.raises(DataError, match=r"mix encoders \(uni: 1 file\(s\) .*a\.h5; virchow2: 1 file\(s\) .*b\.h5\)"):
+    _stamp_file(
+        tmp_path / "a.h5",
+        np.ones((2, 8), np.float32),
+        np.zeros((2, 2), np.float32),
+        "uni",
+    )
+    _stamp_file(
+        tmp_path / "b.h5",
+        np.ones((2, 8), np.float32),
+        np.zeros((2, 2), np.float32),
+        "virchow2",
+    )
+    src = _source(
+        "stamp_h5",
+        features_dir=str(tmp_path),
+        labels_csv=_labels(tmp_path, ["a", "b"]),
+        mpp=MPP,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"mix encoders \(uni: 1 file\(s\) .*a\.h5; virchow2: 1 file\(s\) .*b\.h5\)",
+    ):
         src.load()
 
 
-def _slide2vec_output(root: Path, sid: str, feats: np.ndarray, x: np.ndarray, y: np.ndarray, fmt: str) -> None:
+def _slide2vec_output(
+    root: Path, sid: str, feats: np.ndarray, x: np.ndarray, y: np.ndarray, fmt: str
+) -> None:
     """slide2vec write_tile_embeddings + hs2p save_tiling_result layout."""
     tiles, emb = root / "tiles", root / "tile_embeddings"
     tiles.mkdir(parents=True, exist_ok=True)
@@ -123,7 +176,9 @@ def _slide2vec_output(root: Path, sid: str, feats: np.ndarray, x: np.ndarray, y:
     if fmt == "pt":
         torch.save(torch.from_numpy(feats).half(), emb / f"{sid}.pt")
     else:
-        np.savez_compressed(emb / f"{sid}.npz", features=feats, tile_index=np.arange(n)[::-1].copy())
+        np.savez_compressed(
+            emb / f"{sid}.npz", features=feats, tile_index=np.arange(n)[::-1].copy()
+        )
     meta = {
         "sample_id": sid, "artifact_type": "tile_embeddings", "format": fmt, "feature_dim": feats.shape[1],
         "num_tiles": n, "encoder_name": "uni", "feature_dtype": "fp16" if fmt == "pt" else "fp32",
@@ -134,13 +189,25 @@ def _slide2vec_output(root: Path, sid: str, feats: np.ndarray, x: np.ndarray, y:
 
 def test_slide2vec_output_pt_and_npz(tmp_path):
     rng = np.random.default_rng(2)
-    x, y = np.array([0, 0, 512, 512]), np.array([0, 512, 0, 512])  # hs2p order: x, then y
+    x, y = (
+        np.array([0, 0, 512, 512]),
+        np.array([0, 512, 0, 512]),
+    )  # hs2p order: x, then y
     f1 = rng.normal(size=(4, 16)).astype(np.float32)
     f2 = rng.normal(size=(4, 16)).astype(np.float32)
     _slide2vec_output(tmp_path, "s1", f1, x, y, "pt")
     _slide2vec_output(tmp_path, "s2", f2, x, y, "npz")
-    bags = {b.slide_id: b for b in _source("slide2vec", features_dir=str(tmp_path), labels_csv=_labels(tmp_path, ["s1", "s2"])).load()}
-    np.testing.assert_array_equal(bags["s1"].features.numpy(), f1.astype(np.float16).astype(np.float32))
+    bags = {
+        b.slide_id: b
+        for b in _source(
+            "slide2vec",
+            features_dir=str(tmp_path),
+            labels_csv=_labels(tmp_path, ["s1", "s2"]),
+        ).load()
+    }
+    np.testing.assert_array_equal(
+        bags["s1"].features.numpy(), f1.astype(np.float16).astype(np.float32)
+    )
     np.testing.assert_array_equal(bags["s1"].coords, np.stack([x, y], 1))
     np.testing.assert_array_equal(bags["s2"].features.numpy(), f2)
     # npz rows are in the order of their tile_index (reversed here)
@@ -170,8 +237,12 @@ def test_tiatoolbox_zarr_coordinates_are_level0(tmp_path):
         for (x, y), feat in zip(coords, bag.features.numpy(), strict=True):
             if x + side > width or y + side > height:
                 continue  # TIAToolbox pads patches that cross the border
-            region = slide.read_region((round(x), round(y)), 0, (side, side)).convert("RGB")
-            errors.append(np.abs(np.asarray(region).reshape(-1, 3).mean(0) / 255 - feat).max())
+            region = slide.read_region((round(x), round(y)), 0, (side, side)).convert(
+                "RGB"
+            )
+            errors.append(
+                np.abs(np.asarray(region).reshape(-1, 3).mean(0) / 255 - feat).max()
+            )
         assert len(errors) > 40
         return float(np.median(errors))
 
@@ -181,5 +252,10 @@ def test_tiatoolbox_zarr_coordinates_are_level0(tmp_path):
 
 
 def test_tia_zarr_needs_the_resolution_of_level0(tmp_path):
-    with pytest.raises(DataError, match="needs data.options.mpp or slides_dir"):
-        _source("tia_zarr", features_dir=str(FOREIGN / "tia_zarr"), labels_csv=_labels(tmp_path, ["x"]), resolution=4.0)
+    with pytest.raises(DataError, match=r"needs data\.options\.mpp or slides_dir"):
+        _source(
+            "tia_zarr",
+            features_dir=str(FOREIGN / "tia_zarr"),
+            labels_csv=_labels(tmp_path, ["x"]),
+            resolution=4.0,
+        )

@@ -68,7 +68,9 @@ def _old_timm_swin_layout(state: dict, backbone: torch.nn.Module) -> dict:
         ("resnet50_trunc", "resnet50-19c8e357.pth", "torchvision"),
     ],
 )
-def test_published_key_layout_loads_with_identical_outputs(tmp_path, name, file, layout):
+def test_published_key_layout_loads_with_identical_outputs(
+    tmp_path, name, file, layout
+):
     preset = PRESETS[name]
     torch.manual_seed(1)
     backbone, ref = preset.build_network()
@@ -121,7 +123,12 @@ def test_hf_cache_is_read_offline(tmp_path, monkeypatch):
     preset = PRESETS["kaiko_vits16"]
     torch.manual_seed(0)
     backbone, _ = preset.build_network()
-    snap = tmp_path / f"models--{preset.hf_repo.replace('/', '--')}" / "snapshots" / "abc123"
+    snap = (
+        tmp_path
+        / f"models--{preset.hf_repo.replace('/', '--')}"
+        / "snapshots"
+        / "abc123"
+    )
     snap.mkdir(parents=True)
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("abc123")
@@ -141,7 +148,9 @@ def _real_patches(size: int, n: int = 4) -> torch.Tensor:
     slide = openslide.OpenSlide(str(SLIDES / "CMU-1-Small-Region.svs"))
     out = []
     for i in range(n):
-        region = slide.read_region((300 + 400 * i, 500 + 300 * i), 0, (size, size + 20 * i % 40))
+        region = slide.read_region(
+            (300 + 400 * i, 500 + 300 * i), 0, (size, size + 20 * i % 40)
+        )
         out.append(np.asarray(region.convert("RGB")))
     h = min(p.shape[0] for p in out)
     return torch.from_numpy(np.stack([p[:h] for p in out]))
@@ -164,10 +173,18 @@ def test_preprocessing_equals_torchvision_pipeline_on_real_patches(size):
         steps = []
         if prep.resize_size:
             mode = v2.InterpolationMode(prep.interpolation)
-            steps.append(v2.Resize(prep.resize_size, interpolation=mode, antialias=True))
+            steps.append(
+                v2.Resize(prep.resize_size, interpolation=mode, antialias=True)
+            )
         if prep.crop_size:
             steps.append(v2.CenterCrop(prep.crop_size))
-        ref = v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+        ref = v2.Compose(
+            [
+                *steps,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(prep.mean, prep.std),
+            ]
+        )
         want = torch.stack([ref(p.permute(2, 0, 1)) for p in batch])
         got = prep(batch)
         assert got.shape == want.shape
@@ -186,7 +203,11 @@ def test_timm_generic_path_never_guesses_normalisation(tmp_path):
     dinov2 = build_encoder(
         "timm:vit_small_patch14_dinov2",
         weights="random-init",
-        options={"model_kwargs": {"img_size": 224}, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        options={
+            "model_kwargs": {"img_size": 224},
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        },
     )
     assert dinov2.preprocessing.input_size == 224  # not the architecture's 518
 
@@ -195,7 +216,9 @@ def test_third_party_preset_through_the_hook(monkeypatch):
     from tiahnm.hookspecs import hookimpl
     from tiahnm.plugins import get_plugin_manager, reset_plugin_manager
 
-    mine = EncoderPreset(**{**PRESETS["kaiko_vits16"].__dict__, "name": "my_vit", "title": "Mine"})
+    mine = EncoderPreset(
+        **{**PRESETS["kaiko_vits16"].__dict__, "name": "my_vit", "title": "Mine"}
+    )
 
     class Plugin:
         @hookimpl
@@ -213,7 +236,11 @@ def test_third_party_preset_through_the_hook(monkeypatch):
         assert cards["my_vit"]["title"] == "Mine" and "uni" in cards
         assert cards["uni"]["out_dim"] == 1024 and cards["uni"]["gated"] is True
         table = CliRunner().invoke(cli, ["encoders"])
-        assert table.exit_code == 0 and "virchow2" in table.output and "2560" in table.output
+        assert (
+            table.exit_code == 0
+            and "virchow2" in table.output
+            and "2560" in table.output
+        )
     finally:
         reset_plugin_manager()
 

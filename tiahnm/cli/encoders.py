@@ -49,4 +49,6 @@ def encoders(as_json: bool) -> None:  # noqa: FBT001 - click flag
     rows = [COLUMNS, *(_row(c) for c in cards)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        click.echo(
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        )

@@ -118,7 +118,9 @@ class ForeignFeatureFolder:
                 )
                 raise DataError(msg)
             _check_arrays(got.path, got.features, got.coords)
-            origins.append(FeatureOrigin(str(got.path), got.encoder, got.features.shape[1]))
+            origins.append(
+                FeatureOrigin(str(got.path), got.encoder, got.features.shape[1])
+            )
             bags.append(
                 Bag(
                     slide_id=sid,
@@ -255,7 +257,11 @@ class StampH5Folder(ForeignFeatureFolder):
                     msg = f"{path}: no 'feats' dataset (keys: {', '.join(f.keys())}); not a STAMP file."
                     raise DataError(msg)
                 feats = np.asarray(f["feats"][()], dtype=np.float32)
-                coords_um = np.asarray(f["coords"][()], dtype=np.float64) if "coords" in f else None
+                coords_um = (
+                    np.asarray(f["coords"][()], dtype=np.float64)
+                    if "coords" in f
+                    else None
+                )
                 unit = f.attrs.get("unit", "um")
                 extractor = f.attrs.get("extractor")
         except OSError as exc:
@@ -269,7 +275,9 @@ class StampH5Folder(ForeignFeatureFolder):
         if coords_um is not None and mpp is not None:
             coords = coords_um / mpp
         elif coords_um is not None:
-            logger.warning("%s: no level-0 µm/px (mpp or slides_dir); no coordinates.", path)
+            logger.warning(
+                "%s: no level-0 µm/px (mpp or slides_dir); no coordinates.", path
+            )
         return SlideFeatures(feats, coords, str(extractor) if extractor else None, path)
 
 
@@ -299,7 +307,11 @@ class Slide2VecFolder(ForeignFeatureFolder):
             path = npz
         else:
             return None
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        meta = (
+            json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta_path.is_file()
+            else {}
+        )
         coords = self._coords(sid, meta, path)
         if coords is not None and index is not None:
             coords = coords[index]

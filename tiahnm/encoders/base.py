@@ -121,7 +121,7 @@ class Preprocessing:
         return self._normalize(x)
 
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """torchvision ``Resize`` (shorter side) then ``CenterCrop`` on uint8 NCHW."""
+        """Apply torchvision ``Resize`` (shorter side) then ``CenterCrop`` on uint8 NCHW."""
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 

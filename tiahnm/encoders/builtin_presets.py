@@ -43,11 +43,17 @@ _HOPTIMUS = {
 }
 
 
-def _timm_vit(name: str, title: str, arch: str, kwargs: dict, **card: object) -> EncoderPreset:
-    return EncoderPreset(name=name, title=title, builder="timm", arch=arch, kwargs=kwargs, **card)  # type: ignore[arg-type]
+def _timm_vit(
+    name: str, title: str, arch: str, kwargs: dict, **card: object
+) -> EncoderPreset:
+    return EncoderPreset(
+        name=name, title=title, builder="timm", arch=arch, kwargs=kwargs, **card
+    )  # type: ignore[arg-type]
 
 
-def _kaiko(size: str, arch: str, dim: int, n_params: int, img: int = 224) -> EncoderPreset:
+def _kaiko(
+    size: str, arch: str, dim: int, n_params: int, img: int = 224
+) -> EncoderPreset:
     return _timm_vit(
         f"kaiko_{size}",
         f"kaiko.ai {size.upper()} (towards large pathology FMs)",
@@ -72,7 +78,9 @@ def _kaiko(size: str, arch: str, dim: int, n_params: int, img: int = 224) -> Enc
     )
 
 
-def _ctranspath(name: str, title: str, file: str, licence: str, url: str) -> EncoderPreset:
+def _ctranspath(
+    name: str, title: str, file: str, licence: str, url: str
+) -> EncoderPreset:
     return EncoderPreset(
         name=name,
         title=title,
@@ -104,8 +112,12 @@ def _ctranspath(name: str, title: str, file: str, licence: str, url: str) -> Enc
     )
 
 
-def _hf_vit(name: str, title: str, arch: str, config: dict, **card: object) -> EncoderPreset:
-    return EncoderPreset(name=name, title=title, builder="transformers", arch=arch, kwargs=config, **card)  # type: ignore[arg-type]
+def _hf_vit(
+    name: str, title: str, arch: str, config: dict, **card: object
+) -> EncoderPreset:
+    return EncoderPreset(
+        name=name, title=title, builder="transformers", arch=arch, kwargs=config, **card
+    )  # type: ignore[arg-type]
 
 
 def _dinov2(hidden: int, layers: int, heads: int, patch: int, **extra: object) -> dict:
@@ -122,7 +134,7 @@ def _dinov2(hidden: int, layers: int, heads: int, patch: int, **extra: object) -
     }
 
 
-def builtin_presets() -> list[EncoderPreset]:  # noqa: PLR0915 - one table
+def builtin_presets() -> list[EncoderPreset]:
     """Every built-in preset."""
     common_imagenet = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     return [
@@ -140,7 +152,11 @@ def builtin_presets() -> list[EncoderPreset]:  # noqa: PLR0915 - one table
             interpolation="bilinear",
             mpp=0.5,
             patch_px=256,
-            weight_files=("resnet50-19c8e357.pth", "resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
+            weight_files=(
+                "resnet50-19c8e357.pth",
+                "resnet50-0676ba61.pth",
+                "resnet50-11ad3fa6.pth",
+            ),
             hf_repo="",
             source_url="https://download.pytorch.org/models/ (torchvision ResNet-50 ImageNet weights)",
             licence="BSD-3-Clause (torchvision)",
@@ -155,7 +171,13 @@ def builtin_presets() -> list[EncoderPreset]:  # noqa: PLR0915 - one table
             "uni",
             "UNI (ViT-L/16)",
             "vit_large_patch16_224",
-            {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+            {
+                "img_size": 224,
+                "patch_size": 16,
+                "init_values": 1e-5,
+                "num_classes": 0,
+                "dynamic_img_size": True,
+            },
             pooling="cls",
             out_dim=1024,
             **common_imagenet,

@@ -171,7 +171,9 @@ class ConvStem(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-def build_timm(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.Module, nn.Module]:
+def build_timm(
+    arch: str, kwargs: Mapping[str, Any], pooling: str
+) -> tuple[nn.Module, nn.Module]:
     """A timm model (``pretrained=False``, ``num_classes=0``) and its token pooling."""
     import timm
 
@@ -179,7 +181,9 @@ def build_timm(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.M
     return net, TimmTokens(net, pooling)
 
 
-def build_ctranspath(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.Module, nn.Module]:
+def build_ctranspath(
+    arch: str, kwargs: Mapping[str, Any], pooling: str
+) -> tuple[nn.Module, nn.Module]:
     """CTransPath / CHIEF: timm Swin-T with the ConvStem, global average pooling."""
     import timm
 
@@ -201,13 +205,17 @@ class _Forward(nn.Module):
         return self.model(x)
 
 
-def build_resnet50_trunc(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.Module, nn.Module]:
+def build_resnet50_trunc(
+    arch: str, kwargs: Mapping[str, Any], pooling: str
+) -> tuple[nn.Module, nn.Module]:
     """CLAM's truncated ResNet-50 with global average pooling."""
     net = ResNet50Trunc()
     return net, PooledCNN(net)
 
 
-def build_transformers(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.Module, nn.Module]:
+def build_transformers(
+    arch: str, kwargs: Mapping[str, Any], pooling: str
+) -> tuple[nn.Module, nn.Module]:
     """A ``transformers`` model class (``arch``) from a config built from ``kwargs``.
 
     The config is written in the preset (no ``config.json`` and no remote code is
@@ -224,7 +232,9 @@ def build_transformers(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tu
 
 
 class _EncodeImage(nn.Module):
-    def __init__(self, model: nn.Module, call: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, call: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         super().__init__()
         self.model = model
         self._call = call
@@ -234,7 +244,9 @@ class _EncodeImage(nn.Module):
         return self._call(x)
 
 
-def build_conch(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.Module, nn.Module]:
+def build_conch(
+    arch: str, kwargs: Mapping[str, Any], pooling: str
+) -> tuple[nn.Module, nn.Module]:
     """CONCH v1 through its own package: ``encode_image(proj_contrast=False)``.
 
     Raises:
@@ -256,7 +268,9 @@ def build_conch(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.
     return net, _EncodeImage(net, call)
 
 
-def build_conch_v15(arch: str, kwargs: Mapping[str, Any], pooling: str) -> tuple[nn.Module, nn.Module]:
+def build_conch_v15(
+    arch: str, kwargs: Mapping[str, Any], pooling: str
+) -> tuple[nn.Module, nn.Module]:
     """CONCH v1.5's vision tower, as TRIDENT defines it (its own package).
 
     Raises:

@@ -15,7 +15,14 @@ from tiatoolbox.models.engine.deep_feature_extractor import DeepFeatureExtractor
 from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
 from tiatoolbox.models.models_abc import ModelABC
 
-SLIDE = Path(__file__).parents[3] / ".." / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+SLIDE = (
+    Path(__file__).parents[3]
+    / ".."
+    / "shared"
+    / "data"
+    / "slides"
+    / "CMU-1-Small-Region.svs"
+)
 OUT = Path(__file__).parent / "tia_zarr"
 
 
@@ -32,7 +39,7 @@ class MeanColour(ModelABC):
         return (np.asarray(image)[..., :3] / 255.0).astype(np.float32)
 
     @staticmethod
-    def infer_batch(model, batch_data, *, device):  # noqa: ANN001
+    def infer_batch(model, batch_data, *, device):
         x = torch.as_tensor(batch_data).to(device)
         with torch.inference_mode():
             return [model(x).cpu().numpy()]
@@ -44,7 +51,9 @@ if __name__ == "__main__":
         patch_input_shape=(32, 32),
         stride_shape=(32, 32),
     )
-    engine = DeepFeatureExtractor(model=MeanColour(), batch_size=16, num_workers=0, device="cpu", verbose=False)
+    engine = DeepFeatureExtractor(
+        model=MeanColour(), batch_size=16, num_workers=0, device="cpu", verbose=False
+    )
     out = engine.run(
         images=[SLIDE.resolve()],
         patch_mode=False,
