@@ -66,6 +66,7 @@ def _old_timm_swin_layout(state: dict, backbone: torch.nn.Module) -> dict:
         ("kaiko_vits16", "model.safetensors", "plain"),
         ("ctranspath", "ctranspath.pth", "old_swin"),
         ("resnet50_trunc", "resnet50-19c8e357.pth", "torchvision"),
+        ("hibou_b", "model.safetensors", "plain"),
     ],
 )
 def test_published_key_layout_loads_with_identical_outputs(
@@ -258,7 +259,7 @@ def test_extract_uni_random_init_records_the_preset(tmp_path):
     result = CliRunner().invoke(
         cli,
         ["extract", "--img-input", str(SLIDES / "CMU-1-Small-Region.svs"), "--output-path", str(out),
-         "--encoder", "uni", "--weights", "random-init", "--resolution", "4", "--batch-size", "4"],
+         "--encoder", "uni", "--weights", "random-init", "--resolution", "2", "--batch-size", "4"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     with h5py.File(out / "CMU-1-Small-Region.h5") as f:
@@ -269,3 +270,17 @@ def test_extract_uni_random_init_records_the_preset(tmp_path):
     assert prep["mean"] == list(IMAGENET_MEAN) and prep["std"] == list(IMAGENET_STD)
     assert prep["resize_size"] == 224 and prep["crop_size"] == 224
     assert card["preset"] == "uni" and card["pooling"] == "cls"
+
+
+def test_pooling_option_swaps_cls_and_cls_mean():
+    info = build_encoder(
+        "kaiko_vits16", weights="random-init", options={"pooling": "cls+mean"}
+    )
+    assert info.out_dim == 768 and info.card["pooling"] == "cls+mean"
+    x = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        tokens = info.module.net.model.forward_features(x)
+        want = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
+        torch.testing.assert_close(info.module(x), want)
+    with pytest.raises(ConfigError, match="may swap 'cls' and 'cls\\+mean' only"):
+        build_encoder("hibou_b", weights="random-init", options={"pooling": "cls"})

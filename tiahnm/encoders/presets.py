@@ -160,12 +160,17 @@ class EncoderPreset:
 
         return BUILDERS[self.builder](self.arch, self.kwargs, self.pooling)
 
-    def __call__(self, *, weights: str | None = None) -> EncoderModule:
+    def __call__(
+        self, *, weights: str | None = None, pooling: str | None = None
+    ) -> EncoderModule:
         """Build the encoder with local weights (the registry factory).
 
         Args:
             weights (str | None): A weights file or folder, ``hf-cache`` or
                 ``random-init``. Required.
+            pooling (str | None): ``cls`` or ``cls+mean`` instead of the published
+                rule, for ViT presets whose rule is one of these (the width
+                halves or doubles accordingly); None keeps the published rule.
 
         Returns:
             EncoderModule: ``[B, 3, H, W] -> [B, out_dim]`` with the preset's
@@ -176,6 +181,8 @@ class EncoderPreset:
             DataError: The weights do not fit, or the output width is not
                 ``out_dim``.
         """
+        if pooling is not None and pooling != self.pooling:
+            return self.with_pooling(pooling)(weights=weights)
         path = resolve_weights(self, weights)
         backbone, net = self.build_network()
         if path is not None:
@@ -190,6 +197,24 @@ class EncoderPreset:
         )
         check_out_dim(self, encoder.eval())
         return encoder
+
+    def with_pooling(self, pooling: str) -> EncoderPreset:
+        """This preset with the ``cls`` / ``cls+mean`` rule swapped.
+
+        Raises:
+            ConfigError: The preset's rule or ``pooling`` is not ``cls``/``cls+mean``.
+        """
+        from dataclasses import replace
+
+        swappable = ("cls", "cls+mean")
+        if pooling not in swappable or self.pooling not in swappable:
+            msg = (
+                f"preset {self.name!r}: encoder.options.pooling may swap 'cls' and "
+                f"'cls+mean' only (published rule {self.pooling!r}, got {pooling!r})."
+            )
+            raise ConfigError(msg)
+        dim = self.out_dim * 2 if pooling == "cls+mean" else self.out_dim // 2
+        return replace(self, pooling=pooling, out_dim=dim)
 
     def load(
         self, backbone: nn.Module, state: Mapping[str, torch.Tensor], *, source: Any
