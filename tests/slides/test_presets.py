@@ -284,3 +284,18 @@ def test_pooling_option_swaps_cls_and_cls_mean():
         torch.testing.assert_close(info.module(x), want)
     with pytest.raises(ConfigError, match="may swap 'cls' and 'cls\\+mean' only"):
         build_encoder("hibou_b", weights="random-init", options={"pooling": "cls"})
+
+
+@pytest.mark.shared_data
+def test_extract_without_weights_is_a_usage_error(tmp_path):
+    if not (SLIDES / "CMU-1-Small-Region.svs").is_file():
+        pytest.skip("../shared/data/slides is absent")
+    from tiahnm.cli import cli
+
+    args = ["extract", "--img-input", str(SLIDES / "CMU-1-Small-Region.svs")]
+    result = CliRunner().invoke(
+        cli, [*args, "--output-path", str(tmp_path), "--encoder", "uni"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "Error: preset 'uni' needs local weights" in result.output
+    assert "pytorch_model.bin" in result.output
