@@ -299,3 +299,31 @@ def test_extract_without_weights_is_a_usage_error(tmp_path):
     assert result.exit_code == 2, result.output
     assert "Error: preset 'uni' needs local weights" in result.output
     assert "pytorch_model.bin" in result.output
+
+
+def test_timm_model_kwargs_name_layer_classes():
+    info = build_encoder(
+        "timm:vit_small_patch14_reg4_dinov2",
+        weights="random-init",
+        options={
+            "model_kwargs": {
+                "img_size": 56,
+                "mlp_layer": "layer:SwiGLUPacked",
+                "act_layer": "layer:SiLU",
+            },
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        },
+    )
+    mlp = info.module.net.blocks[0].mlp  # timm's SwiGLUPacked is GluMlp(gate_last=False)
+    assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.act, torch.nn.SiLU)
+    with pytest.raises(ConfigError, match="unknown layer 'Nope'"):
+        build_encoder(
+            "timm:test_vit",
+            weights="random-init",
+            options={
+                "model_kwargs": {"act_layer": "layer:Nope"},
+                "mean": [0.5] * 3,
+                "std": [0.5] * 3,
+            },
+        )

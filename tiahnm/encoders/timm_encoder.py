@@ -41,7 +41,9 @@ def timm_encoder(
             ``"vit_small_patch16_224"``; a ``hf-hub:`` name is refused (no download).
         weights (str | None): Local weights file, or ``"random-init"``. Required.
         model_kwargs (Mapping | None): Extra ``timm.create_model`` keyword arguments
-            (e.g. ``{"img_size": 224, "init_values": 1e-5}`` for ViT foundation models).
+            (e.g. ``{"img_size": 224, "init_values": 1e-5}`` for ViT foundation models;
+            ``"layer:SwiGLUPacked"``, ``"layer:SiLU"``, ``"layer:GELU"`` name layer
+            classes).
         input_size (int | None): Input side (default: the ``img_size`` the network
             was built with, e.g. ``model_kwargs: {img_size: 224}``).
         mean (Sequence[float] | None): Normalisation mean. Required unless ``model``
@@ -78,7 +80,10 @@ def timm_encoder(
             f"'{model}.pth')\" and copy the file here."
         ),
     )
-    kwargs = dict(model_kwargs or {})
+    from tiahnm.encoders.preset_archs import resolve_kwargs
+
+    # "layer:SwiGLUPacked" / "layer:SiLU" name the classes YAML cannot hold
+    kwargs = resolve_kwargs(model_kwargs or {})
     try:
         net = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
