@@ -315,7 +315,9 @@ def test_timm_model_kwargs_name_layer_classes():
             "std": [0.5] * 3,
         },
     )
-    mlp = info.module.net.blocks[0].mlp  # timm's SwiGLUPacked is GluMlp(gate_last=False)
+    mlp = info.module.net.blocks[
+        0
+    ].mlp  # timm's SwiGLUPacked is GluMlp(gate_last=False)
     assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.act, torch.nn.SiLU)
     with pytest.raises(ConfigError, match="unknown layer 'Nope'"):
         build_encoder(
@@ -327,3 +329,34 @@ def test_timm_model_kwargs_name_layer_classes():
                 "std": [0.5] * 3,
             },
         )
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_pil_pipeline_differs_by_at_most_two_grey_levels(interpolation):
+    """TRIDENT applies the transforms to PIL images (uint8 resampling)."""
+    if not (SLIDES / "CMU-1-Small-Region.svs").is_file():
+        pytest.skip("../shared/data/slides is absent")
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from tiahnm.encoders.base import Preprocessing
+
+    mode = T.InterpolationMode(interpolation)
+    prep = Preprocessing(
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        resize_size=224,
+        crop_size=224,
+        interpolation=interpolation,
+    )
+    pil = T.Compose(
+        [T.Resize(224, interpolation=mode), T.CenterCrop(224), T.ToTensor()]
+    )
+    for size in (256, 300):
+        batch = _real_patches(size)
+        got = prep(batch)
+        want = torch.stack([pil(Image.fromarray(p.numpy())) for p in batch])
+        diff = (got - want).abs() * 255
+        assert diff.max().item() <= 2 + 1e-4
+        assert diff.mean().item() < 0.01
