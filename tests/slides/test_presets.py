@@ -66,7 +66,7 @@ def _old_timm_swin_layout(state: dict, backbone: torch.nn.Module) -> dict:
         ("kaiko_vits16", "model.safetensors", "plain"),
         ("ctranspath", "ctranspath.pth", "old_swin"),
         ("resnet50_trunc", "resnet50-19c8e357.pth", "torchvision"),
-        ("hibou_b", "model.safetensors", "plain"),
+        ("hibou_b", "model.safetensors", "hf_518"),
     ],
 )
 def test_published_key_layout_loads_with_identical_outputs(
@@ -74,8 +74,16 @@ def test_published_key_layout_loads_with_identical_outputs(
 ):
     preset = PRESETS[name]
     torch.manual_seed(1)
+    if (
+        layout == "hf_518"
+    ):  # HF DINOv2 configs keep a 518 px grid, interpolated at run time
+        preset = EncoderPreset(
+            **{**preset.__dict__, "kwargs": {**preset.kwargs, "image_size": 518}}
+        )
     backbone, ref = preset.build_network()
     state = backbone.state_dict()
+    if layout == "hf_518":
+        state = {f"dinov2.{k}": v for k, v in state.items()}  # a task model's prefix
     if layout == "old_swin":
         saved = _old_timm_swin_layout(state, backbone)
         assert any(k.endswith("attn_mask") for k in saved["model"])
@@ -92,6 +100,8 @@ def test_published_key_layout_loads_with_identical_outputs(
         save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / file)
     info = build_encoder(name, weights=str(tmp_path), seed=123)  # a folder
     assert info.out_dim == preset.out_dim
+    if layout == "hf_518":
+        assert info.module.net.model.config.image_size == 518
     x = torch.rand(2, 3, 224, 224)
     with torch.inference_mode():
         torch.testing.assert_close(info.module(x), ref.eval()(x), rtol=0, atol=0)

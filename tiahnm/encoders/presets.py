@@ -184,9 +184,11 @@ class EncoderPreset:
         if pooling is not None and pooling != self.pooling:
             return self.with_pooling(pooling)(weights=weights)
         path = resolve_weights(self, weights)
-        backbone, net = self.build_network()
-        if path is not None:
-            self.load(backbone, load_state_dict_file(path), source=path)
+        state = load_state_dict_file(path) if path is not None else None
+        built = self.fitted_to(state) if state is not None else self
+        backbone, net = built.build_network()
+        if state is not None:
+            self.load(backbone, state, source=path)
         encoder = EncoderModule(
             net,
             out_dim=self.out_dim,
@@ -197,6 +199,29 @@ class EncoderPreset:
         )
         check_out_dim(self, encoder.eval())
         return encoder
+
+    def fitted_to(self, state: Mapping[str, torch.Tensor]) -> EncoderPreset:
+        """This preset built at the position-embedding grid the checkpoint holds.
+
+        ``transformers`` DINOv2 / ViT checkpoints keep the grid of their config's
+        ``image_size`` (often 518) and interpolate it to the input at run time, as
+        ``from_pretrained`` does; building at the checkpoint's grid reproduces that.
+        Other builders are returned unchanged.
+        """
+        from dataclasses import replace
+
+        pos = _strip_base_prefix(self, dict(state)).get(
+            "embeddings.position_embeddings"
+        )
+        if self.builder != "transformers" or pos is None or pos.ndim != 3:
+            return self
+        side = round((pos.shape[1] - 1) ** 0.5)
+        if side * side != pos.shape[1] - 1:
+            return self
+        image_size = side * int(self.kwargs["patch_size"])
+        if image_size == self.kwargs.get("image_size"):
+            return self
+        return replace(self, kwargs={**self.kwargs, "image_size": image_size})
 
     def with_pooling(self, pooling: str) -> EncoderPreset:
         """This preset with the ``cls`` / ``cls+mean`` rule swapped.
@@ -238,7 +263,8 @@ class EncoderPreset:
 def remap_keys(
     preset: EncoderPreset, state: dict[str, torch.Tensor], backbone: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """Apply the preset's key rules (dropped keys, old-timm Swin layout)."""
+    """Apply the preset's key rules (dropped keys, old-timm Swin layout, prefix)."""
+    state = _strip_base_prefix(preset, state)
     if preset.drop_keys:
         pattern = re.compile(preset.drop_keys)
         state = {k: v for k, v in state.items() if not pattern.search(k)}
@@ -246,6 +272,23 @@ def remap_keys(
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         state = checkpoint_filter_fn(state, backbone)
+    return state
+
+
+def _strip_base_prefix(
+    preset: EncoderPreset, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Drop a ``transformers`` base-model prefix (``vit.``, ``dinov2.``) if present.
+
+    Checkpoints saved from a task model (``ViTForImageClassification``...) prefix
+    the backbone's keys; ``from_pretrained`` strips it, and so does this.
+    """
+    if preset.builder != "transformers":
+        return state
+    prefixes = ("vit.", "dinov2.", "model.")
+    for prefix in prefixes:
+        if any(k.startswith(prefix + "embeddings.") for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 
