@@ -13,6 +13,8 @@ COLUMNS = ("name", "dim", "params", "input", "µm/px", "patch", "licence", "gate
 
 
 def _human(n: int) -> str:
+    if n <= 0:
+        return "n/a"
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 

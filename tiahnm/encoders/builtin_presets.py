@@ -273,9 +273,9 @@ def builtin_presets() -> list[EncoderPreset]:
             source_url=f"{HF}MahmoodLab/conchv1_5",
             licence=CC_NC_ND,
             gated=True,
-            n_params=307_000_000,
-            params_note="ViT-L/16 trunk + attentional pooler; not checked here "
-            "without TRIDENT",
+            n_params=0,
+            params_note="not published as one figure (ViT-L/16 trunk + attentional "
+            "pooler); not built here without TRIDENT",
             requires="pip install git+https://github.com/mahmoodlab/TRIDENT.git",
         ),
         _timm_vit(

@@ -73,7 +73,7 @@ class EncoderPreset:
         source_url (str): Where the weights are published.
         licence (str): Licence of the weights (model card).
         gated (bool): Whether the weights need an access request.
-        n_params (int): Published parameter count.
+        n_params (int): Published parameter count (0: none published).
         params_note (str): What the count covers and where it is published.
         ignore_prefixes (tuple[str, ...]): Checkpoint keys that may be dropped.
         drop_keys (str): Regex of checkpoint keys to drop (buffers, masks).
