@@ -75,6 +75,22 @@ def test_clam_pt_files_with_h5_coordinates(tmp_path):
     for bag in bags:
         np.testing.assert_array_equal(bag.features.numpy(), want[bag.slide_id])
         np.testing.assert_array_equal(bag.coords, _grid(len(want[bag.slide_id])))
+    # CLAM's patching output (patches/<slide>.h5: coords only, with attributes)
+    (tmp_path / "patches").mkdir()
+    with h5py.File(tmp_path / "patches" / "s1.h5", "w") as f:
+        dset = f.create_dataset("coords", data=_grid(5) + 7)
+        dset.attrs["patch_level"], dset.attrs["patch_size"] = 0, 256
+    src = _source(
+        "clam_pt",
+        features_dir=str(tmp_path / "pt_files"),
+        labels_csv=_labels(tmp_path, ["s1"]),
+        h5_dir=str(tmp_path / "patches"),
+    )
+    np.testing.assert_array_equal(src.load()[0].coords, _grid(5) + 7)
+    # more coordinates than feature rows is an error naming the file
+    torch.save(torch.zeros(4, 1024), tmp_path / "pt_files" / "s1.pt")
+    with pytest.raises(DataError, match=r"s1\.pt: 5 coordinates for 4 feature rows"):
+        src.load()
 
 
 def _stamp_file(

@@ -157,7 +157,8 @@ class ClamPtFolder(ForeignFeatureFolder):
         features_dir (str): The ``pt_files`` folder.
         labels_csv (str): Labels CSV.
         h5_dir (str | None): Folder of ``<slide>.h5`` with ``coords`` (default: the
-            sibling ``h5_files``); slides without one get no coordinates.
+            sibling ``h5_files``; CLAM's ``patches/`` folder works too); slides
+            without one get no coordinates.
         classes (list[str] | None): Class names.
         missing (str): ``"error"`` or ``"skip"``.
     """
@@ -185,12 +186,29 @@ class ClamPtFolder(ForeignFeatureFolder):
         h5 = self.h5_dir / f"{sid}.h5"
         coords = None
         if h5.is_file():
-            from tiahnm.data.h5_features import read_feature_arrays
-
-            coords = read_feature_arrays(h5).coords
+            coords = _h5_coords(h5)
         else:
             logger.warning("%s: no %s; the bag has no coordinates.", path, h5)
         return SlideFeatures(feats, coords, None, path)
+
+
+def _h5_coords(path: Path) -> np.ndarray:
+    """``coords`` of a CLAM h5 (``h5_files/`` of the features or ``patches/``)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                msg = f"{path}: no 'coords' dataset (keys: {', '.join(f.keys())})."
+                raise DataError(msg)
+            coords = np.asarray(f["coords"][()], dtype=np.float64)
+    except OSError as exc:
+        msg = f"{path}: unreadable HDF5 file ({exc})."
+        raise DataError(msg) from None
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        msg = f"{path}: 'coords' must be [N, 2], got shape {coords.shape}."
+        raise DataError(msg)
+    return coords
 
 
 def level0_mpp(sid: str, mpp: float | None, slides_dir: str | None) -> float | None:
