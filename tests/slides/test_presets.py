@@ -370,3 +370,13 @@ def test_pil_pipeline_differs_by_at_most_two_grey_levels(interpolation):
         diff = (got - want).abs() * 255
         assert diff.max().item() <= 2 + 1e-4
         assert diff.mean().item() < 0.01
+
+
+def test_a_bad_preset_is_refused_when_declared():
+    base = PRESETS["kaiko_vits16"].__dict__
+    with pytest.raises(ConfigError, match="pooling 'max' is not one of"):
+        EncoderPreset(**{**base, "pooling": "max"})
+    with pytest.raises(ConfigError, match="builder 'keras' is not one of"):
+        EncoderPreset(**{**base, "builder": "keras"})
+    with pytest.raises(ConfigError, match="std"):
+        EncoderPreset(**{**base, "std": (0.5, 0.0, 0.5)})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,20 @@ class EncoderPreset:
     key_filter: str = ""
     requires: str = ""
     notes: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from tiahnm.encoders.preset_archs import BUILDERS, POOLINGS
+
+        if self.builder not in BUILDERS:
+            msg = f"preset {self.name!r}: builder {self.builder!r} is not one of {sorted(BUILDERS)}."
+            raise ConfigError(msg)
+        if self.pooling not in POOLINGS:
+            msg = f"preset {self.name!r}: pooling {self.pooling!r} is not one of {POOLINGS}."
+            raise ConfigError(msg)
+        if not self.weight_files:
+            msg = f"preset {self.name!r}: name at least one weight file."
+            raise ConfigError(msg)
+        self.preprocessing  # noqa: B018 - validates mean/std/sizes now
 
     @property
     def preprocessing(self) -> Preprocessing:
