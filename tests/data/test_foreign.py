@@ -148,6 +148,25 @@ def test_stamp_h5_reads_the_slide_mpp(tmp_path):
     np.testing.assert_allclose(bag.coords, [[0, 0], [1000, 2000]], atol=1e-3)
 
 
+def test_stamp_slide_level_file_is_refused(tmp_path):
+    _stamp_file(
+        tmp_path / "s1.h5",
+        np.ones((1, 8), np.float32),
+        np.zeros((1, 2), np.float32),
+        "titan",
+    )
+    with h5py.File(tmp_path / "s1.h5", "a") as f:
+        f.attrs["feat_type"] = "slide"
+    src = _source(
+        "stamp_h5",
+        features_dir=str(tmp_path),
+        labels_csv=_labels(tmp_path, ["s1"]),
+        mpp=MPP,
+    )
+    with pytest.raises(DataError, match=r"s1\.h5: STAMP feat_type 'slide'"):
+        src.load()
+
+
 def test_mixed_encoders_are_refused_naming_the_files(tmp_path):
     _stamp_file(
         tmp_path / "a.h5",

@@ -282,9 +282,13 @@ class StampH5Folder(ForeignFeatureFolder):
                 )
                 unit = f.attrs.get("unit", "um")
                 extractor = f.attrs.get("extractor")
+                feat_type = f.attrs.get("feat_type", "tile")
         except OSError as exc:
             msg = f"{path}: unreadable HDF5 file ({exc})."
             raise DataError(msg) from None
+        if feat_type != "tile":
+            msg = f"{path}: STAMP feat_type {feat_type!r}; bags need tile features."
+            raise DataError(msg)
         if unit != "um":
             msg = f"{path}: coordinates unit {unit!r}; this reader knows STAMP's 'um'."
             raise DataError(msg)
