@@ -26,11 +26,22 @@ Usage::
 
     python benchmarks/extract_throughput.py \
         --slide ../shared/data/slides/CMU-1-Small-Region.svs --repeats 3
+
+``--vit-preset NAME`` measures something else (``bench_vit``): a named ViT preset
+(random init) through ``Extractor.process`` in fp32 and under CPU bf16 autocast
+(``torch.autocast("cpu", torch.bfloat16)``, set on the extractor here, in the
+benchmark), the ratio of each to the encoder's forward-only throughput (preprocessing
++ forward on the same patches, already in memory), and the cosine similarity of the
+bf16 features to the fp32 ones; written to ``--out`` (default
+``benchmarks/results/extract_vit_bf16.json``)::
+
+    python benchmarks/extract_throughput.py --vit-preset kaiko_vits16 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -66,12 +77,100 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "benchmarks" / "results" / "extract_throughput.json",
+    p.add_argument("--vit-preset", default=None, help="run bench_vit with this preset")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.out is None:
+        name = "extract_vit_bf16.json" if args.vit_preset else "extract_throughput.json"
+        args.out = ROOT / "benchmarks" / "results" / name
+    return args
+
+
+def _forward_rate(extractor, batch, dtype, batch_size: int) -> tuple[float, object]:
+    """Patches/s of preprocessing + forward on in-memory patches, and the features."""
+    import torch
+
+    from tiahnm.training.device import autocast
+
+    prep, module, out = extractor.encoder.preprocessing, extractor.module, []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(batch), batch_size):
+            with autocast(extractor.device, dtype):
+                out.append(module(prep(batch[i : i + batch_size])).float())
+    return len(batch) / (time.perf_counter() - t0), torch.cat(out)
+
+
+def bench_vit(args: argparse.Namespace, work: Path) -> dict:
+    """fp32 vs bf16 autocast with a ViT preset: extraction, forward-only, cosine."""
+    import torch
+
+    from tiahnm.data.h5_features import read_feature_file
+    from tiahnm.slides.dataset import SlidePatchDataset
+    from tiahnm.slides.extract import ExtractConfig, Extractor
+    from tiahnm.slides.reader import open_slide
+    from tiahnm.slides.tiling import TilingConfig, tile_slide
+
+    tiling_cfg = TilingConfig(
+        resolution=args.resolution,
+        units=args.units,
+        patch_size=args.patch_size,
+        masker=args.masker[0],
+        min_tissue=args.min_tissue,
     )
-    return p.parse_args()
+    cfg = ExtractConfig(
+        tiling=tiling_cfg,
+        encoder=args.vit_preset,
+        weights="random-init",
+        batch_size=args.batch_size,
+        num_workers=0,
+        device="cpu",
+        overwrite=True,
+    )
+    extractor = Extractor(cfg, work / "vit")
+    slide = open_slide(args.slide, units=args.units)
+    tiling = tile_slide(slide, tiling_cfg)
+    ds = SlidePatchDataset(slide.source, tiling.bounds, args.resolution, args.units)
+    patches = torch.from_numpy(np.stack([ds.read(i) for i in range(len(tiling))]))
+    slide.close()
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in dtypes}
+    feats: dict[str, np.ndarray] = {}
+    for rep in range(args.repeats + 1):  # the first round is a warm-up
+        for name, dtype in dtypes.items():
+            extractor.amp_dtype = dtype
+            t0 = time.perf_counter()
+            res = extractor.process(args.slide)
+            wall = time.perf_counter() - t0
+            fwd, _ = _forward_rate(extractor, patches, dtype, args.batch_size)
+            feats[name], _ = read_feature_file(res.output)
+            if rep:
+                runs[name].append(
+                    {
+                        "extract_patches_per_s": res.n_patches / wall,
+                        "forward_patches_per_s": fwd,
+                    }
+                )
+    a, b = torch.from_numpy(feats["fp32"]), torch.from_numpy(feats["bf16"])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    out: dict = {"preset": args.vit_preset, "patches": len(tiling)}
+    for name in dtypes:
+        ext = statistics.median(r["extract_patches_per_s"] for r in runs[name])
+        fwd = statistics.median(r["forward_patches_per_s"] for r in runs[name])
+        out[name] = {
+            "extract_patches_per_s": round(ext, 2),
+            "forward_only_patches_per_s": round(fwd, 2),
+            "extract_over_forward": round(ext / fwd, 3),
+        }
+    out["bf16_over_fp32_extract"] = round(
+        out["bf16"]["extract_patches_per_s"] / out["fp32"]["extract_patches_per_s"], 3
+    )
+    out["cosine_bf16_vs_fp32"] = {
+        "mean": round(float(cos.mean()), 6),
+        "min": round(float(cos.min()), 6),
+    }
+    out["runs"] = runs
+    return out
 
 
 def bench_one(args: argparse.Namespace, masker: str, workers: int, work: Path) -> dict:
@@ -250,6 +349,13 @@ def main() -> None:
     rcParam["torch_compile_mode"] = "disable"  # CPU: the engine skips compile anyway
 
     work = Path(tempfile.mkdtemp(prefix="tiahnm-bench-"))
+    if args.vit_preset:
+        try:
+            vit = bench_vit(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        _write_vit(args, vit, import_s)
+        return
     try:
         configs = [
             bench_one(args, masker, workers, work)
@@ -292,6 +398,42 @@ def main() -> None:
             f"same coords {c['same_coordinates']}, max diff {c['max_abs_feature_diff']}"
         )
     print(f"wrote {args.out}")
+
+
+def _write_vit(args: argparse.Namespace, vit: dict, import_s: float) -> None:
+    import tiatoolbox
+    import torch
+
+    from tiahnm.training.precision import cpu_bf16_support
+
+    result = {
+        "benchmark": "ViT preset extraction, fp32 vs CPU bf16 autocast",
+        "slide": args.slide.name,
+        "settings": {
+            "resolution": args.resolution,
+            "units": args.units,
+            "patch_size": args.patch_size,
+            "masker": args.masker[0],
+            "batch_size": args.batch_size,
+            "torch_threads": args.threads,
+            "repeats": args.repeats,
+            "weights": "random-init (seed 0)",
+        },
+        **vit,
+        "import_s": round(import_s, 2),
+        "versions": {
+            "tiatoolbox": tiatoolbox.__version__,
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "cpu_bf16": cpu_bf16_support(),
+        },
+    }
+    write_result(args.out, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ CASES = {
             {"a": good_h5, "b": lambda p: h5(p, d=7)},
         ),
         DataError,
-        r"b\.h5: feature width 7, other slides have 4",
+        r"mix feature widths \(4: 1 file\(s\) .*a\.h5; 7: 1 file\(s\) .*b\.h5\)",
         1,
     ),
     "features: NaN": Case(

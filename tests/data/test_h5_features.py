@@ -105,5 +105,8 @@ def test_bad_feature_files(tmp_path):
 def test_width_mismatch_names_file(tmp_path):
     fd, csv = folder(tmp_path)
     make_h5(fd / "b.h5", d=7)
-    with pytest.raises(DataError, match=r"b\.h5: feature width 7, other slides have 4"):
+    with pytest.raises(
+        DataError,
+        match=r"mix feature widths \(4: 1 file\(s\) .*a\.h5; 7: 1 file\(s\) .*b\.h5\)",
+    ):
         H5FeatureFolder(str(fd), str(csv)).load()

@@ -77,7 +77,12 @@ def test_timm_local_weights(tmp_path):
     ref = timm.create_model("test_resnet", pretrained=False).eval()
     path = tmp_path / "test_resnet.pth"
     torch.save(ref.state_dict(), path)  # includes the classifier: ignored
-    info = build_encoder("timm:test_resnet", weights=str(path))
+    info = build_encoder(
+        "timm:test_resnet",
+        weights=str(path),
+        options={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    )
+    assert info.preprocessing.mean == (0.5, 0.5, 0.5)
     x = torch.rand(1, 3, 64, 64)
     ref.reset_classifier(0)
     with torch.inference_mode():

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from tiahnm.data.bag import Bag
+from tiahnm.data.uniform import FeatureOrigin, check_uniform, h5_encoder_name
 from tiahnm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class H5FeatureFolder:
             msg = f"{self.features_dir}: features folder not found."
             raise DataError(msg)
         bags = []
-        width = None
+        origins = []
         for sid, label in labels.items():
             path = self.features_dir / f"{sid}.h5"
             if not path.is_file():
@@ -290,11 +291,9 @@ class H5FeatureFolder:
                 raise DataError(msg)
             arrays = read_feature_arrays(path)
             feats, coords = arrays.features, arrays.coords
-            if width is None:
-                width = feats.shape[1]
-            elif feats.shape[1] != width:
-                msg = f"{path}: feature width {feats.shape[1]}, other slides have {width}."
-                raise DataError(msg)
+            origins.append(
+                FeatureOrigin(str(path), h5_encoder_name(path), int(feats.shape[1]))
+            )
             tensor, meta = torch.from_numpy(feats), {}
             if self.stream:
                 mapped = map_features(path)
@@ -321,6 +320,7 @@ class H5FeatureFolder:
         if not bags:
             msg = f"{self.features_dir}: no feature files for the slides in {self.labels_csv}."
             raise DataError(msg)
+        check_uniform(origins)
         return bags
 
 

@@ -9,6 +9,12 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_bag_sources(register: Register) -> None:
     """Register the built-in dataset readers."""
     # The factories are the classes, so option checking sees their real signatures.
+    from tiahnm.data.foreign import (
+        ClamPtFolder,
+        Slide2VecFolder,
+        StampH5Folder,
+        TiaZarrFolder,
+    )
     from tiahnm.data.h5_features import H5FeatureFolder
     from tiahnm.data.image_patches import ImagePatchBags
     from tiahnm.data.mil_csv import MILCSVSource
@@ -19,6 +25,26 @@ def tiahnm_register_bag_sources(register: Register) -> None:
         "h5_folder",
         H5FeatureFolder,
         description="Per-slide HDF5 features (CLAM/TRIDENT layout) + labels CSV",
+    )
+    register(
+        "clam_pt",
+        ClamPtFolder,
+        description="CLAM / MHIM-MIL pt_files + h5_files coordinates + labels CSV",
+    )
+    register(
+        "stamp_h5",
+        StampH5Folder,
+        description="STAMP h5 features (feats, coords in um -> level-0 px) + labels CSV",
+    )
+    register(
+        "slide2vec",
+        Slide2VecFolder,
+        description="slide2vec output folder (tile_embeddings + tiles) + labels CSV",
+    )
+    register(
+        "tia_zarr",
+        TiaZarrFolder,
+        description="TIAToolbox DeepFeatureExtractor zarr output + labels CSV",
     )
     register(
         "mil_csv", MILCSVSource, description="Classic MIL CSV: label, bag_id, features"

@@ -37,17 +37,35 @@ RANDOM_INIT = "random-init"
 class Preprocessing:
     """Turns a batch of uint8 RGB patches into an encoder's input.
 
+    Two modes:
+
+    * plain (``resize_size`` and ``crop_size`` unset): patches whose size differs
+      from ``input_size`` are resized to ``input_size x input_size`` (bilinear,
+      antialiased, on float values);
+    * torchvision (either set, as the named presets do): exactly
+      ``v2.Compose([Resize(resize_size, interpolation, antialias=True),
+      CenterCrop(crop_size), ToDtype(float32, scale=True), Normalize(mean, std)])``
+      on the uint8 patches, batched (``Resize`` of an int resizes the shorter side).
+
     Attributes:
-        input_size (int | None): Side of the square input the encoder expects; patches
-            of another size are resized (bilinear, antialiased). ``None`` keeps the
+        input_size (int | None): Side of the square input the encoder expects; in
+            plain mode patches of another size are resized to it. ``None`` keeps the
             patch size.
         mean (tuple[float, ...]): Per-channel mean, on the 0-1 scale.
         std (tuple[float, ...]): Per-channel standard deviation, on the 0-1 scale.
+        resize_size (int | None): torchvision mode: the shorter side is resized to
+            this (``None``: no resize).
+        crop_size (int | None): torchvision mode: centre crop to this square
+            (``None``: no crop).
+        interpolation (str): ``"bilinear"`` or ``"bicubic"`` (torchvision mode).
     """
 
     input_size: int | None = None
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    resize_size: int | None = None
+    crop_size: int | None = None
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std):
@@ -58,15 +76,38 @@ class Preprocessing:
         if any(s <= 0 for s in self.std):
             msg = f"preprocessing: std {self.std} must be positive."
             raise ConfigError(msg)
-        if self.input_size is not None and self.input_size < 1:
-            msg = f"preprocessing: input_size {self.input_size} must be positive."
+        for name in ("input_size", "resize_size", "crop_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                msg = f"preprocessing: {name} {value} must be positive."
+                raise ConfigError(msg)
+        if self.interpolation not in ("bilinear", "bicubic"):
+            msg = (
+                f"preprocessing: interpolation {self.interpolation!r} must be "
+                "'bilinear' or 'bicubic'."
+            )
             raise ConfigError(msg)
+        final = self.crop_size or self.resize_size
+        if final is not None and self.input_size not in (None, final):
+            msg = (
+                f"preprocessing: input_size {self.input_size} differs from the "
+                f"crop/resize size {final}."
+            )
+            raise ConfigError(msg)
+
+    @property
+    def torchvision_mode(self) -> bool:
+        """Whether ``resize_size``/``crop_size`` select the torchvision pipeline."""
+        return self.resize_size is not None or self.crop_size is not None
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """``[B, H, W, C]`` uint8 (on any device) to ``[B, C, S, S]`` float32.
 
         The result is in channels-last memory format (same shape and values).
         """
+        if self.torchvision_mode:
+            x = self._resize_crop(batch.permute(0, 3, 1, 2)).float().div_(255.0)
+            return self._normalize(x)
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
         size = self.input_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
@@ -77,6 +118,21 @@ class Preprocessing:
                 antialias=True,
                 align_corners=False,
             )
+        return self._normalize(x)
+
+    def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply torchvision ``Resize`` (shorter side) then ``CenterCrop`` on uint8 NCHW."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        if self.resize_size is not None:
+            mode = InterpolationMode(self.interpolation)
+            x = TF.resize(x, [self.resize_size], interpolation=mode, antialias=True)
+        if self.crop_size is not None:
+            x = TF.center_crop(x, [self.crop_size, self.crop_size])
+        return x
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         # channels-last: what the uint8 NHWC batch already is, and ~2x faster for
@@ -84,12 +140,23 @@ class Preprocessing:
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (stored in feature files)."""
-        return {
+        """JSON-friendly form (stored in feature files).
+
+        The torchvision-mode fields appear only when that mode is used, so files of
+        the plain encoders keep their settings.
+        """
+        out: dict[str, Any] = {
             "input_size": self.input_size,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.torchvision_mode:
+            out.update(
+                resize_size=self.resize_size,
+                crop_size=self.crop_size,
+                interpolation=self.interpolation,
+            )
+        return out
 
 
 def make_preprocessing(
@@ -99,8 +166,11 @@ def make_preprocessing(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Preprocessing:
-    """``default`` with the given fields overridden."""
-    return Preprocessing(
+    """``default`` with the given fields overridden (torchvision-mode fields kept)."""
+    from dataclasses import replace
+
+    return replace(
+        default,
         input_size=default.input_size if input_size is None else int(input_size),
         mean=default.mean if mean is None else tuple(float(v) for v in mean),
         std=default.std if std is None else tuple(float(v) for v in std),
@@ -119,6 +189,8 @@ class EncoderModule(nn.Module):
         preprocessing (Preprocessing): Its input preprocessing.
         weights_sha256 (str): SHA-256 of the weights file, or ``"random-init"``.
         spec (str): Human-readable name, e.g. ``"torchvision:resnet18"``.
+        card (Mapping | None): Model card of a named preset (recorded in feature
+            files); empty for the generic encoders.
     """
 
     def __init__(
@@ -129,6 +201,7 @@ class EncoderModule(nn.Module):
         preprocessing: Preprocessing,
         weights_sha256: str = RANDOM_INIT,
         spec: str = "",
+        card: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -136,6 +209,7 @@ class EncoderModule(nn.Module):
         self.preprocessing = preprocessing
         self.weights_sha256 = weights_sha256
         self.spec = spec
+        self.card = dict(card or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` to ``[B, out_dim]``."""
@@ -168,6 +242,7 @@ class EncoderInfo:
         state_sha256 (str): SHA-256 of the parameters and buffers actually used, so
             two runs with different (e.g. random) weights never pass as the same.
         options (dict): Options given to the factory.
+        card (dict): A named preset's model card (empty otherwise).
     """
 
     module: nn.Module
@@ -177,6 +252,7 @@ class EncoderInfo:
     weights_sha256: str
     state_sha256: str
     options: dict[str, Any] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
 
     def attributes(self) -> dict[str, Any]:
         """Attributes recorded in feature files."""
@@ -186,6 +262,7 @@ class EncoderInfo:
             "encoder_weights_sha256": self.weights_sha256,
             "encoder_state_sha256": self.state_sha256,
             "encoder_preprocessing": asdict(self.preprocessing),
+            **({"encoder_card": self.card} if self.card else {}),
         }
 
 

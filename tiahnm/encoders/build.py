@@ -12,6 +12,7 @@ import torch
 from tiahnm.encoders.base import (
     RANDOM_INIT,
     EncoderInfo,
+    EncoderModule,
     describe_encoder,
     load_state_dict_file,
     load_weights,
@@ -98,7 +99,9 @@ def build_encoder(
         sha = sha256_file(path)
     module.eval()
     out_dim, prep = describe_encoder(module)
+    card = module.card if isinstance(module, EncoderModule) else {}
     return EncoderInfo(
+        card=dict(card),
         module=module,
         name=name,
         out_dim=out_dim,

@@ -32,3 +32,8 @@ def tiahnm_register_encoders(register: Register) -> None:
         module_encoder,
         description="Any nn.Module by import path (module:pkg.mod:Class)",
     )
+    # Named presets: the preset object is the factory (see tiahnm.encoders.presets).
+    from tiahnm.encoders.builtin_presets import builtin_presets
+
+    for preset in builtin_presets():
+        register(preset.name, preset, description=f"preset: {preset.title}")

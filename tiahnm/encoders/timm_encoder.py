@@ -41,16 +41,25 @@ def timm_encoder(
             ``"vit_small_patch16_224"``; a ``hf-hub:`` name is refused (no download).
         weights (str | None): Local weights file, or ``"random-init"``. Required.
         model_kwargs (Mapping | None): Extra ``timm.create_model`` keyword arguments
-            (e.g. ``{"img_size": 224, "init_values": 1e-5}`` for ViT foundation models).
-        input_size (int | None): Input side (default: the model's pretrained config).
-        mean (Sequence[float] | None): Normalisation mean (default: model config).
-        std (Sequence[float] | None): Normalisation std (default: model config).
+            (e.g. ``{"img_size": 224, "init_values": 1e-5}`` for ViT foundation models;
+            ``"layer:SwiGLUPacked"``, ``"layer:SiLU"``, ``"layer:GELU"`` name layer
+            classes).
+        input_size (int | None): Input side (default: the ``img_size`` the network
+            was built with, e.g. ``model_kwargs: {img_size: 224}``).
+        mean (Sequence[float] | None): Normalisation mean. Required unless ``model``
+            names a pretrained tag (``resnet50.a1_in1k``), whose statistics are then
+            used: a bare architecture's default tag says nothing about the weights
+            you load (for UNI's ``vit_large_patch16_224`` it is 0.5/0.5, not the
+            ImageNet statistics UNI was trained with). Named presets
+            (``tiahnm encoders``) carry their own.
+        std (Sequence[float] | None): Normalisation std (same rule).
 
     Returns:
         EncoderModule: ``[B, 3, H, W] -> [B, D]``.
 
     Raises:
-        ConfigError: Unknown model, a hub name, or no usable weights file.
+        ConfigError: Unknown model, a hub name, no usable weights file, or no
+            mean/std for a bare architecture name.
         DataError: The weights file does not fit the network.
     """
     import timm
@@ -71,7 +80,10 @@ def timm_encoder(
             f"'{model}.pth')\" and copy the file here."
         ),
     )
-    kwargs = dict(model_kwargs or {})
+    from tiahnm.encoders.preset_archs import resolve_kwargs
+
+    # "layer:SwiGLUPacked" / "layer:SiLU" name the classes YAML cannot hold
+    kwargs = resolve_kwargs(model_kwargs or {})
     try:
         net = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
@@ -90,13 +102,7 @@ def timm_encoder(
             source=path,
             ignore_prefixes=(*classifier, "head", "fc", "classifier", "head_dist"),
         )
-    config = timm.data.resolve_model_data_config(net)
-    default = Preprocessing(
-        input_size=int(config["input_size"][-1]),
-        mean=tuple(config["mean"]),
-        std=tuple(config["std"]),
-    )
-    prep = make_preprocessing(default, input_size=input_size, mean=mean, std=std)
+    prep = _preprocessing(model, net, input_size=input_size, mean=mean, std=std)
     encoder = EncoderModule(
         net,
         out_dim=int(getattr(net, "num_features", 0)),
@@ -106,3 +112,37 @@ def timm_encoder(
     )
     encoder.out_dim, _ = describe_encoder(encoder, probe=True)
     return encoder
+
+
+def _preprocessing(
+    model: str,
+    net: Any,
+    *,
+    input_size: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> Preprocessing:
+    """Input size from the built network; mean/std given or from a named tag.
+
+    Raises:
+        ConfigError: No mean/std and ``model`` has no pretrained tag.
+    """
+    import timm
+
+    has_tag = "." in model
+    if (mean is None or std is None) and not has_tag:
+        msg = (
+            f"timm encoder {model!r}: give mean and std (encoder options "
+            "mean: [...], std: [...]) or name a pretrained tag (ARCH.TAG) whose "
+            "statistics match your weights; tiahnm does not guess the normalisation "
+            "from the architecture's default tag. Published pathology models have "
+            "named presets: see `tiahnm encoders`."
+        )
+        raise ConfigError(msg)
+    config = timm.data.resolve_model_data_config(net)
+    built = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    side = int(built[-1]) if built else int(config["input_size"][-1])
+    default = Preprocessing(
+        input_size=side, mean=tuple(config["mean"]), std=tuple(config["std"])
+    )
+    return make_preprocessing(default, input_size=input_size, mean=mean, std=std)
