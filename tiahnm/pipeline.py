@@ -326,6 +326,7 @@ def run_heatmap_stage(config: Config) -> list[Path]:
         list[Path]: The figures written in ``<output_dir>/heatmaps``.
     """
     from tiahnm.evaluation.heatmap import render_heatmap
+    from tiahnm.evaluation.reference import parse_reference
     from tiahnm.evaluation.scores import find_score_files, read_instance_scores
 
     out = Path(config.output_dir)
@@ -350,6 +351,7 @@ def run_heatmap_stage(config: Config) -> list[Path]:
                 fixed_threshold=0.5 if stored in (None, "") else float(stored),
                 class_names=class_names,
                 outlines=_outline_rings(config.extract.annotations, s.slide_id),
+                reference=parse_reference(attrs.get("val_reference")),
             )
         except Exception as exc:  # one slide must not stop the others
             logger.warning("heatmap of %s failed: %s", s.slide_id, exc)

@@ -194,12 +194,21 @@ predict.params.extend(copy.copy(_by_name[name]) for name in EXTRACT_OPTIONS)
 @click.option("--cmap", default="jet", show_default=True, help="Matplotlib colour map.")
 @click.option(
     "--scale",
-    type=click.Choice(["auto", "fixed", "minmax", "percentile"]),
+    type=click.Choice(["auto", "validation", "fixed", "minmax", "percentile"]),
     default="auto",
     show_default=True,
-    help="Colour scale: fixed (raw 0-1 probabilities), minmax (the slide's range), "
-    "percentile (rank within the slide, as CLAM), auto (fixed for probabilities, "
-    "else minmax).",
+    help="Colour scale: validation (relative to the run's validation patch scores: "
+    "painted above the 95th percentile of negative validation slides' patches), "
+    "fixed (raw 0-1 probabilities), minmax (the slide's range), percentile (rank "
+    "within the slide, as CLAM), auto (validation when the scores carry the "
+    "reference, else fixed for probabilities, else minmax).",
+)
+@click.option(
+    "--annotations",
+    type=click.Path(exists=True),
+    default=None,
+    help="GeoJSON / ASAP XML annotations (file or folder, matched by slide id) to "
+    "outline [the run's extract.annotations].",
 )
 @click.option("--limit", type=int, default=None, help="At most this many slides.")
 @click.option(
@@ -223,6 +232,7 @@ def heatmap(
     cmap: str,
     scale: str,
     limit: int | None,
+    annotations: str | None,
     geojson: bool,  # noqa: FBT001 - click flag
     store: bool,  # noqa: FBT001 - click flag
     verbose: bool,  # noqa: FBT001 - click flag
@@ -236,11 +246,20 @@ def heatmap(
     """
     _setup_logging(verbose=verbose)
     from tiahnm.evaluation.heatmap import render_heatmap
+    from tiahnm.evaluation.reference import (
+        class_names_from_config,
+        find_run_config,
+        parse_reference,
+    )
     from tiahnm.evaluation.scores import find_score_files, read_instance_scores
+    from tiahnm.pipeline import _outline_rings
     from tiahnm.slides.reader import find_slides, slide_id
 
     if not 0.0 <= alpha <= 1.0:
         raise click.BadParameter("must be within [0, 1].", param_hint="--alpha")
+    run_cfg = find_run_config(scores)
+    class_names = class_names_from_config(run_cfg)
+    annotations = annotations or (run_cfg.get("extract") or {}).get("annotations")
     slide_files = {slide_id(p): p for p in find_slides(slide_inputs)}
     wanted = set(slide_ids)
     done: set[str] = set()
@@ -269,6 +288,9 @@ def heatmap(
                     scale=scale,
                     geojson=geojson,
                     store=store,
+                    class_names=class_names,
+                    outlines=_outline_rings(annotations, s.slide_id),
+                    reference=parse_reference(attrs.get("val_reference")),
                 )
             except Exception as exc:  # one bad slide must not stop the others
                 failed += 1
