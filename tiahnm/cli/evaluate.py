@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -139,6 +140,14 @@ def predict(
         f", threshold {summary.threshold:.3f}) in {summary.seconds:.1f} s."
     )
     click.echo(f"Predictions: {summary.output_dir / 'predictions.csv'}")
+    if summary.predictions:
+        from tiahnm.evaluation.html_report import write_html_report_safely
+
+        page = write_html_report_safely(summary.output_dir)
+        if page is not None:
+            click.echo(
+                f"Report (galleries in {summary.output_dir / 'galleries'}): {page}"
+            )
     if summary.failures:
         click.echo(
             f"{len(summary.failures)} failed: see {summary.output_dir / 'failures.csv'}",
@@ -245,14 +254,13 @@ def heatmap(
     others go on (exit code 3).
     """
     _setup_logging(verbose=verbose)
-    from tiahnm.evaluation.heatmap import render_heatmap
+    from tiahnm.evaluation.heatmap import outline_rings, render_heatmap
     from tiahnm.evaluation.reference import (
         class_names_from_config,
         find_run_config,
         parse_reference,
     )
     from tiahnm.evaluation.scores import find_score_files, read_instance_scores
-    from tiahnm.pipeline import _outline_rings
     from tiahnm.slides.reader import find_slides, slide_id
 
     if not 0.0 <= alpha <= 1.0:
@@ -289,7 +297,7 @@ def heatmap(
                     geojson=geojson,
                     store=store,
                     class_names=class_names,
-                    outlines=_outline_rings(annotations, s.slide_id),
+                    outlines=outline_rings(annotations, s.slide_id),
                     reference=parse_reference(attrs.get("val_reference")),
                 )
             except Exception as exc:  # one bad slide must not stop the others
@@ -316,9 +324,23 @@ def heatmap(
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_guard
 def report(run_dir: str) -> None:
-    """Write RUN_DIR/report.md again (e.g. to link heatmaps in RUN_DIR/heatmaps)."""
+    """Write RUN_DIR/report.md and RUN_DIR/report.html again.
+
+    report.html (an offline folder: metrics, curves, a zoomable slide viewer with the
+    heatmap overlay, top/bottom and mined patch galleries) is also written for a
+    `tiahnm predict` output folder given as RUN_DIR.
+    """
+    from tiahnm.evaluation.html_report import write_html_report
     from tiahnm.evaluation.report import load_run, write_report
+
+    if (
+        not (Path(run_dir) / "summary.json").is_file()
+        and (Path(run_dir) / "predict_summary.json").is_file()
+    ):
+        click.echo(f"HTML report: {write_html_report(run_dir)}")
+        return
 
     summary, results = load_run(run_dir)
     path = write_report(run_dir, summary, results)
     click.echo(f"Report: {path}")
+    click.echo(f"HTML report: {write_html_report(run_dir)}")

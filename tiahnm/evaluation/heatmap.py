@@ -135,7 +135,7 @@ def scale_scores(
         mode (str): ``validation`` (relative to the run's validation patch scores,
             :mod:`tiahnm.evaluation.reference`: 0 at the 95th percentile of patches of
             negative validation slides, 1 at the 99th percentile of positive ones;
-            below 0 is not painted), ``fixed`` (raw scores, clipped to 0-1: for
+            scores at or below the 95th percentile map below 0 and are not painted), ``fixed`` (raw scores, clipped to 0-1: for
             probabilities), ``minmax`` (the slide's range mapped to 0-1),
             ``percentile`` (each score's percentile rank within the slide, as CLAM's
             heatmaps), or ``auto`` (``validation`` when a reference is given, else
@@ -181,7 +181,10 @@ def scale_scores(
             f"percentile of\n{neg} validation patches, full colour at the "
             f"{REFERENCE_HIGH}th of {pos} ones"
         )
-        return (s - lo) / (hi - lo), mode, label
+        values = (s - lo) / (hi - lo)
+        # strictly above the cut-off: patches tied at it (the bias) stay unpainted
+        values[s <= lo] = np.minimum(values[s <= lo], -1e-9)
+        return values, mode, label
     if mode == "fixed":
         return np.clip(s, 0.0, 1.0), mode, f"{name} (raw, 0-1)"
     if mode == "percentile":
@@ -249,6 +252,27 @@ def overlay_rgba(
     out = (np.clip(rgba, 0, 1) * 255).round().astype(np.uint8)
     out[..., 3] = np.where(drawn, round(alpha * 255), 0).astype(np.uint8)
     return out
+
+
+def outline_rings(annotations: str | Path | None, slide_id: str) -> list[np.ndarray]:
+    """Exterior rings (level-0 ``[K, 2]``) of a slide's GeoJSON / ASAP XML annotation.
+
+    Args:
+        annotations (str | Path | None): An annotation file or a folder of them
+            (matched by slide id).
+        slide_id (str): The slide.
+    """
+    if not annotations:
+        return []
+    from tiahnm.slides.annotations import find_annotation, read_asap_xml, read_geojson
+
+    path = find_annotation(annotations, slide_id)
+    if path is None or path.suffix.lower() not in (".geojson", ".json", ".xml"):
+        return []
+    reader = read_asap_xml if path.suffix.lower() == ".xml" else read_geojson
+    geom = reader(path)
+    polygons = getattr(geom, "geoms", [geom])
+    return [np.asarray(p.exterior.coords) for p in polygons if hasattr(p, "exterior")]
 
 
 def _label_text(value: int, names: dict[int, str] | None) -> str:
@@ -534,6 +558,7 @@ def sqlite_store_compat() -> Iterator[None]:
 __all__ = [
     "HeatmapResult",
     "default_threshold",
+    "outline_rings",
     "overlay_rgba",
     "read_thumbnail",
     "render_heatmap",

@@ -6,9 +6,11 @@ paints the whole slide. Each fold therefore stores, with its test instance score
 the percentiles of the patch scores of its *validation* slides, split by slide label
 (:func:`validation_reference`). The ``validation`` colour scale
 (:func:`tiahnm.evaluation.heatmap.scale_scores`) paints a patch only when it scores
-above ``REFERENCE_LOW`` of the patches of negative validation slides, and reaches the
-top of the colour bar at ``REFERENCE_HIGH`` of the patches of positive ones. Test
-slides are not looked at.
+strictly above the ``REFERENCE_LOW`` th percentile of the patches of negative
+validation slides (many patches of a slide share the score at the head's bias, so a
+tie at the cut-off is not painted), and reaches the top of the colour bar at the
+``REFERENCE_HIGH`` th percentile of the patches of positive ones. Test slides are not
+looked at.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def validation_reference(
         values = np.concatenate([np.zeros(0), *pools[label]])
         out[f"n_{name}"] = int(values.size)
         out[name] = (
-            np.percentile(values, np.arange(101)).round(6).tolist()
+            np.percentile(values, np.arange(101)).tolist()  # exact: ties stay ties
             if values.size
             else None
         )
@@ -84,7 +86,7 @@ def mean_reference(refs: Sequence[dict[str, Any] | None]) -> dict[str, Any] | No
     out: dict[str, Any] = {}
     for name in ("negative", "positive"):
         parts = [r[name] for r in refs if r.get(name)]
-        out[name] = np.mean(parts, axis=0).round(6).tolist() if parts else None
+        out[name] = np.mean(parts, axis=0).tolist() if parts else None
         out[f"n_{name}"] = int(sum(r.get(f"n_{name}", 0) for r in refs))
     return out
 

@@ -482,6 +482,9 @@ def run_training(
         from tiahnm.evaluation.report import write_report_safely
 
         write_report_safely(out, summary, results)
+        from tiahnm.evaluation.html_report import write_html_report_safely
+
+        write_html_report_safely(out)
     return summary
 
 
