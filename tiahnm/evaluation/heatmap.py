@@ -200,7 +200,11 @@ def scale_scores(
 
 
 def default_threshold(mode: str, fixed_threshold: float = 0.5) -> float:
-    """The threshold a scale uses unless one is given (0 for ``validation``)."""
+    """The threshold a scale uses unless one is given.
+
+    0 on the ``validation`` scale (its 95th percentile of negative validation
+    patches), ``fixed_threshold`` on the fixed scale, else 0.5.
+    """
     return {"validation": 0.0, "fixed": fixed_threshold}.get(mode, 0.5)
 
 
@@ -309,8 +313,7 @@ def render_heatmap(
         kind (str | None): Score kind (for the colour scale and the caption).
         threshold (float | None): Patches whose value on the 0-1 colour scale is
             below it are transparent (with the ``fixed`` scale: the raw probability).
-            None: 0 on the ``validation`` scale (its 95th percentile of negative
-            validation patches), ``fixed_threshold`` on the fixed scale, else 0.5.
+            None: :func:`default_threshold`.
         fixed_threshold (float): Default threshold on the fixed scale (the
             instance threshold stored with the scores).
         max_size (int): Longest side of the thumbnail in pixels.
@@ -322,8 +325,7 @@ def render_heatmap(
         store (bool): Also write ``<slide_id>.db`` (TIAToolbox ``SQLiteStore``).
         outlines (Sequence[np.ndarray] | None): ``[K, 2]`` polygon rings in level-0
             pixels (e.g. annotated tumour regions), drawn as black lines on the figure.
-        reference (dict | None): The fold's validation reference (the default
-            ``validation`` scale, :mod:`tiahnm.evaluation.reference`).
+        reference (dict | None): The fold's validation reference (for the scale).
 
     Returns:
         HeatmapResult: The files written.
@@ -358,14 +360,9 @@ def render_heatmap(
     )
     if threshold is None:
         threshold = default_threshold(mode, fixed_threshold)
+    size = (width, height)
     rgba = overlay_rgba(
-        slide,
-        (width, height),
-        level0,
-        threshold=threshold,
-        values=values,
-        cmap=cmap,
-        alpha=alpha,
+        slide, size, level0, threshold=threshold, values=values, cmap=cmap, alpha=alpha
     )
     stem = _safe_name(slide.slide_id)
     overlay_path = out_dir / f"{stem}_overlay.png"
