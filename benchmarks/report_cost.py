@@ -105,6 +105,38 @@ def screenshots(run: Path, out: Path) -> dict[str, str]:
     return shots
 
 
+def cutoffs(run: Path) -> list[dict]:
+    """Per test slide: patches painted (and tumour patches among them) per cut-off.
+
+    Cut-offs from the fold's validation reference: the 95th and 99th percentiles and
+    the highest score of the negative validation slides' patches (the default).
+    """
+    import numpy as np
+
+    from tiahnm.evaluation.reference import parse_reference
+    from tiahnm.evaluation.scores import find_score_files, read_instance_scores
+
+    rows = []
+    for path in find_score_files(run):
+        slides, attrs = read_instance_scores(path)
+        ref = parse_reference(attrs.get("val_reference"))
+        if ref is None:
+            continue
+        for s in slides:
+            sc = s.scores.astype(np.float64)
+            row = {"fold": path.parent.name, "slide": s.slide_id, "label": s.label}
+            row["n_patches"] = int(sc.size)
+            tumour = s.instance_labels == 1 if s.instance_labels is not None else None
+            row["n_tumour_patches"] = None if tumour is None else int(tumour.sum())
+            for q in (95, 99, 100):
+                painted = sc > ref["negative"][q]
+                row[f"painted_q{q}"] = round(float(painted.mean()), 3)
+                if tumour is not None:
+                    row[f"tumour_painted_q{q}"] = int((painted & tumour).sum())
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     """Run the demo, time the report, write the JSON."""
     args = parse_args()
@@ -163,6 +195,7 @@ def main() -> None:
         },
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
     }
+    doc["cutoffs"] = cutoffs(run)
     if args.screenshots:
         doc["screenshots"] = screenshots(run, args.screenshots)
     text = json.dumps(doc, indent=2)

@@ -40,9 +40,9 @@ def test_validation_reference_percentiles_and_scale():
     neg = np.concatenate([scores[0], scores[2]])
     pos = np.concatenate([scores[1], scores[3]])
     assert ref["n_negative"] == 100 and ref["n_positive"] == 100
-    assert ref["negative"][95] == pytest.approx(np.percentile(neg, 95), abs=1e-6)
+    assert ref["negative"][95] == pytest.approx(np.percentile(neg, 95), abs=1e-12)
     lo, hi = reference_range(ref)
-    assert lo == pytest.approx(np.percentile(neg, 95), abs=1e-6)
+    assert lo == neg.max()  # above every normal validation patch
     assert hi == pytest.approx(np.percentile(pos, 99), abs=1e-6)
     assert parse_reference(json.dumps(ref)) == ref
     assert parse_reference("null") is None
@@ -54,9 +54,11 @@ def test_validation_reference_percentiles_and_scale():
     )
     assert mode == "validation"
     np.testing.assert_allclose(values[:3], [0.0, 1.0, 0.5], atol=1e-9)
-    assert values[3] < 0  # below the 95th percentile of normal patches: not painted
+    assert values[3] < 0  # below the highest normal patch: not painted
+    tie = scale_scores(np.array([lo]), "instance_prob", reference=ref)[0]
+    assert tie[0] < 0  # a tie at the cut-off is not painted either
     assert default_threshold(mode) == 0.0
-    assert "normal validation patches" in label and "tumour" in label
+    assert "every patch of the normal" in label and "tumour" in label
     # no negative validation slide: no reference, the old automatic choice
     assert validation_reference([b for b in bags if b.label], scores[1::2]) is None
     assert scale_scores(np.array([0.2, 0.4]), "instance_prob")[1] == "fixed"
@@ -240,12 +242,29 @@ def test_report_command_rewrites_html(quick_run):
     assert page.is_file()
 
 
-def test_standalone_heatmap_uses_class_names_and_outlines(quick_run, tmp_path):
+def test_standalone_heatmap_uses_class_names_and_outlines(
+    quick_run, tmp_path, monkeypatch
+):
+    import tiahnm.evaluation.heatmap as hm
+
+    calls = []
+    real = hm.render_heatmap
+
+    def spy(slide, out, **kw):
+        calls.append((slide, kw))
+        return real(slide, out, **kw)
+
+    monkeypatch.setattr(hm, "render_heatmap", spy)
+    fold = quick_run / "folds" / "r0_f0"  # a fold folder: the run's config is found
     res = CliRunner().invoke(
-        cli, ["heatmap", str(quick_run), "--output-path", str(tmp_path), "--limit", "4"]
+        cli, ["heatmap", str(fold), "--output-path", str(tmp_path)]
     )
     assert res.exit_code == 0, res.output
-    assert len(list(tmp_path.glob("demo_??.png"))) == 4
+    assert calls and len(list(tmp_path.glob("demo_??.png"))) == len(calls)
+    for slide, kw in calls:
+        assert kw["class_names"] == {0: "normal", 1: "tumour"}
+        # the demo's tumour slides have annotated regions, outlined
+        assert bool(kw["outlines"]) == (slide.label == 1)
 
 
 def test_predict_output_gets_galleries_and_report(quick_run, tmp_path):
@@ -259,6 +278,19 @@ def test_predict_output_gets_galleries_and_report(quick_run, tmp_path):
     assert len(list((tmp_path / "galleries" / "demo_00").glob("top_*.png"))) == 8
     page = (tmp_path / "report.html").read_text()
     assert "Predictions:" in page and 'id="viewer"' in page
+    # the ensemble's colour scale: the mean of the folds' validation references
+    import h5py
+
+    refs = []
+    for f in sorted(quick_run.glob("folds/*/instance_scores.h5")):
+        with h5py.File(f) as h:
+            refs.append(parse_reference(h.attrs["val_reference"]))
+    with h5py.File(tmp_path / "instance_scores.h5") as h:
+        got = parse_reference(h.attrs["val_reference"])
+    want = mean_reference(refs)
+    assert (got is None) == (want is None)
+    if want:
+        assert got["negative"] == pytest.approx(want["negative"])
 
 
 def _set(driver, control: str, value: str) -> None:

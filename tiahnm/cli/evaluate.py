@@ -207,7 +207,7 @@ predict.params.extend(copy.copy(_by_name[name]) for name in EXTRACT_OPTIONS)
     default="auto",
     show_default=True,
     help="Colour scale: validation (relative to the run's validation patch scores: "
-    "painted above the 95th percentile of negative validation slides' patches), "
+    "painted above every patch of the negative validation slides), "
     "fixed (raw 0-1 probabilities), minmax (the slide's range), percentile (rank "
     "within the slide, as CLAM), auto (validation when the scores carry the "
     "reference, else fixed for probabilities, else minmax).",

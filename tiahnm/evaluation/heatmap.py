@@ -133,9 +133,10 @@ def scale_scores(
         scores (np.ndarray): ``[N]`` raw instance scores.
         kind (str | None): The score kind stored with the scores.
         mode (str): ``validation`` (relative to the run's validation patch scores,
-            :mod:`tiahnm.evaluation.reference`: 0 at the 95th percentile of patches of
+            :mod:`tiahnm.evaluation.reference`: 0 at the highest patch score of the
             negative validation slides, 1 at the 99th percentile of positive ones;
-            scores at or below the 95th percentile map below 0 and are not painted), ``fixed`` (raw scores, clipped to 0-1: for
+            scores at or below that highest one map below 0 and are not painted),
+            ``fixed`` (raw scores, clipped to 0-1: for
             probabilities), ``minmax`` (the slide's range mapped to 0-1),
             ``percentile`` (each score's percentile rank within the slide, as CLAM's
             heatmaps), or ``auto`` (``validation`` when a reference is given, else
@@ -149,11 +150,7 @@ def scale_scores(
     Raises:
         ValueError: Unknown mode, or ``validation`` without a reference.
     """
-    from tiahnm.evaluation.reference import (
-        REFERENCE_HIGH,
-        REFERENCE_LOW,
-        reference_range,
-    )
+    from tiahnm.evaluation.reference import REFERENCE_HIGH, reference_range
 
     if mode not in SCALES:
         msg = f"scale must be one of {', '.join(SCALES)}, got {mode!r}."
@@ -177,9 +174,9 @@ def scale_scores(
         neg = _label_text(0, class_names)
         pos = _label_text(1, class_names)
         label = (
-            f"{name} {lo:.3g} to {hi:.3g}: painted above the {REFERENCE_LOW}th "
-            f"percentile of\n{neg} validation patches, full colour at the "
-            f"{REFERENCE_HIGH}th of {pos} ones"
+            f"{name} {lo:.4g} to {hi:.4g}: painted above every patch of the {neg}\n"
+            f"validation slides, full colour at the {REFERENCE_HIGH}th percentile of "
+            f"{pos} ones"
         )
         values = (s - lo) / (hi - lo)
         # strictly above the cut-off: patches tied at it (the bias) stay unpainted
@@ -202,8 +199,8 @@ def scale_scores(
 def default_threshold(mode: str, fixed_threshold: float = 0.5) -> float:
     """The threshold a scale uses unless one is given.
 
-    0 on the ``validation`` scale (its 95th percentile of negative validation
-    patches), ``fixed_threshold`` on the fixed scale, else 0.5.
+    0 on the ``validation`` scale (the highest patch score of the negative
+    validation slides), ``fixed_threshold`` on the fixed scale, else 0.5.
     """
     return {"validation": 0.0, "fixed": fixed_threshold}.get(mode, 0.5)
 

@@ -253,11 +253,38 @@ def _slide_entry(
 
 
 # ----------------------------------------------------------------- mined section
-def _mined_sections(ctx: _Context) -> list[dict[str, Any]]:
-    """Galleries of what the miner recorded (first fold with a ``mined.json``)."""
+def _mined_crops(records: list[dict[str, Any]]) -> dict[int, list[Any]]:
+    """Patches of the shown records, read with one slide opening per slide.
+
+    Returns:
+        dict: ``id(record)`` to a list of crops (None where none can be read).
+    """
     from tiahnm.evaluation.scores import feature_file_meta
     from tiahnm.evaluation.tiles import read_patches
 
+    metas: dict[str, dict[str, Any]] = {}
+    wanted: dict[tuple[str, tuple[float, float]], list[tuple[int, int, Any]]] = {}
+    out: dict[int, list[Any]] = {}
+    for rec in records:
+        n = len(rec["indices"][:MINED_PATCHES])
+        out[id(rec)] = [None] * n
+        src = str(rec.get("source") or "")
+        meta = metas.setdefault(src, feature_file_meta(src))
+        path, size = meta.get("slide_path"), meta.get("patch_size_level0")
+        coords = (rec.get("coords") or [])[:n]
+        if path and size is not None and coords and Path(path).is_file():
+            sz = [float(v) for v in np.atleast_1d(size)]
+            todo = wanted.setdefault((path, (sz[0], sz[-1])), [])
+            todo += [(id(rec), k, xy) for k, xy in enumerate(coords)]
+    for (path, size), todo in wanted.items():
+        crops = read_patches(path, [xy for _, _, xy in todo], size, PATCH_PX)
+        for (rid, k, _), crop in zip(todo, crops, strict=True):
+            out[rid][k] = crop
+    return out
+
+
+def _mined_sections(ctx: _Context) -> list[dict[str, Any]]:
+    """Galleries of what the miner recorded (first fold with a ``mined.json``)."""
     files = sorted(ctx.out.glob("folds/*/mined.json"))
     if not files:
         return []
@@ -266,44 +293,37 @@ def _mined_sections(ctx: _Context) -> list[dict[str, Any]]:
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for rec in doc.get("records", []):
         by_kind.setdefault(rec["kind"], []).append(rec)
-    sections = []
+    shown: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
     for kind, recs in by_kind.items():
         steps = list(dict.fromkeys(r["step"] for r in recs))
         if len(steps) > MINED_STEPS:  # first, evenly spaced, last
             picks = np.linspace(0, len(steps) - 1, MINED_STEPS).round().astype(int)
             steps = [steps[i] for i in sorted(set(picks))]
-        rows = []
-        for step in steps:
+        shown[kind] = [(st, [r for r in recs if r["step"] == st]) for st in steps]
+    crops = _mined_crops([r for rows in shown.values() for _, rs in rows for r in rs])
+    sections = []
+    for kind, rows in shown.items():
+        folder = ctx.out / "galleries" / "mined" / fold / _safe(kind)
+        out_rows = []
+        for step, recs in rows:
             items = []
-            for rec in (r for r in recs if r["step"] == step):
-                meta = feature_file_meta(rec.get("source"))
-                path, size = meta.get("slide_path"), meta.get("patch_size_level0")
-                n = MINED_PATCHES
-                coords = (rec.get("coords") or [])[:n]
-                crops: list[Any] = [None] * len(rec["indices"][:n])
-                if path and size is not None and coords and Path(path).is_file():
-                    sz = [float(v) for v in np.atleast_1d(size)]
-                    crops = read_patches(path, coords, (sz[0], sz[-1]), PATCH_PX)
-                for rank, (i, crop) in enumerate(
-                    zip(rec["indices"][:n], crops, strict=False), start=1
-                ):
-                    item = {"slide_id": rec["slide_id"], "index": i, "png": None}
+            for rec in recs:
+                for rank, crop in enumerate(crops[id(rec)], start=1):
+                    item = {
+                        "slide_id": rec["slide_id"],
+                        "index": rec["indices"][rank - 1],
+                        "png": None,
+                    }
                     if rec.get("scores"):
                         item["score"] = rec["scores"][rank - 1]
                     if crop is not None:
-                        png = (
-                            ctx.out
-                            / "galleries"
-                            / "mined"
-                            / fold
-                            / _safe(kind)
-                            / f"{_safe(step)}_{_safe(rec['slide_id'])}_{rank:02d}.png"
-                        )
-                        _png(crop, png)
-                        item["png"] = png
+                        name = f"{_safe(step)}_{_safe(rec['slide_id'])}_{rank:02d}.png"
+                        _png(crop, folder / name)
+                        item["png"] = folder / name
                     items.append(item)
-            rows.append({"step": step, "items": items})
-        sections.append({"kind": kind, "fold": fold, "rows": rows, "n": len(recs)})
+            out_rows.append({"step": step, "items": items})
+        n = len(by_kind[kind])
+        sections.append({"kind": kind, "fold": fold, "rows": out_rows, "n": n})
     return sections
 
 

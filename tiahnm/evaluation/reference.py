@@ -6,9 +6,9 @@ paints the whole slide. Each fold therefore stores, with its test instance score
 the percentiles of the patch scores of its *validation* slides, split by slide label
 (:func:`validation_reference`). The ``validation`` colour scale
 (:func:`tiahnm.evaluation.heatmap.scale_scores`) paints a patch only when it scores
-strictly above the ``REFERENCE_LOW`` th percentile of the patches of negative
-validation slides (many patches of a slide share the score at the head's bias, so a
-tie at the cut-off is not painted), and reaches the top of the colour bar at the
+strictly above every patch of the negative validation slides (``REFERENCE_LOW``: the
+100th percentile; many patches share the score at the head's bias, so a tie at the
+cut-off is not painted), and reaches the top of the colour bar at the
 ``REFERENCE_HIGH`` th percentile of the patches of positive ones. Test slides are not
 looked at.
 """
@@ -25,8 +25,10 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.data.bag import Bag
 
-#: Percentile of negative validation patches where painting starts.
-REFERENCE_LOW = 95
+#: Percentile of negative validation patches where painting starts (100: their
+#: highest score; lower percentiles left many patches of normal test slides painted
+#: on the demo, whose scores differ from slide to slide by more than within one).
+REFERENCE_LOW = 100
 #: Percentile of positive validation patches at the top of the colour bar.
 REFERENCE_HIGH = 99
 
