@@ -36,6 +36,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--screenshots", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--screenshots-only",
+        action="store_true",
+        help="Only take the screenshots of the finished run in --output-path.",
+    )
     return p.parse_args()
 
 
@@ -74,7 +79,7 @@ def screenshots(run: Path, out: Path) -> dict[str, str]:
             "var cx = g.x + ((at % g.cols) + 0.5) * g.w / g.cols;"
             "var cy = g.y + (Math.floor(at / g.cols) + 0.5) * g.h / g.rows;"
             "var v = window.tiahnmViewer;"
-            "v.viewport.zoomTo(5, new OpenSeadragon.Point(cx / W, cy / W), true);"
+            "v.viewport.zoomTo(3, new OpenSeadragon.Point(cx / W, cy / W), true);"
             "v.viewport.panTo(new OpenSeadragon.Point(cx / W, cy / W), true);",
             idx,
         )
@@ -85,14 +90,13 @@ def screenshots(run: Path, out: Path) -> dict[str, str]:
         d.execute_script("arguments[0].scrollIntoView();", el)
         el.screenshot(str(out / "report_viewer_zoomed.png"))
         shots["viewer_zoomed"] = "report_viewer_zoomed.png"
-        d.execute_script(
+        gal = d.execute_script(
             "var ds = document.querySelectorAll('#galleries details');"
             "for (var i = 0; i < ds.length; i++) {"
             "  if (ds[i].textContent.indexOf('label tumour') >= 0) {"
-            "    ds[i].open = true; break; } }"
+            "    ds[i].open = true; ds[i].scrollIntoView(); return ds[i]; } }"
         )
-        time.sleep(0.5)
-        gal = d.find_element("id", "galleries")
+        time.sleep(1.0)  # lazy images
         gal.screenshot(str(out / "report_gallery.png"))
         shots["gallery"] = "report_gallery.png"
         mined = d.find_element("id", "mined")
@@ -149,6 +153,9 @@ def main() -> None:
     from tiahnm.pipeline import run_pipeline
 
     run = args.output_path
+    if args.screenshots_only:
+        print(screenshots(run, args.screenshots or Path()))
+        return
     t0 = time.perf_counter()
     config_path, _ = prepare_demo(run)
     result = run_pipeline(load_config(config_path))

@@ -94,6 +94,7 @@
   function openSlide(i) {
     var s = R.slides[i];
     state.slide = s;
+    $("slide").value = String(i);
     state.threshold = s.threshold;
     var th = $("threshold");
     th.min = String(s.range[0]);
