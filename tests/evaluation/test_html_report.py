@@ -167,6 +167,67 @@ def test_mhim_records_masked_high_score_instances():
         assert r["coords"] is None  # these bags have no coordinates
 
 
+def test_hnm_records_the_rounds_top_hard_negatives():
+    from tests.miners import test_hnm as h
+    from tiahnm.miners.hnm_selection import hard_negative_mask
+
+    bags = h.image_bags(6, 10)
+    head = h.tiny_head()
+    m = h.miner(finetune_epochs=0, neg_ratio=0.2)
+    ctx = h.ctx_for(head)
+    m.on_fit_start(ctx)
+    m.on_round_end(ctx, bags)
+    recs = m.mined_records()
+    assert recs and {r["kind"] for r in recs} == {
+        "hard negatives (encoder fine-tuning)"
+    }
+    assert {r["step"] for r in recs} == {"round 0"}
+    neg = [b for b in bags if b.label == 0]
+    flat = np.concatenate([m.scores[b.slide_id].double().numpy() for b in neg])
+    keep = hard_negative_mask(flat, np.zeros(len(flat)), 0.2)
+    want = {(neg[i // 10].slide_id, i % 10) for i in np.flatnonzero(keep)}
+    got = {(r["slide_id"], i) for r in recs for i in r["indices"]}
+    assert got == want  # H(0.2): 6 of 30 negative-slide patches, all under 24
+    for r in recs:
+        assert r["label"] == 0
+        assert r["scores"] == pytest.approx(
+            m.scores[r["slide_id"]].double().numpy()[r["indices"]].tolist()
+        )
+
+
+def test_li2019_records_false_positive_and_generated_bags():
+    from tests.miners import test_li2019 as li
+    from tiahnm.miners.li2019 import Li2019Miner, hard_negative_mask
+
+    bags = li.train_bags()
+    head = li.tiny_head()
+    miner = Li2019Miner(mode="mb", n_bags=3, fp_threshold=0.0)
+    ctx = li.ctx_for(head, round_idx=0)
+    miner.on_fit_start(ctx)
+    new = miner.on_round_end(ctx, bags)
+    recs = miner.mined_records()
+    fps = [r for r in recs if r["kind"].startswith("false-positive")]
+    negatives = {b.slide_id: b for b in bags if b.label == 0}
+    assert {r["slide_id"] for r in fps} == set(negatives)  # threshold 0: all FP
+    head.eval()
+    with torch.no_grad():
+        for r in fps:
+            b = negatives[r["slide_id"]]
+            a = head(b.features).attention[0]
+            assert set(r["indices"]) == set(
+                torch.nonzero(hard_negative_mask(a)).flatten().tolist()
+            )
+    gen = [r for r in recs if r["kind"] == "generated hard-negative bags"]
+    for i in (0, 1):  # the first two generated bags: where their instances came from
+        parts = [r for r in gen if r["step"] == f"round 0, generated bag {i}"]
+        rows = sorted(
+            tuple(negatives[r["slide_id"]].features[k].tolist())
+            for r in parts
+            for k in r["indices"]
+        )
+        assert rows == sorted(tuple(x) for x in new[i].features[:48].tolist())
+
+
 # ----------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
