@@ -69,6 +69,18 @@ def test_validation_reference_percentiles_and_scale():
     assert both["n_negative"] == 200
 
 
+def test_calibration_bins_hand_computed():
+    from tiahnm.evaluation.curves import calibration_bins
+
+    probs = np.array([0.05, 0.15, 0.5, 0.95, 0.99, 1.0])
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    bins = calibration_bins(labels, probs, 5)
+    assert [n for *_, n in bins] == [2, 1, 3]  # 1.0 falls in the last bin
+    assert bins[0][:2] == pytest.approx((0.1, 0.0))
+    assert bins[1][:2] == pytest.approx((0.5, 1.0))
+    assert bins[2][:2] == pytest.approx((0.98, 2 / 3))
+
+
 def test_deep_zoom_levels_and_tiles(tmp_path):
     img = np.zeros((300, 520, 3), np.uint8)
     img[:, 260:] = 255

@@ -369,6 +369,8 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
         path = ctx.files / name
         if fn is None:
             made = plot_calibration(pooled, path, positive=positive)
+        elif fn is plot_confusion:
+            made = plot_confusion(pooled, path, ctx.class_names)
         else:
             made = fn(pooled, path)
         if made:
