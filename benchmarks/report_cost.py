@@ -1,6 +1,7 @@
 """Cost of ``report.html`` on the demo run, and screenshots of it in headless Chromium.
 
-Runs ``tiahnm run --demo`` (the full demo) into OUT, then reads from the same run:
+Runs ``tiahnm run --demo`` (the full demo) into OUT (``--runs`` times, from scratch),
+then reads from each run:
 
 * the wall time of the whole run (``run_pipeline``, data drawing included),
 * the time ``write_html_report`` took inside it (``report_files/timings.json``),
@@ -11,7 +12,7 @@ with re-timing ``write_report`` (report.md) as a reference), and with ``--screen
 DIR`` saves screenshots of the page (overview, viewer zoomed in on a tumour slide,
 a gallery, the mined galleries) with Debian's chromium + chromedriver.
 
-    python benchmarks/report_cost.py --output-path /tmp/demo \
+    python benchmarks/report_cost.py --output-path /tmp/demo --runs 2 \
         --screenshots docs/img --json benchmarks/results/report_cost.json
 """
 
@@ -34,6 +35,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-path", required=True, type=Path)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="Demo runs from scratch (OUT/run<i>); each gives its own share.",
+    )
     p.add_argument("--screenshots", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
@@ -156,12 +163,24 @@ def main() -> None:
     if args.screenshots_only:
         print(screenshots(run, args.screenshots or Path()))
         return
-    t0 = time.perf_counter()
-    config_path, _ = prepare_demo(run)
-    result = run_pipeline(load_config(config_path))
-    run_s = time.perf_counter() - t0
-    inside = json.loads((run / "report_files" / "timings.json").read_text())
-    stages = json.loads((run / "stages.json").read_text())["stages"]
+    runs = []
+    for i in range(args.runs):
+        folder = run / f"run{i}" if args.runs > 1 else run
+        t0 = time.perf_counter()
+        config_path, _ = prepare_demo(folder)
+        result = run_pipeline(load_config(config_path))
+        run_s = time.perf_counter() - t0
+        inside = json.loads((folder / "report_files" / "timings.json").read_text())
+        stages = json.loads((folder / "stages.json").read_text())["stages"]
+        runs.append(
+            {
+                "run_seconds": round(run_s, 2),
+                "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
+                "report_html_seconds_in_run": inside,
+                "report_html_fraction_of_run": round(inside["total"] / run_s, 4),
+            }
+        )
+    run = folder
     html_s, md_s = [], []
     for _ in range(args.repeats):  # interleaved
         t = time.perf_counter()
@@ -178,10 +197,8 @@ def main() -> None:
         "commit": subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
         ).stdout.strip(),
-        "run_seconds": round(run_s, 2),
-        "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
-        "report_html_seconds_in_run": inside,
-        "report_html_fraction_of_run": round(inside["total"] / run_s, 4),
+        "runs": runs,
+        "report_html_fraction_of_run": [r["report_html_fraction_of_run"] for r in runs],
         "report_html_seconds_rerun": [round(v, 3) for v in html_s],
         "report_md_seconds_rerun": [round(v, 3) for v in md_s],
         "report_files": {"bytes": size, "files": n_files},
