@@ -351,6 +351,10 @@ def test_predict_output_gets_galleries_and_report(quick_run, tmp_path):
     assert len(list((tmp_path / "galleries" / "demo_00").glob("top_*.png"))) == 8
     page = (tmp_path / "report.html").read_text()
     assert "Predictions:" in page and 'id="viewer"' in page
+    (tmp_path / "report.html").unlink()
+    again = CliRunner().invoke(cli, ["report", str(tmp_path)])  # a predict folder
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "report.html").is_file()
     # the ensemble's colour scale: the mean of the folds' validation references
     import h5py
 
