@@ -306,6 +306,37 @@ def test_report_html_folder(quick_run):
             assert label.startswith("Colour scale (validation)") == has_ref, label
 
 
+def test_mined_patches_of_slide_patch_bags_are_read_from_the_slide(quick_run):
+    """HNM fine-tunes on slide-patch bags (source: the slide): galleries still work."""
+    from tiahnm.data.slide_patches import SlidePatchBags
+    from tiahnm.evaluation.html_report import PATCH_PX, _mined_crops
+
+    data = quick_run / "data"
+    bags = SlidePatchBags(
+        str(data / "slides" / "demo_01.tif"),
+        str(data / "labels.csv"),
+        resolution=1.0,
+        patch_size=32,
+        max_patches=20,
+    ).load()
+    bag = bags[0]
+    m = Miner()
+    m.record_mined("k", bag, [3, 7], step="round 0")
+    rec = m.mined_records()[0]
+    assert rec["patch_size_level0"] == [float(v) for v in bag.meta["patch_size_level0"]]
+    crops = _mined_crops([rec])[id(rec)]
+    own = {}
+    for k in (3, 7):
+        img = bag.features[k].reshape(3, 32, 32).permute(1, 2, 0).numpy() * 255
+        own[k] = np.asarray(
+            Image.fromarray(img.round().astype(np.uint8)).resize((96, 96))
+        )
+    for k, crop in zip((3, 7), crops, strict=True):
+        assert crop.shape == (PATCH_PX, PATCH_PX, 3)
+        assert np.abs(crop.astype(float) - own[k]).mean() < 1.0  # the same pixels
+    assert np.abs(crops[0].astype(float) - own[7]).mean() > 3.0  # not any patch
+
+
 def test_report_command_rewrites_html(quick_run):
     page = quick_run / "report.html"
     page.unlink()

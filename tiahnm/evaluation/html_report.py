@@ -271,6 +271,8 @@ def _mined_crops(records: list[dict[str, Any]]) -> dict[int, list[Any]]:
         src = str(rec.get("source") or "")
         meta = metas.setdefault(src, feature_file_meta(src))
         path, size = meta.get("slide_path"), meta.get("patch_size_level0")
+        if not meta and rec.get("patch_size_level0"):  # a slide-patch bag
+            path, size = src, rec["patch_size_level0"]
         coords = (rec.get("coords") or [])[:n]
         if path and size is not None and coords and Path(path).is_file():
             sz = [float(v) for v in np.atleast_1d(size)]

@@ -111,6 +111,8 @@ class Miner:
                 "indices": idx,
                 "coords": coords,
                 "scores": None if scores is None else [float(v) for v in scores],
+                # slide-patch bags (source: the slide) know their patch footprint
+                "patch_size_level0": bag.meta.get("patch_size_level0"),
             }
         )
 
