@@ -203,3 +203,10 @@ def test_train_with_the_plugin(installed_plugin: None, tmp_path: Path) -> None:
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["miner"] == {"name": "topk", "options": {"drop_ratio": 0.2, "p": 0.5}}
     assert saved["head"]["name"] == "topk_mean"
+    # the plugin miner's records become its own gallery in report.html
+    mined = json.loads((out / "folds" / "r0_f0" / "mined.json").read_text())
+    assert mined["miner"] == "topk"
+    assert {r["kind"] for r in mined["records"]} == {"masked instances (topk)"}
+    assert 1 <= len({r["slide_id"] for r in mined["records"]}) <= 2  # 2 sample bags
+    page = (out / "report.html").read_text()
+    assert "<h3>masked instances (topk)</h3>" in page

@@ -288,19 +288,9 @@ def _check_same_training(
 
 def _outline_rings(annotations: str | None, slide_id: str) -> list[Any]:
     """Exterior rings (level-0 ``[K, 2]``) of a slide's GeoJSON/XML annotation."""
-    if not annotations:
-        return []
-    import numpy as np
+    from tiahnm.evaluation.heatmap import outline_rings
 
-    from tiahnm.slides.annotations import find_annotation, read_asap_xml, read_geojson
-
-    path = find_annotation(annotations, slide_id)
-    if path is None or path.suffix.lower() not in (".geojson", ".json", ".xml"):
-        return []
-    reader = read_asap_xml if path.suffix.lower() == ".xml" else read_geojson
-    geom = reader(path)
-    polygons = getattr(geom, "geoms", [geom])
-    return [np.asarray(p.exterior.coords) for p in polygons if hasattr(p, "exterior")]
+    return outline_rings(annotations, slide_id)
 
 
 def _pick_slides(slides: list[Any], limit: int) -> list[Any]:
@@ -327,6 +317,7 @@ def run_heatmap_stage(config: Config) -> list[Path]:
         list[Path]: The figures written in ``<output_dir>/heatmaps``.
     """
     from tiahnm.evaluation.heatmap import render_heatmap
+    from tiahnm.evaluation.reference import parse_reference
     from tiahnm.evaluation.scores import find_score_files, read_instance_scores
 
     out = Path(config.output_dir)
@@ -351,6 +342,7 @@ def run_heatmap_stage(config: Config) -> list[Path]:
                 fixed_threshold=0.5 if stored in (None, "") else float(stored),
                 class_names=class_names,
                 outlines=_outline_rings(config.extract.annotations, s.slide_id),
+                reference=parse_reference(attrs.get("val_reference")),
             )
         except Exception as exc:  # one slide must not stop the others
             logger.warning("heatmap of %s failed: %s", s.slide_id, exc)
@@ -498,6 +490,10 @@ def run_pipeline(
         manifest.start("report", report_key, {})
         summary, folds = load_run(out)
         result.report = write_report_safely(out, summary, folds)
+        if not (out / "report.html").is_file():  # run_training writes it
+            from tiahnm.evaluation.html_report import write_html_report_safely
+
+            write_html_report_safely(out)
         seconds = time.perf_counter() - t0
         if result.report is not None:
             manifest.finish("report", report_key, seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -141,6 +142,14 @@ def predict(
         f", threshold {summary.threshold:.3f}) in {summary.seconds:.1f} s."
     )
     click.echo(f"Predictions: {summary.output_dir / 'predictions.csv'}")
+    if summary.predictions:
+        from tiahnm.evaluation.html_report import write_html_report_safely
+
+        page = write_html_report_safely(summary.output_dir)
+        if page is not None:
+            click.echo(
+                f"Report (galleries in {summary.output_dir / 'galleries'}): {page}"
+            )
     if summary.failures:
         click.echo(
             f"{len(summary.failures)} failed: see {summary.output_dir / 'failures.csv'}",
@@ -196,12 +205,21 @@ predict.params.extend(copy.copy(_by_name[name]) for name in EXTRACT_OPTIONS)
 @click.option("--cmap", default="jet", show_default=True, help="Matplotlib colour map.")
 @click.option(
     "--scale",
-    type=click.Choice(["auto", "fixed", "minmax", "percentile"]),
+    type=click.Choice(["auto", "validation", "fixed", "minmax", "percentile"]),
     default="auto",
     show_default=True,
-    help="Colour scale: fixed (raw 0-1 probabilities), minmax (the slide's range), "
-    "percentile (rank within the slide, as CLAM), auto (fixed for probabilities, "
-    "else minmax).",
+    help="Colour scale: validation (relative to the run's validation patch scores: "
+    "painted above every patch of the negative validation slides), "
+    "fixed (raw 0-1 probabilities), minmax (the slide's range), percentile (rank "
+    "within the slide, as CLAM), auto (validation when the scores carry the "
+    "reference, else fixed for probabilities, else minmax).",
+)
+@click.option(
+    "--annotations",
+    type=click.Path(exists=True),
+    default=None,
+    help="GeoJSON / ASAP XML annotations (file or folder, matched by slide id) to "
+    "outline [the run's extract.annotations].",
 )
 @click.option("--limit", type=int, default=None, help="At most this many slides.")
 @click.option(
@@ -225,6 +243,7 @@ def heatmap(
     cmap: str,
     scale: str,
     limit: int | None,
+    annotations: str | None,
     geojson: bool,  # noqa: FBT001 - click flag
     store: bool,  # noqa: FBT001 - click flag
     verbose: bool,  # noqa: FBT001 - click flag
@@ -237,12 +256,20 @@ def heatmap(
     others go on (exit code 3).
     """
     _setup_logging(verbose=verbose)
-    from tiahnm.evaluation.heatmap import render_heatmap
+    from tiahnm.evaluation.heatmap import outline_rings, render_heatmap
+    from tiahnm.evaluation.reference import (
+        class_names_from_config,
+        find_run_config,
+        parse_reference,
+    )
     from tiahnm.evaluation.scores import find_score_files, read_instance_scores
     from tiahnm.slides.reader import find_slides, slide_id
 
     if not 0.0 <= alpha <= 1.0:
         raise click.BadParameter("must be within [0, 1].", param_hint="--alpha")
+    run_cfg = find_run_config(scores)
+    class_names = class_names_from_config(run_cfg)
+    annotations = annotations or (run_cfg.get("extract") or {}).get("annotations")
     slide_files = {slide_id(p): p for p in find_slides(slide_inputs)}
     wanted = set(slide_ids)
     done: set[str] = set()
@@ -271,6 +298,9 @@ def heatmap(
                     scale=scale,
                     geojson=geojson,
                     store=store,
+                    class_names=class_names,
+                    outlines=outline_rings(annotations, s.slide_id),
+                    reference=parse_reference(attrs.get("val_reference")),
                 )
             except Exception as exc:  # one bad slide must not stop the others
                 failed += 1
@@ -296,9 +326,23 @@ def heatmap(
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_guard
 def report(run_dir: str) -> None:
-    """Write RUN_DIR/report.md again (e.g. to link heatmaps in RUN_DIR/heatmaps)."""
+    """Write RUN_DIR/report.md and RUN_DIR/report.html again.
+
+    report.html (an offline folder: metrics, curves, a zoomable slide viewer with the
+    heatmap overlay, top/bottom and mined patch galleries) is also written for a
+    `tiahnm predict` output folder given as RUN_DIR.
+    """
+    from tiahnm.evaluation.html_report import write_html_report
     from tiahnm.evaluation.report import load_run, write_report
+
+    if (
+        not (Path(run_dir) / "summary.json").is_file()
+        and (Path(run_dir) / "predict_summary.json").is_file()
+    ):
+        click.echo(f"HTML report: {write_html_report(run_dir)}")
+        return
 
     summary, results = load_run(run_dir)
     path = write_report(run_dir, summary, results)
     click.echo(f"Report: {path}")
+    click.echo(f"HTML report: {write_html_report(run_dir)}")

@@ -141,7 +141,11 @@ class SlidePatchBags:
             features=torch.from_numpy(chw.astype(np.float32) / 255.0),
             coords=tiling.coords[keep],
             source=str(path),
-            meta={"image_shape": [3, p, p], "n_tissue_patches": len(tiling)},
+            meta={
+                "image_shape": [3, p, p],
+                "n_tissue_patches": len(tiling),
+                "patch_size_level0": [float(v) for v in tiling.patch_size_level0],
+            },
         )
 
 

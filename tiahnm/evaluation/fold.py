@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tiahnm.evaluation.metrics import instance_metrics, instance_threshold
+from tiahnm.evaluation.reference import validation_reference
 from tiahnm.evaluation.scores import (
     SCORES_FILE,
     scores_from_bags,
@@ -113,6 +115,8 @@ def evaluate_fold_instances(
             "head": type(head).__name__,
             "threshold": threshold,
             "instance_threshold": out.threshold,
+            # percentiles of validation patch scores: the heatmaps' colour scale
+            "val_reference": json.dumps(validation_reference(val, val_scores)),
         },
     )
     return out

@@ -116,36 +116,74 @@ def read_thumbnail(
     return np.ascontiguousarray(thumb[..., :3], dtype=np.uint8), (width, height)
 
 
-SCALES = ("auto", "fixed", "minmax", "percentile")
+SCALES = ("auto", "validation", "fixed", "minmax", "percentile")
 
 
 def scale_scores(
-    scores: np.ndarray, kind: str | None, mode: str = "auto"
+    scores: np.ndarray,
+    kind: str | None,
+    mode: str = "auto",
+    *,
+    reference: dict[str, Any] | None = None,
+    class_names: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, str, str]:
     """Scores mapped to the 0-1 colour scale on which the threshold applies.
 
     Args:
         scores (np.ndarray): ``[N]`` raw instance scores.
         kind (str | None): The score kind stored with the scores.
-        mode (str): ``fixed`` (raw scores, clipped to 0-1: for probabilities),
-            ``minmax`` (the slide's range mapped to 0-1), ``percentile`` (each score's
-            percentile rank within the slide, as CLAM's heatmaps), or ``auto``
-            (``fixed`` for probability kinds and scores within 0-1, else ``minmax``).
+        mode (str): ``validation`` (relative to the run's validation patch scores,
+            :mod:`tiahnm.evaluation.reference`: 0 at the highest patch score of the
+            negative validation slides, 1 at the 99th percentile of positive ones;
+            scores at or below that highest one map below 0 and are not painted),
+            ``fixed`` (raw scores, clipped to 0-1: for
+            probabilities), ``minmax`` (the slide's range mapped to 0-1),
+            ``percentile`` (each score's percentile rank within the slide, as CLAM's
+            heatmaps), or ``auto`` (``validation`` when a reference is given, else
+            ``fixed`` for probability kinds and scores within 0-1, else ``minmax``).
+        reference (dict | None): The fold's validation reference.
+        class_names (dict[int, str] | None): Names of the labels, for the caption.
 
     Returns:
-        tuple: ``(values [N] in 0-1, resolved mode, colour-bar label)``.
+        tuple: ``(values [N], resolved mode, colour-bar label)``.
+
+    Raises:
+        ValueError: Unknown mode, or ``validation`` without a reference.
     """
+    from tiahnm.evaluation.reference import REFERENCE_HIGH, reference_range
+
     if mode not in SCALES:
         msg = f"scale must be one of {', '.join(SCALES)}, got {mode!r}."
         raise ValueError(msg)
     s = np.asarray(scores, dtype=np.float64)
     finite = s[np.isfinite(s)]
     name = kind or "instance score"
+    bounds = reference_range(reference)
+    if mode == "validation" and bounds is None:
+        msg = "the validation scale needs the run's validation reference (none stored)."
+        raise ValueError(msg)
     if mode == "auto":
         in_unit = finite.size > 0 and finite.min() >= 0.0 and finite.max() <= 1.0
-        mode = "fixed" if kind in PROBABILITY_KINDS or in_unit else "minmax"
+        if bounds is not None:
+            mode = "validation"
+        else:
+            mode = "fixed" if kind in PROBABILITY_KINDS or in_unit else "minmax"
+    if mode == "validation":
+        assert bounds is not None
+        lo, hi = bounds
+        neg = _label_text(0, class_names)
+        pos = _label_text(1, class_names)
+        label = (
+            f"{name} {lo:.4g} to {hi:.4g}: painted above every patch of the {neg}\n"
+            f"validation slides, full colour at the {REFERENCE_HIGH}th percentile of "
+            f"{pos} ones"
+        )
+        values = (s - lo) / (hi - lo)
+        # strictly above the cut-off: patches tied at it (the bias) stay unpainted
+        values[s <= lo] = np.minimum(values[s <= lo], -1e-9)
+        return values, mode, label
     if mode == "fixed":
-        return np.clip(s, 0.0, 1.0), mode, name
+        return np.clip(s, 0.0, 1.0), mode, f"{name} (raw, 0-1)"
     if mode == "percentile":
         from scipy.stats import rankdata
 
@@ -156,6 +194,15 @@ def scale_scores(
     hi = float(finite.max()) if finite.size else 1.0
     values = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
     return values, mode, f"{name}, slide min-max ({lo:.3g} to {hi:.3g})"
+
+
+def default_threshold(mode: str, fixed_threshold: float = 0.5) -> float:
+    """The threshold a scale uses unless one is given.
+
+    0 on the ``validation`` scale (the highest patch score of the negative
+    validation slides), ``fixed_threshold`` on the fixed scale, else 0.5.
+    """
+    return {"validation": 0.0, "fixed": fixed_threshold}.get(mode, 0.5)
 
 
 def overlay_rgba(
@@ -179,7 +226,8 @@ def overlay_rgba(
         level0 (tuple[int, int]): Level-0 ``(width, height)``.
         threshold (float): Values below it are transparent.
         values (np.ndarray | None): ``[N]`` values on the 0-1 colour scale
-            (:func:`scale_scores`); default the raw scores.
+            (:func:`scale_scores`; values above 1 get the top colour); default the
+            raw scores.
         cmap (str): Matplotlib colour map.
         alpha (float): Opacity of the drawn patches.
     """
@@ -207,6 +255,27 @@ def overlay_rgba(
     return out
 
 
+def outline_rings(annotations: str | Path | None, slide_id: str) -> list[np.ndarray]:
+    """Exterior rings (level-0 ``[K, 2]``) of a slide's GeoJSON / ASAP XML annotation.
+
+    Args:
+        annotations (str | Path | None): An annotation file or a folder of them
+            (matched by slide id).
+        slide_id (str): The slide.
+    """
+    if not annotations:
+        return []
+    from tiahnm.slides.annotations import find_annotation, read_asap_xml, read_geojson
+
+    path = find_annotation(annotations, slide_id)
+    if path is None or path.suffix.lower() not in (".geojson", ".json", ".xml"):
+        return []
+    reader = read_asap_xml if path.suffix.lower() == ".xml" else read_geojson
+    geom = reader(path)
+    polygons = getattr(geom, "geoms", [geom])
+    return [np.asarray(p.exterior.coords) for p in polygons if hasattr(p, "exterior")]
+
+
 def _label_text(value: int, names: dict[int, str] | None) -> str:
     if value < 0:
         return "unknown"
@@ -229,6 +298,7 @@ def render_heatmap(
     geojson: bool = False,
     store: bool = False,
     outlines: Sequence[np.ndarray] | None = None,
+    reference: dict[str, Any] | None = None,
 ) -> HeatmapResult:
     """Draw one slide's heatmap (and optionally its GeoJSON / annotation store).
 
@@ -240,7 +310,7 @@ def render_heatmap(
         kind (str | None): Score kind (for the colour scale and the caption).
         threshold (float | None): Patches whose value on the 0-1 colour scale is
             below it are transparent (with the ``fixed`` scale: the raw probability).
-            None: ``fixed_threshold`` on the fixed scale, else 0.5.
+            None: :func:`default_threshold`.
         fixed_threshold (float): Default threshold on the fixed scale (the
             instance threshold stored with the scores).
         max_size (int): Longest side of the thumbnail in pixels.
@@ -252,6 +322,7 @@ def render_heatmap(
         store (bool): Also write ``<slide_id>.db`` (TIAToolbox ``SQLiteStore``).
         outlines (Sequence[np.ndarray] | None): ``[K, 2]`` polygon rings in level-0
             pixels (e.g. annotated tumour regions), drawn as black lines on the figure.
+        reference (dict | None): The fold's validation reference (for the scale).
 
     Returns:
         HeatmapResult: The files written.
@@ -281,17 +352,14 @@ def render_heatmap(
         thumb = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
         background = "blank"
     height, width = thumb.shape[:2]
-    values, mode, bar_label = scale_scores(slide.scores, kind, scale)
+    values, mode, bar_label = scale_scores(
+        slide.scores, kind, scale, reference=reference, class_names=class_names
+    )
     if threshold is None:
-        threshold = fixed_threshold if mode == "fixed" else 0.5
+        threshold = default_threshold(mode, fixed_threshold)
+    size = (width, height)
     rgba = overlay_rgba(
-        slide,
-        (width, height),
-        level0,
-        threshold=threshold,
-        values=values,
-        cmap=cmap,
-        alpha=alpha,
+        slide, size, level0, threshold=threshold, values=values, cmap=cmap, alpha=alpha
     )
     stem = _safe_name(slide.slide_id)
     overlay_path = out_dir / f"{stem}_overlay.png"
@@ -353,7 +421,12 @@ def _figure(
     ax.set_ylim(height - 0.5, -0.5)
     ax.set_axis_off()
     pred = _label_text(slide.prediction, class_names)
-    prob = "" if math.isnan(slide.probability) else f" (p = {slide.probability:.2f})"
+    positive = _label_text(1, class_names)
+    prob = (
+        ""
+        if math.isnan(slide.probability)
+        else f" (p({positive}) = {slide.probability:.2f})"
+    )
     ax.set_title(
         f"{slide.slide_id}\nlabel: {_label_text(slide.label, class_names)}   "
         f"prediction: {pred}{prob}",
@@ -362,7 +435,8 @@ def _figure(
     bar = fig.colorbar(
         ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormaps[cmap]), cax=cax
     )
-    bar.set_label(f"{bar_label}; shown where >= {threshold:g}", fontsize=8)
+    shown = "" if threshold == 0.0 else f"; shown where >= {threshold:g}"
+    bar.set_label(f"{bar_label}{shown}", fontsize=8)
     if 0.0 <= threshold <= 1.0:
         bar.ax.axhline(threshold, color="black", lw=1.2)
     with atomic_path(path) as tmp:
@@ -477,6 +551,8 @@ def sqlite_store_compat() -> Iterator[None]:
 
 __all__ = [
     "HeatmapResult",
+    "default_threshold",
+    "outline_rings",
     "overlay_rgba",
     "read_thumbnail",
     "render_heatmap",

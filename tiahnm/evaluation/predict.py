@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -420,6 +421,7 @@ def predict_slides(
             "threshold": threshold,
             "instance_threshold": inst_threshold,
             "checkpoints": [str(h.path) for h in heads],
+            "val_reference": json.dumps(_fold_references(heads)),
         },
     )
     result = PredictSummary(
@@ -445,6 +447,27 @@ def predict_slides(
         },
     )
     return result
+
+
+def _fold_references(heads: Sequence[Any]) -> dict[str, Any] | None:
+    """Mean validation reference of the heads' folds (their ``instance_scores.h5``)."""
+    import h5py
+
+    from tiahnm.evaluation.reference import mean_reference, parse_reference
+
+    refs = []
+    for h in heads:
+        path = Path(h.path).parent / SCORES_FILE
+        try:
+            with h5py.File(path, "r") as f:
+                refs.append(parse_reference(_attr_text(f.attrs.get("val_reference"))))
+        except (OSError, ValueError):
+            continue
+    return mean_reference(refs)
+
+
+def _attr_text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def write_failures(path: str | Path, failures: Sequence[tuple[str, str]]) -> Path:

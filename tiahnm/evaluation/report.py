@@ -20,6 +20,7 @@ import numpy as np
 
 from tiahnm.errors import DataError
 from tiahnm.evaluation.metrics import INSTANCE_METRICS, pooled_predictions
+from tiahnm.evaluation.reference import class_names_from_config
 from tiahnm.training.metrics import METRICS
 from tiahnm.utils.io import atomic_open, atomic_path
 
@@ -113,13 +114,16 @@ def confusion_counts(pooled: dict[int, dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def plot_confusion(
-    pooled: dict[int, dict[str, np.ndarray]], path: str | Path
+    pooled: dict[int, dict[str, np.ndarray]],
+    path: str | Path,
+    class_names: dict[int, str] | None = None,
 ) -> Path | None:
     """Confusion matrix of the test predictions at the validation-chosen thresholds.
 
     Args:
         pooled (dict): Output of :func:`~tiahnm.evaluation.metrics.pooled_predictions`.
         path (str | Path): The PNG.
+        class_names (dict[int, str] | None): Tick labels (default the indices).
 
     Returns:
         Path | None: ``path``, or None without predictions.
@@ -144,8 +148,9 @@ def plot_confusion(
                 fontsize=10,
             )
     ticks = range(counts.shape[0])
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
+    names = [(class_names or {}).get(i, str(i)) for i in ticks]
+    ax.set_xticks(ticks, names)
+    ax.set_yticks(ticks, names)
     ax.set(xlabel="prediction", ylabel="label")
     reps = len(pooled)
     ax.set_title(
@@ -204,7 +209,7 @@ def write_report(
     ev = cfg.get("evaluation", {}) or {}
     pooled = pooled_predictions(results)
     roc = plot_roc(pooled, out / "roc.png")
-    cm = plot_confusion(pooled, out / "confusion.png")
+    cm = plot_confusion(pooled, out / "confusion.png", class_names_from_config(cfg))
     losses = ", ".join(summary.get("losses", [])) or "none"
     n_rep = len({r["repeat"] for r in results})
     lines = [

@@ -42,6 +42,8 @@ class FitContext:
         round (int): Training round index (0-based).
         generator (torch.Generator): The loop's seeded CPU generator.
         state (dict): Free space for miners (saved with the checkpoint if tensors).
+        bag (Bag | None): The training bag being forwarded (set by the loop before
+            :meth:`Miner.forward`), e.g. to record what was mined in it.
     """
 
     head: MILHead
@@ -51,6 +53,7 @@ class FitContext:
     round: int = 0
     generator: torch.Generator | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    bag: Bag | None = None
 
     @property
     def total_steps(self) -> int:
@@ -58,10 +61,64 @@ class FitContext:
         return self.epochs * self.steps_per_epoch
 
 
+#: At most this many mined records are kept per miner and fold (``mined.json``).
+MAX_MINED_RECORDS = 400
+
+
 class Miner:
-    """Plain training: every bag, shuffled, one per step. Subclass to mine."""
+    """Plain training: every bag, shuffled, one per step. Subclass to mine.
+
+    What a miner mined is shown in the run's ``report.html``: call
+    :meth:`record_mined` with the instances (any miner, a plugin's too); each ``kind``
+    becomes one gallery. The loop writes :meth:`mined_records` to the fold's
+    ``mined.json``.
+    """
 
     name = "none"
+
+    def record_mined(
+        self,
+        kind: str,
+        bag: Bag,
+        indices: Sequence[int],
+        *,
+        step: str,
+        scores: Sequence[float] | None = None,
+    ) -> None:
+        """Remember instances of ``bag`` this miner picked (cheap: ids and indices).
+
+        Args:
+            kind (str): Gallery title, e.g. ``"masked high-score instances"``.
+            bag (Bag): The bag (a real slide; generated bags have no patches).
+            indices (Sequence[int]): Instance indices within the bag.
+            step (str): When, e.g. ``"epoch 3"`` or ``"round 1"``.
+            scores (Sequence[float] | None): The score each was picked by.
+        """
+        records = self.__dict__.setdefault("_mined", [])
+        if len(records) >= MAX_MINED_RECORDS:
+            return
+        idx = [int(i) for i in indices]
+        coords = None
+        if bag.coords is not None:
+            coords = [[int(v) for v in bag.coords[i][:2]] for i in idx]
+        records.append(
+            {
+                "kind": kind,
+                "step": step,
+                "slide_id": bag.slide_id,
+                "label": int(bag.label),
+                "source": None if bag.source is None else str(bag.source),
+                "indices": idx,
+                "coords": coords,
+                "scores": None if scores is None else [float(v) for v in scores],
+                # slide-patch bags (source: the slide) know their patch footprint
+                "patch_size_level0": bag.meta.get("patch_size_level0"),
+            }
+        )
+
+    def mined_records(self) -> list[dict[str, Any]]:
+        """Records of :meth:`record_mined` (override to report from elsewhere)."""
+        return list(self.__dict__.get("_mined", []))
 
     def on_fit_start(self, ctx: FitContext) -> None:
         """Called once per round before the first epoch."""

@@ -61,7 +61,12 @@ from tiahnm.encoders.base import state_sha256
 from tiahnm.errors import ConfigError
 from tiahnm.losses.supcon import supcon_loss
 from tiahnm.miners.base import FitContext, Miner
-from tiahnm.miners.hnm_selection import Pools, build_pools, spl_ratio
+from tiahnm.miners.hnm_selection import (
+    Pools,
+    build_pools,
+    hard_negative_mask,
+    spl_ratio,
+)
 from tiahnm.miners.options import KEY
 from tiahnm.miners.options import check_choice as _choice
 from tiahnm.miners.options import check_positive_int as _positive_int
@@ -379,6 +384,7 @@ class HNMMiner(Miner):
             if monitored:
                 self.best_val = tuple(float(v) for v in val)
         assert self.scores is not None
+        self._record_hard_negatives(ctx, real)
         stats = self.finetune(ctx, real, self.scores)
         ctx.head.encoder.requires_grad_(requires_grad=False)
         if self.reinit_head and self._init_head is not None:
@@ -399,6 +405,29 @@ class HNMMiner(Miner):
             stats["hnm_finetune_seconds"],
         )
         return []
+
+    def _record_hard_negatives(
+        self, ctx: FitContext, bags: Sequence[Bag], per_round: int = 24
+    ) -> None:
+        """Record the round's top hard negatives ``H(neg_ratio)`` by score (report)."""
+        assert self.scores is not None
+        neg = [b for b in bags if b.label == 0 and b.slide_id in self.scores]
+        if not neg:
+            return
+        s_all = np.concatenate([self.scores[b.slide_id].double().numpy() for b in neg])
+        keep = hard_negative_mask(s_all, np.zeros(len(s_all)), self.neg_ratio)
+        starts = np.cumsum([0] + [b.n_instances for b in neg])
+        top = np.flatnonzero(keep)[np.argsort(-s_all[keep], kind="stable")][:per_round]
+        for b_i, bag in enumerate(neg):
+            mine = top[(top >= starts[b_i]) & (top < starts[b_i + 1])]
+            if mine.size:
+                self.record_mined(
+                    "hard negatives (encoder fine-tuning)",
+                    bag,
+                    (mine - starts[b_i]).tolist(),
+                    step=f"round {ctx.round}",
+                    scores=s_all[mine].tolist(),
+                )
 
     def epoch_stats(self) -> dict[str, float]:
         """The last fine-tuning stage's numbers and the extraction time so far."""

@@ -380,6 +380,7 @@ class Li2019Miner(Miner):
             self.on_fit_start(ctx)
         assert self.generator is not None
         real = [b for b in train_bags if b.origin != "generated"]
+        self._provenance: list[tuple[Bag, int]] = []  # (bag, index) of each hard one
         if self.fp_source == "out_of_fold":
             mined = self.mine_out_of_fold(ctx, real)
         else:
@@ -499,10 +500,45 @@ class Li2019Miner(Miner):
             return None
         weights = head.instance_scores(out, "attention")[: bag.n_instances]
         keep = hard_negative_mask(weights.cpu(), self.std_scale)
+        self._record_false_positive(bag, keep, weights.float().cpu(), p_pos)
         return (
             bag.features[keep].float(),
             out.instance_embeddings[: bag.n_instances][keep.to(device)].float().cpu(),
         )
+
+    def _record_false_positive(
+        self, bag: Bag, keep: torch.Tensor, weights: torch.Tensor, p_pos: float
+    ) -> None:
+        """Remember a false-positive bag's hard instances (report, provenance)."""
+        idx = torch.nonzero(keep).flatten()
+        idx = idx[torch.argsort(weights[idx], descending=True)]
+        self.__dict__.setdefault("_provenance", []).extend((bag, int(i)) for i in idx)
+        self.record_mined(
+            "false-positive bags: eq. 3 hard instances",
+            bag,
+            idx.tolist(),
+            step=f"round {len(self.log)}, p = {p_pos:.2f}",
+            scores=weights[idx].tolist(),
+        )
+
+    def _record_generated(
+        self, index_sets: Sequence[torch.Tensor], round_idx: int, n_bags: int = 2
+    ) -> None:
+        """Where the instances of the first generated bags came from (report)."""
+        prov = self.__dict__.get("_provenance", [])
+        for i, idx in enumerate(index_sets[:n_bags]):
+            by_bag: dict[str, tuple[Bag, list[int]]] = {}
+            for j in idx.tolist()[:48]:
+                if j < len(prov):
+                    bag, k = prov[j]
+                    by_bag.setdefault(bag.slide_id, (bag, []))[1].append(k)
+            for bag, ks in by_bag.values():
+                self.record_mined(
+                    "generated hard-negative bags",
+                    bag,
+                    ks,
+                    step=f"round {round_idx}, generated bag {i}",
+                )
 
     def mine_out_of_fold(self, ctx: FitContext, bags: Sequence[Bag]) -> HardNegatives:
         """:meth:`mine` each fold's bags with a head trained on the other folds.
@@ -614,6 +650,7 @@ class Li2019Miner(Miner):
                     kmeans_labels(space.numpy(), self.n_clusters, seed)
                 )
                 index_sets = [sample_from_clusters(labels, n, g) for n in bag_sizes]
+        self._record_generated(index_sets, round_idx)
         return [
             Bag(
                 slide_id=f"generated_r{round_idx}_{i:04d}",

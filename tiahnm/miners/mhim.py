@@ -587,6 +587,7 @@ class MHIMMiner(Miner):
                 generator=self.generator,
                 fusion=self.head_fusion,
             )
+        self._record_masked(ctx, mask.high_idx, scores, step)
         keep = mask.keep_idx
         extra_tokens = None
         n_recycled = 0
@@ -613,6 +614,36 @@ class MHIMMiner(Miner):
             loss = consistency_loss(out.bag_embedding, target, self.tau_t, self.tau_s)
             extra["consistency"] = self.consistency_weight * loss
         return out, extra
+
+    def _record_masked(
+        self, ctx: FitContext, high: torch.Tensor, scores: torch.Tensor, step: int
+    ) -> None:
+        """Record the masked high-score instances of 3 positive sample bags (report).
+
+        About 10 epochs per round are recorded (the first, every tenth, the last).
+        """
+        bag, n = ctx.bag, int(high.numel())
+        if bag is None or n == 0 or bag.label < 1 or bag.origin == "generated":
+            return
+        sample = self.__dict__.setdefault("_sample_bags", [])
+        if bag.slide_id not in sample:
+            if len(sample) >= 3:
+                return
+            sample.append(bag.slide_id)
+        epoch = step // max(ctx.steps_per_epoch, 1)
+        if epoch % max(1, ctx.epochs // 10) and epoch != ctx.epochs - 1:
+            return
+        idx = high[high < bag.n_instances].cpu()
+        flat = scores.detach().float().cpu()
+        picked = flat.reshape(-1, flat.shape[-1]).max(0).values[idx]
+        order = torch.argsort(picked, descending=True)
+        self.record_mined(
+            "masked high-score instances",
+            bag,
+            idx[order].tolist(),
+            step=f"round {ctx.round} epoch {epoch}" if ctx.round else f"epoch {epoch}",
+            scores=picked[order].tolist(),
+        )
 
     def _recycle(
         self, head: MILHead, x: torch.Tensor, keep: torch.Tensor

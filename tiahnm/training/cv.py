@@ -260,6 +260,10 @@ def run_fold(
             dist_ctx=dctx,
         )
     head.load_state_dict(res.best_state)
+    if dctx.is_main and (mined := miner.mined_records()):
+        write_json(
+            fold_dir / "mined.json", {"miner": config.miner.name, "records": mined}
+        )
     dtype = res.autocast_dtype
     if not dctx.is_main:
         if config.cv.refit and val:
@@ -281,7 +285,7 @@ def run_fold(
         val,
         device,
         amp=dtype,
-        want_scores=config.evaluation.instance_threshold == "youden",
+        want_scores=True,  # instance threshold and the heatmaps' validation scale
     )
     threshold = 0.5
     if n_classes == 2 and val:
@@ -478,6 +482,9 @@ def run_training(
         from tiahnm.evaluation.report import write_report_safely
 
         write_report_safely(out, summary, results)
+        from tiahnm.evaluation.html_report import write_html_report_safely
+
+        write_html_report_safely(out)
     return summary
 
 

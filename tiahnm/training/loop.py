@@ -474,6 +474,7 @@ def _batch_loss(
         for bag in batch:
             x = next(feats)
             y = torch.tensor([bag.label], device=device)
+            ctx.bag = bag
             out, extra = miner.forward(ctx, x, y, step)
             bag_loss = head.loss(out, y)
             for value in extra.values():

@@ -147,7 +147,35 @@ class TopKMiner(Miner):
         if x.shape[0] < 2:
             return head(x, label=label_arg), {}
         keep = self.keep_indices(self.scores(head, x)).to(x.device)
+        self.record_masked(ctx, keep, int(x.shape[0]), step)
         return head(x, keep_idx=keep, label=label_arg), {}
+
+    def record_masked(
+        self, ctx: FitContext, keep: torch.Tensor, n: int, step: int
+    ) -> None:
+        """Record the masked instances of 2 sample bags: the report's own gallery.
+
+        ``Miner.record_mined`` is all a plugin needs: each ``kind`` it records becomes
+        one gallery of ``report.html``.
+
+        Args:
+            ctx (FitContext): The loop's state (``ctx.bag`` is the bag forwarded).
+            keep (torch.Tensor): Indices kept.
+            n (int): Instances in the bag.
+            step (int): Optimiser step.
+        """
+        bag = ctx.bag
+        samples = self.__dict__.setdefault("_samples", [])
+        if bag is None or (bag.slide_id not in samples and len(samples) >= 2):
+            return
+        if bag.slide_id not in samples:
+            samples.append(bag.slide_id)
+        kept = set(keep.tolist())
+        masked = [i for i in range(n) if i not in kept]
+        if masked:
+            self.record_mined(
+                "masked instances (topk)", bag, masked, step=f"step {step}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The generator state, so that a resumed run masks the same instances."""
