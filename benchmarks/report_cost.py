@@ -222,10 +222,11 @@ def main() -> None:
     doc["cutoffs"] = cutoffs(run)
     if args.screenshots:
         doc["screenshots"] = screenshots(run, args.screenshots)
-    text = json.dumps(doc, indent=2)
-    print(text)
+    print(json.dumps(doc, indent=2))
     if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+        from tiahnm.utils.provenance import write_result
+
+        write_result(args.json, doc)
 
 
 if __name__ == "__main__":
