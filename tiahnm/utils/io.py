@@ -46,6 +46,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         # mkstemp makes the file private (0600); give it the usual umask permissions.
         tmp_path.chmod(0o666 & ~_umask())
         tmp_path.replace(path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write(2)/fsync(2): name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
