@@ -29,6 +29,10 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 EXIT_DATA, EXIT_USAGE, EXIT_PARTIAL = errors.EXIT_DATA, errors.EXIT_USAGE, EXIT_PARTIAL
 
 
+#: click's own control flow (usage errors, ctx.exit(), Ctrl-C): never an `Error:` line here.
+_CLICK_FLOW = (click.ClickException, click.exceptions.Exit, click.Abort)
+
+
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn documented errors into a one-line message and an exit code."""
 
@@ -36,9 +40,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # every failure becomes one `Error:` line
-            if isinstance(exc, click.ClickException) or os.environ.get(
-                "TIAHNM_TRACEBACK"
-            ):
+            if isinstance(exc, _CLICK_FLOW) or os.environ.get("TIAHNM_TRACEBACK"):
                 raise
             message, code = errors.error_line(exc)
             click.echo(f"Error: {message}", err=True)
