@@ -740,3 +740,15 @@ def test_extract_stores_absolute_slide_paths(tmp_path, monkeypatch):
         stored = f.attrs["slide_path"]
     assert Path(stored).is_absolute()
     assert Path(stored) == tmp_path / "slides" / "s0.tif"
+
+
+def test_truncated_tiff_that_would_decode_to_grey_is_refused(tmp_path):
+    from tests.slides.conftest import make_image, write_pyramid
+    from tiahnm.slides.reader import open_slide
+
+    path = write_pyramid(tmp_path / "s.tif", make_image(), levels=1)
+    open_slide(path).close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the later tiles cut off
+    with pytest.raises(DataError, match="truncated slide file: page 0"):
+        open_slide(path)
