@@ -6,8 +6,8 @@ The same ``tiahnm run`` config runs twice in subprocesses:
 * **reference**: once, uninterrupted;
 * **cut**: started, SIGKILLed at a random moment (``--kills-extract`` times when a
   random number of feature files exists, ``--kills-train`` times when a random fold is
-  under way, plus a random delay of up to 50 ms), and started again, until it
-  finishes.
+  under way, plus a random delay of up to 50 ms during extraction and 1.5 s during
+  training), and started again, until it finishes.
 
 Then the outputs are compared: every feature file bit-identical (features and coords),
 the same failures report listing exactly the corrupt slides, identical
@@ -162,9 +162,13 @@ def progress(out: Path) -> dict[str, int]:
 
 
 def kill_when(
-    config: Path, out: Path, ready: Any, rng: np.random.Generator
+    config: Path,
+    out: Path,
+    ready: Any,
+    rng: np.random.Generator,
+    max_delay: float = 0.05,
 ) -> dict[str, Any]:
-    """Start the run, SIGKILL it once ``ready(out)`` holds (+ up to 50 ms)."""
+    """Start the run, SIGKILL it once ``ready(out)`` holds (+ a random delay)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         command(config, out),
@@ -174,7 +178,8 @@ def kill_when(
     )
     while proc.poll() is None and not ready(out):
         time.sleep(0.005)
-    time.sleep(float(rng.uniform(0, 0.05)))
+    delay = float(rng.uniform(0, max_delay))
+    time.sleep(delay)
     finished = proc.poll() is not None
     if not finished:
         os.kill(proc.pid, signal.SIGKILL)
@@ -183,6 +188,7 @@ def kill_when(
         "killed": not finished,
         "returncode": proc.returncode,
         "seconds_into_run": round(time.perf_counter() - t0, 2),
+        "delay_after_ready_s": round(delay, 3),
         "at": progress(out),
     }
 
@@ -287,6 +293,7 @@ def main() -> None:
                 cut,
                 lambda o, m=marker: (o / "folds" / m / "last.pt").is_file(),
                 rng,
+                max_delay=1.5,  # a random epoch of that fold
             )
         )
         print("kill", kills[-1])
