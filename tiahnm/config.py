@@ -514,6 +514,8 @@ def template() -> str:
         "# tiahnm run configuration. Every key is optional; defaults are shown.",
         "# Check plugin names with `tiahnm plugins`; override any key on the command line",
         "# with `--set key.sub=value`. The resolved config is saved in output_dir.",
+        "# Before `tiahnm run`, say where the data is: data.options (features_dir and",
+        "# labels_csv for h5_folder) and/or extract.slides. `tiahnm run --demo` needs none.",
         "",
     ]
     lines.extend(_template_lines(Config, 0))

@@ -232,9 +232,9 @@ def read_instance_scores(
                 slides.append(
                     SlideScores(
                         slide_id=str(a.get("slide_id", name)),
-                        scores=np.asarray(g["scores"][()], dtype=np.float32),
-                        coords=np.asarray(g["coords"][()]) if "coords" in g else None,
-                        instance_labels=np.asarray(g["instance_labels"][()])
+                        scores=_read(path, g, "scores").astype(np.float32),
+                        coords=_read(path, g, "coords") if "coords" in g else None,
+                        instance_labels=_read(path, g, "instance_labels")
                         if "instance_labels" in g
                         else None,
                         label=int(a.get("label", -1)),
@@ -249,6 +249,15 @@ def read_instance_scores(
     for slide in slides:
         check_slide_scores(path, slide)
     return slides, attrs
+
+
+def _read(path: Path, group: Any, name: str) -> np.ndarray:
+    """One dataset of a slide group: no links or external storage, size checked."""
+    from tiahnm.data.h5_features import check_size, safe_dataset
+
+    node = safe_dataset(path, group, name)
+    check_size(path, f"{group.name}/{name}", node)
+    return np.asarray(node[()])
 
 
 def check_slide_scores(path: Path, slide: SlideScores) -> None:
