@@ -752,3 +752,17 @@ def test_truncated_tiff_that_would_decode_to_grey_is_refused(tmp_path):
     path.write_bytes(data[: len(data) // 2])  # the later tiles cut off
     with pytest.raises(DataError, match="truncated slide file: page 0"):
         open_slide(path)
+
+
+def test_a_hook_that_raises_midway_registers_nothing():
+    class Half:
+        @hookimpl
+        def tiahnm_register_heads(self, register):
+            register("half_head", MeanPoolingMIL)
+            raise RuntimeError("after the first")
+
+    pm = get_plugin_manager()
+    pm.register(Half(), name="half")
+    assert "half_head" not in pm.get("head")
+    assert "abmil" in pm.get("head")
+    assert [f.name for f in pm.failures] == ["half"]

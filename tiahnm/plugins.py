@@ -293,9 +293,12 @@ class PluginManager:
                 else:
                     package, version = distinfo.get(id(impl.plugin), (plugin_name, "?"))
                 register = _make_register(registry, plugin_name, package, version)
+                before = set(registry.entries)
                 try:
                     impl.function(register=register)
                 except (Exception, SystemExit) as exc:  # one plugin must not stop all
+                    for name in set(registry.entries) - before:  # all or nothing
+                        del registry.entries[name]
                     self._hook_failed(plugin_name, package, hookname, exc)
             for name, message in registry.conflicts.items():
                 self._build_failures.append(LoadFailure(name, "(duplicate)", message))
