@@ -106,6 +106,17 @@ def test_locked_folder_names_the_holder_and_a_killed_holder_is_taken_over(tmp_pa
         assert f"pid {holder.pid} on host" in output
         assert "in use by" in output
         assert not (out / "config.yaml").exists()  # nothing written by the loser
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f"output_dir: {out}\ndata: {{source: mil_csv, options: {{path: "
+            f"{tmp_path / 'bags.csv'}}}}}\n"
+        )
+        assert invoke("run", str(cfg))[0] == EXIT_LOCKED
+        junk = tmp_path / "x.svs"  # never opened: the lock is taken first
+        junk.write_bytes(b"junk")
+        code, output = invoke("extract", str(junk), "--output-path", str(out))
+        assert code == EXIT_LOCKED, output
+        assert not (out / "stages.json").exists()
     finally:
         holder.kill()  # SIGKILL: the lock file stays, the flock is gone
         holder.wait()
