@@ -252,16 +252,22 @@ def compare(ref: Path, cut: Path, corrupt: list[str], n_slides: int) -> dict[str
 
 
 def git_commit() -> str:
+    """HEAD, with ``-dirty`` when tracked files differ from it."""
     try:
-        return subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True
+        ).returncode
     except OSError:
         return "?"
+    return head + ("-dirty" if dirty else "")
 
 
 def main() -> None:
     args = parse_args()
+    commit = git_commit()  # the code every run below uses
     rng = np.random.default_rng(args.seed + 1)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="tiahnm-stress-"))
     config, corrupt = make_cohort(root, args)
@@ -308,7 +314,7 @@ def main() -> None:
     result = {
         "what": "tiahnm run killed with SIGKILL at random moments and resumed",
         "argv": sys.argv,
-        "commit": git_commit(),
+        "commit": commit,
         "settings": {
             "slides": args.slides,
             "corrupt": corrupt,
