@@ -145,6 +145,11 @@ class TrainConfig:
         None, "CPU threads for torch (default: torch's choice)."
     )
     checkpoint_every: int = _f(1, "Save a resumable checkpoint every N epochs.")
+    nonfinite: Literal["stop", "skip"] = _f(
+        "stop",
+        "On a NaN/inf training loss: stop the fold with an error (the last good "
+        "checkpoint is kept), or skip that optimiser step and count it.",
+    )
     progress: bool = _f(True, "Show progress bars.")
     batch_size: int = _f(
         1,
@@ -444,14 +449,16 @@ def load_config(
 
 
 def _parse_yaml(text: str) -> Any:
-    """``yaml.safe_load``; every parser failure becomes a ValueError.
+    """``yaml.safe_load`` with an alias-bomb limit; every failure becomes a ValueError.
 
     Besides ``YAMLError``, PyYAML's safe constructors raise ``ValueError``,
     ``IndexError``, ``AttributeError`` ... on bad tagged or timestamp scalars
     (``!!int``, ``2001-13-45``, ``!!timestamp``): all of them mean "not valid YAML".
     """
+    from tiahnm.utils.safe_yaml import safe_load
+
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)  # refuses alias bombs before building any object
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from None
     except Exception as exc:  # the parser's own failures only (see above)
@@ -518,6 +525,8 @@ def template() -> str:
         "# tiahnm run configuration. Every key is optional; defaults are shown.",
         "# Check plugin names with `tiahnm plugins`; override any key on the command line",
         "# with `--set key.sub=value`. The resolved config is saved in output_dir.",
+        "# Before `tiahnm run`, say where the data is: data.options (features_dir and",
+        "# labels_csv for h5_folder) and/or extract.slides. `tiahnm run --demo` needs none.",
         "",
     ]
     lines.extend(_template_lines(Config, 0))

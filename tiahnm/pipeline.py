@@ -286,6 +286,22 @@ def _check_same_training(
     raise ConfigError(msg)
 
 
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """``summary.json`` of a finished train stage; None when absent or damaged.
+
+    A damaged (e.g. truncated) summary is recomputed from the folds' results: the
+    train stage runs again and skips every finished fold.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        logger.warning("%s: damaged (%s); recomputed from the folds.", path, exc)
+        return None
+    return data if isinstance(data, dict) and "metrics" in data else None
+
+
 def _outline_rings(annotations: str | None, slide_id: str) -> list[Any]:
     """Exterior rings (level-0 ``[K, 2]``) of a slide's GeoJSON/XML annotation."""
     from tiahnm.evaluation.heatmap import outline_rings
@@ -352,6 +368,26 @@ def run_heatmap_stage(config: Config) -> list[Path]:
 
 
 def run_pipeline(
+    config: Config, *, echo: Callable[[str], None] | None = None
+) -> PipelineResult:
+    """Validate the whole config, lock the output folder, then run the stages.
+
+    See :func:`_run_stages`. Every component name and option is checked before the
+    first stage (:func:`tiahnm.validate.validate_config`), and the output folder has
+    one writer at a time (:func:`tiahnm.utils.lock.folder_lock`).
+
+    Raises:
+        FolderLockedError: Another live run writes into ``config.output_dir``.
+    """
+    from tiahnm.utils.lock import folder_lock
+    from tiahnm.validate import validate_config
+
+    validate_config(config, warn=echo and (lambda w: echo(f"Warning: {w}")))
+    with folder_lock(config.output_dir, enabled=_is_main_process()):
+        return _run_stages(config, echo=echo)
+
+
+def _run_stages(
     config: Config, *, echo: Callable[[str], None] | None = None
 ) -> PipelineResult:
     """Run every configured stage, skipping those done with the same settings.
@@ -426,8 +462,10 @@ def run_pipeline(
     train_key = settings_hash(settings)
     summary_path = out / "summary.json"
     trained = False
-    if manifest.is_done("train", train_key) and summary_path.is_file():
-        result.summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    done = manifest.is_done("train", train_key)
+    summary = _read_summary(summary_path) if done else None
+    if summary is not None:
+        result.summary = summary
         record(StageOutcome("train", "skipped", detail=str(summary_path)))
     else:
         from tiahnm.training.cv import run_training

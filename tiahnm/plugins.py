@@ -83,8 +83,13 @@ class Registry(Mapping[str, PluginEntry]):
 
     kind: str
     entries: dict[str, PluginEntry] = field(default_factory=dict)
+    #: Names registered by more than one plugin: using one is an error naming both.
+    conflicts: dict[str, str] = field(default_factory=dict)
+    claimants: dict[str, list[str]] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> PluginEntry:
+        if name in self.conflicts:
+            raise PluginError(self.conflicts[name])
         try:
             return self.entries[name]
         except KeyError:
@@ -118,8 +123,14 @@ class Registry(Mapping[str, PluginEntry]):
             Any: The component.
         """
         entry = self[name]
-        check_options(
-            entry.factory, options, key=key or f"{self.kind}.options", n_args=len(args)
+        key = key or f"{self.kind}.options"
+        check_options(entry.factory, options, key=key, n_args=len(args))
+        check_required(
+            entry.factory,
+            options,
+            key=key,
+            n_args=len(args),
+            what=f"{self.kind} {name!r}",
         )
         return entry.factory(*args, **options)
 
@@ -154,13 +165,48 @@ def check_options(
             raise ConfigError(msg)
 
 
+def missing_options(
+    factory: Callable[..., Any], options: Mapping[str, Any], *, n_args: int = 0
+) -> list[str]:
+    """Required keyword parameters of ``factory`` (after ``n_args``) not in ``options``."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signature
+        return []
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [
+        p.name
+        for p in params[n_args:]
+        if p.kind in kinds
+        and p.default is inspect.Parameter.empty
+        and p.name not in options
+    ]
+
+
+def check_required(
+    factory: Callable[..., Any],
+    options: Mapping[str, Any],
+    *,
+    key: str,
+    what: str,
+    n_args: int = 0,
+) -> None:
+    """Raise :class:`PluginError` naming the required options missing from ``key``."""
+    missing = missing_options(factory, options, n_args=n_args)
+    if missing:
+        shown = ", ".join(f"{key}.{m}" for m in missing)
+        msg = f"{what} needs option(s) {shown} (missing from the config)."
+        raise PluginError(msg)
+
+
 class PluginManager:
     """Loads plugins and builds one :class:`Registry` per component kind."""
 
     def __init__(self, *, autoload: bool | None = None) -> None:
         self.pm = pluggy.PluginManager("tiahnm")
         self.pm.add_hookspecs(hookspecs)
-        self.failures: list[LoadFailure] = []
+        self._load_failures: list[LoadFailure] = []
+        self._build_failures: list[LoadFailure] = []
         for modname in DEFAULT_PLUGINS:
             self.pm.register(importlib.import_module(modname), name=modname)
         if autoload is None:
@@ -182,12 +228,12 @@ class PluginManager:
                 self.pm.load_setuptools_entrypoints("tiahnm", name=ep.name)
                 # A misspelled hook in this plugin fails here, not for every plugin.
                 self.pm.check_pending()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() at import included
                 if self.pm.get_plugin(ep.name) is not None:
                     self.pm.unregister(name=ep.name)
                 package = ep.dist.name if ep.dist else "?"
                 failure = LoadFailure(ep.name, package, f"{type(exc).__name__}: {exc}")
-                self.failures.append(failure)
+                self._load_failures.append(failure)
                 logger.warning(
                     "tiahnm plugin %r from package %r failed to load and is skipped: %s",
                     ep.name,
@@ -227,7 +273,14 @@ class PluginManager:
             self._registries = self._build()
         return self._registries
 
+    @property
+    def failures(self) -> list[LoadFailure]:
+        """Plugins that failed to import, register hooks that raised, duplicate names."""
+        _ = self.registries  # registering is where hooks fail and names clash
+        return [*self._load_failures, *self._build_failures]
+
     def _build(self) -> dict[str, Registry]:
+        self._build_failures = []
         distinfo = self._distinfo()
         own_version = _own_version()
         registries = {kind: Registry(kind) for kind in KINDS}
@@ -239,10 +292,33 @@ class PluginManager:
                     package, version = "tiahnm", own_version
                 else:
                     package, version = distinfo.get(id(impl.plugin), (plugin_name, "?"))
-                impl.function(
-                    register=_make_register(registry, plugin_name, package, version)
-                )
+                register = _make_register(registry, plugin_name, package, version)
+                before = set(registry.entries)
+                try:
+                    impl.function(register=register)
+                except (Exception, SystemExit) as exc:  # one plugin must not stop all
+                    for name in set(registry.entries) - before:  # all or nothing
+                        del registry.entries[name]
+                    self._hook_failed(plugin_name, package, hookname, exc)
+            for name, message in registry.conflicts.items():
+                self._build_failures.append(LoadFailure(name, "(duplicate)", message))
+                logger.warning("%s", message)
         return registries
+
+    def _hook_failed(
+        self, plugin_name: str, package: str, hookname: str, exc: BaseException
+    ) -> None:
+        """Record a plugin whose register hook raised (its other entries stay)."""
+        failure = LoadFailure(
+            plugin_name, package, f"{hookname} raised {type(exc).__name__}: {exc}"
+        )
+        self._build_failures.append(failure)
+        logger.warning(
+            "tiahnm plugin %r (%s): %s; its components of this kind are skipped.",
+            plugin_name,
+            package,
+            failure.error,
+        )
 
     def get(self, kind: str) -> Registry:
         """Registry of ``kind`` (``head``, ``miner``, ``loss``, ``encoder``, ``bag_source``)."""
@@ -279,14 +355,21 @@ def _make_register(
         if not isinstance(name, str) or not name:
             msg = f"Plugin {plugin_name!r} registered a {registry.kind} with an empty name."
             raise PluginError(msg)
-        if name in registry.entries:
-            other = registry.entries[name]
-            msg = (
+        who = f"{plugin_name!r} ({package})"
+        if name in registry.entries or name in registry.conflicts:
+            # Both stay out of use (which one a config meant is unknown); every other
+            # component and command keeps working, and `tiahnm plugins` shows this.
+            other = registry.entries.pop(name, None)
+            owners = registry.claimants.setdefault(name, [])
+            if other is not None:
+                owners.append(f"{other.plugin!r} ({other.package})")
+            owners.append(who)
+            registry.conflicts[name] = (
                 f"Duplicate {registry.kind} name {name!r}: registered by "
-                f"{other.plugin!r} ({other.package}) and by {plugin_name!r} ({package}). "
-                f"Registered {registry.kind}s: {', '.join(sorted(registry.entries))}."
+                f"{' and by '.join(owners)}; uninstall or disable all but one (see "
+                "TIAHNM_LOAD_PLUGINS in docs/plugins.md)."
             )
-            raise PluginError(msg)
+            return
         if not callable(factory):
             msg = f"Plugin {plugin_name!r}: factory for {registry.kind} {name!r} is not callable."
             raise PluginError(msg)

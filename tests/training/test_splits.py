@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tiahnm.errors import DataError
+from tiahnm.errors import ConfigError, DataError
 from tiahnm.training.splits import (
     fixed_split,
     kfold_splits,
@@ -40,7 +40,7 @@ def test_kfold_deterministic():
 
 
 def test_too_many_folds_for_class():
-    with pytest.raises(DataError, match="smallest class"):
+    with pytest.raises(ConfigError, match="smallest class"):
         kfold_splits([0] * 10 + [1] * 3, folds=5, repeats=1, val_fraction=0.1, seed=0)
 
 

@@ -8,6 +8,7 @@ hook.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +16,21 @@ from typing import Any
 
 import click
 
-from tiahnm import __version__
+from tiahnm import __version__, errors
 from tiahnm.cli.options import cli_device, cli_output_path, cli_seed, cli_set
-from tiahnm.errors import ConfigError, PluginError, TiahnmError
+from tiahnm.errors import EXIT_PARTIAL
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-# Exit codes: 0 success, 1 a run failed on its data, 2 bad usage / config / plugin name,
-# 3 partial success (some slides failed and were skipped).
-EXIT_DATA, EXIT_USAGE, EXIT_PARTIAL = 1, 2, 3
+# Exit codes (docs/reliability.md): 0 success, 1 a run failed on its data, 2 bad usage /
+# config / plugin name, 3 partial success (some slides failed and were skipped), 4 the
+# system refused (disk full, read-only, permissions, out of memory), 5 the output folder
+# is in use by another tiahnm process, 70 an internal error (a bug).
+EXIT_DATA, EXIT_USAGE, EXIT_PARTIAL = errors.EXIT_DATA, errors.EXIT_USAGE, EXIT_PARTIAL
+
+
+#: click's own control flow (usage errors, ctx.exit(), Ctrl-C): never an `Error:` line here.
+_CLICK_FLOW = (click.ClickException, click.exceptions.Exit, click.Abort)
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,12 +39,12 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, PluginError) as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
-        except TiahnmError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(EXIT_DATA)
+        except Exception as exc:  # every failure becomes one `Error:` line
+            if isinstance(exc, _CLICK_FLOW) or os.environ.get("TIAHNM_TRACEBACK"):
+                raise
+            message, code = errors.error_line(exc)
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(code)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -55,7 +62,16 @@ class TiahnmGroup(click.Group):
         self._plugins_loaded = True
         from tiahnm.plugins import get_plugin_manager
 
-        get_plugin_manager().pm.hook.tiahnm_register_commands(cli=self)
+        pm = get_plugin_manager().pm
+        for impl in pm.hook.tiahnm_register_commands.get_hookimpls():
+            try:
+                impl.function(cli=self)
+            except (Exception, SystemExit) as exc:  # one plugin must not stop all
+                click.echo(
+                    f"Warning: plugin {impl.plugin_name!r} failed to add its "
+                    f"commands ({type(exc).__name__}: {exc}); they are skipped.",
+                    err=True,
+                )
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Built-in and plugin commands."""
@@ -252,6 +268,9 @@ def train(
         )
     cfg = _load(config, overrides, **values)
     from tiahnm.training.cv import run_training
+    from tiahnm.validate import validate_config
+
+    validate_config(cfg, warn=lambda w: click.echo(f"Warning: {w}", err=True))
 
     summary = run_training(cfg)
     _print_summary(summary, cfg.output_dir)

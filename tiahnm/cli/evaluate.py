@@ -126,15 +126,18 @@ def predict(
         else:
             click.echo(f"done    {slide}: {message}")
 
-    summary = predict_slides(
-        checkpoint,
-        slides,
-        output_path,
-        extract_cfg=_extract_config(values),
-        features_dir=features_dir,
-        device=values["device"],
-        on_result=report,
-    )
+    from tiahnm.utils.lock import folder_lock
+
+    with folder_lock(output_path):  # one writer per output folder
+        summary = predict_slides(
+            checkpoint,
+            slides,
+            output_path,
+            extract_cfg=_extract_config(values),
+            features_dir=features_dir,
+            device=values["device"],
+            on_result=report,
+        )
     n_heads = len(summary.checkpoints)
     click.echo(
         f"\n{len(summary.predictions)} slides predicted, {len(summary.failures)} "

@@ -21,14 +21,16 @@ def _parse_options(items: tuple[str, ...], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings (YAML values) to a dict."""
     import yaml
 
+    from tiahnm.utils.safe_yaml import safe_load
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise click.UsageError(f"{flag} expects KEY=VALUE, got {item!r}.")
         try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
+            out[key.strip()] = safe_load(value)
+        except (yaml.YAMLError, ValueError) as exc:
             raise click.UsageError(f"{flag} {item!r}: bad value ({exc}).") from None
     return out
 

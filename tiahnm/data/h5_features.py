@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 #: Integer labels are class indices; a larger one is taken as a mistake, not a class.
 MAX_INTEGER_CLASSES = 10_000
+#: Default limit of one dataset's declared size (raise with ``data.options.max_bytes``
+#: or the environment variable below): a file cannot make tiahnm allocate more.
+MAX_DATASET_BYTES = 4 * 2**30
+MAX_BYTES_ENV = "TIAHNM_MAX_DATASET_BYTES"
 
 
 def read_labels_csv(
@@ -154,24 +159,31 @@ def read_feature_file(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return arrays.features, arrays.coords
 
 
-def read_feature_arrays(path: str | Path) -> FeatureArrays:
+def read_feature_arrays(
+    path: str | Path, *, max_bytes: int | None = None
+) -> FeatureArrays:
     """Read ``features``, ``coords`` and (if present) ``instance_labels``.
 
     See :func:`read_feature_file`; ``instance_labels`` must hold one value per
-    instance.
+    instance. Links, external storage and datasets declaring more than ``max_bytes``
+    (default :func:`max_dataset_bytes`) are refused before anything is read.
     """
     import h5py
 
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            if "features" not in f:
+            if not _has(f, "features"):
                 msg = f"{path}: no 'features' dataset (keys: {', '.join(f.keys())})."
                 raise DataError(msg)
-            feats = _numeric(path, f, "features").astype(np.float32)
-            coords = _numeric(path, f, "coords") if "coords" in f else None
+            feats = _numeric(path, f, "features", max_bytes).astype(np.float32)
+            coords = (
+                _numeric(path, f, "coords", max_bytes) if _has(f, "coords") else None
+            )
             labels = (
-                _numeric(path, f, "instance_labels") if "instance_labels" in f else None
+                _numeric(path, f, "instance_labels", max_bytes)
+                if _has(f, "instance_labels")
+                else None
             )
     except DataError:
         raise
@@ -213,7 +225,7 @@ def read_feature_arrays(path: str | Path) -> FeatureArrays:
     return FeatureArrays(feats, coords, labels)
 
 
-def _numeric(path: Path, f: Any, name: str) -> np.ndarray:
+def _numeric(path: Path, f: Any, name: str, max_bytes: int | None = None) -> np.ndarray:
     """Dataset ``name`` of an open HDF5 file as a plain numeric array.
 
     Raises:
@@ -222,7 +234,7 @@ def _numeric(path: Path, f: Any, name: str) -> np.ndarray:
     """
     import h5py
 
-    node = f[name]
+    node = safe_dataset(path, f, name)
     if not isinstance(node, h5py.Dataset):
         msg = f"{path}: {name!r} is a {type(node).__name__}, not a dataset."
         raise DataError(msg)
@@ -232,7 +244,82 @@ def _numeric(path: Path, f: Any, name: str) -> np.ndarray:
     if node.dtype.kind not in "biuf":
         msg = f"{path}: {name!r} has non-numeric type {node.dtype}."
         raise DataError(msg)
-    return np.asarray(node[()])
+    check_size(path, name, node, max_bytes)
+    try:
+        return np.asarray(node[()])
+    except MemoryError:
+        msg = (
+            f"{path}: {name!r} ({_declared_bytes(node) / 2**30:.1f} GiB) does not fit "
+            "in memory."
+        )
+        raise DataError(msg) from None
+
+
+def _has(f: Any, name: str) -> bool:
+    """Whether ``f`` has a link ``name`` (without following it: no other file opened)."""
+    return f.get(name, getlink=True) is not None
+
+
+def max_dataset_bytes(max_bytes: int | None = None) -> int:
+    """The per-dataset size limit: ``max_bytes``, ``$TIAHNM_MAX_DATASET_BYTES`` or 4 GiB."""
+    if max_bytes is not None:
+        return int(max_bytes)
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    return int(raw) if raw.isdigit() else MAX_DATASET_BYTES
+
+
+def safe_dataset(path: Path, f: Any, name: str) -> Any:
+    """Node ``name`` of an open HDF5 file, refusing anything that reads other files.
+
+    External links, soft links, external raw storage and virtual datasets are refused:
+    a feature file is read on its own, so nothing outside the data folder is opened.
+    """
+    import h5py
+
+    link = f.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        msg = (
+            f"{path}: {name!r} is a {type(link).__name__} (links to other files or "
+            "paths are refused; store the dataset in the file itself)."
+        )
+        raise DataError(msg)
+    node = f[name]
+    if isinstance(node, h5py.Dataset):
+        if node.external:
+            msg = (
+                f"{path}: {name!r} keeps its data in external files "
+                f"({', '.join(str(e[0]) for e in node.external)}); refused."
+            )
+            raise DataError(msg)
+        if node.is_virtual:
+            msg = f"{path}: {name!r} is a virtual dataset (maps other files); refused."
+            raise DataError(msg)
+    return node
+
+
+def _declared_bytes(node: Any) -> int:
+    return int(np.prod(node.shape, dtype=np.float64) * node.dtype.itemsize)
+
+
+def check_size(path: Path, name: str, node: Any, max_bytes: int | None = None) -> None:
+    """Refuse a dataset whose declared size exceeds the limit, before reading it."""
+    limit = max_dataset_bytes(max_bytes)
+    size = _declared_bytes(node)
+    if size > limit:
+        msg = (
+            f"{path}: {name!r} declares shape {tuple(node.shape)} ({size / 2**30:.2f} "
+            f"GiB), over the limit of {limit / 2**30:.2f} GiB per dataset; raise it "
+            f"with data.options.max_bytes or ${MAX_BYTES_ENV} if the file is real."
+        )
+        raise DataError(msg)
+    if node.chunks is None and node.compression is None:
+        file_size = path.stat().st_size
+        if size > file_size:
+            msg = (
+                f"{path}: {name!r} declares {size} bytes but the file has only "
+                f"{file_size} (truncated or corrupt)."
+            )
+            raise DataError(msg)
 
 
 class H5FeatureFolder:
@@ -251,6 +338,12 @@ class H5FeatureFolder:
             loop reads bags ahead in background threads (``train.prefetch``). Files
             whose ``features`` are chunked, compressed or not float32 are read into
             memory (with a warning).
+        max_bytes (int | None): Largest declared size of one dataset in a feature
+            file, checked before reading (default 4 GiB or
+            ``$TIAHNM_MAX_DATASET_BYTES``).
+
+    Slide ids are file names: an id with a path separator, ``..``, or an absolute
+    path is refused, so nothing outside ``features_dir`` is read.
     """
 
     def __init__(
@@ -261,8 +354,10 @@ class H5FeatureFolder:
         classes: list[str] | None = None,
         missing: str = "error",
         stream: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self.stream = stream
+        self.max_bytes = max_bytes
         self.features_dir = Path(features_dir)
         self.labels_csv = Path(labels_csv)
         self.classes = classes
@@ -280,7 +375,7 @@ class H5FeatureFolder:
         bags = []
         origins = []
         for sid, label in labels.items():
-            path = self.features_dir / f"{sid}.h5"
+            path = feature_path(self.features_dir, sid, self.labels_csv)
             if not path.is_file():
                 if self.missing == "skip":
                     continue
@@ -289,7 +384,7 @@ class H5FeatureFolder:
                     "(set data.options.missing: skip to ignore)."
                 )
                 raise DataError(msg)
-            arrays = read_feature_arrays(path)
+            arrays = read_feature_arrays(path, max_bytes=self.max_bytes)
             feats, coords = arrays.features, arrays.coords
             origins.append(
                 FeatureOrigin(str(path), h5_encoder_name(path), int(feats.shape[1]))
@@ -322,6 +417,34 @@ class H5FeatureFolder:
             raise DataError(msg)
         check_uniform(origins)
         return bags
+
+
+def feature_path(features_dir: Path, slide_id: str, labels_csv: Path) -> Path:
+    """``features_dir/<slide_id>.h5``, checked to stay inside ``features_dir``.
+
+    Raises:
+        DataError: The id is absolute, holds a path separator or ``..``, or a NUL.
+    """
+    bad = (
+        not slide_id
+        or "\0" in slide_id
+        or "/" in slide_id
+        or "\\" in slide_id
+        or slide_id in (".", "..")
+        or Path(slide_id).is_absolute()
+    )
+    path = features_dir / f"{slide_id}.h5"
+    inside = os.path.normpath(path.absolute()).startswith(
+        os.path.normpath(features_dir.absolute()) + os.sep
+    )
+    if bad or not inside:
+        msg = (
+            f"{labels_csv}: slide_id {slide_id!r} is not a plain file name (ids with "
+            "path separators, '..' or absolute paths would read outside "
+            f"{features_dir}); refused."
+        )
+        raise DataError(msg)
+    return path
 
 
 def map_features(path: str | Path) -> torch.Tensor | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,15 @@ def import_object(target: str) -> Any:
     if not module_name or not attr:
         msg = f"module encoder: {target!r} is not an import path like 'pkg.mod:Class'."
         raise ConfigError(msg)
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names:
+        # no standard-library module defines an nn.Module, and importing some runs
+        # code (``antigravity``, ``this``): refused without importing
+        msg = (
+            f"module encoder: {module_name!r} is a Python standard-library module; "
+            "give the import path of an nn.Module class ('pkg.mod:Class')."
+        )
+        raise ConfigError(msg)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -64,7 +74,8 @@ def module_encoder(
     width is measured and ImageNet normalisation without resizing is used.
 
     Args:
-        model (str): ``"pkg.mod:Class"`` (any callable returning an ``nn.Module``).
+        model (str): ``"pkg.mod:Class"``, a ``torch.nn.Module`` subclass (checked
+            before it is called; functions and other callables are refused).
         kwargs (Mapping | None): Keyword arguments for the callable.
         weights (str | None): Local state-dict file (loaded strictly with
             ``weights_only=True``), or None / ``"random-init"`` for the module as built.
@@ -80,17 +91,19 @@ def module_encoder(
         DataError: The weights file does not fit the module.
     """
     factory = import_object(model)
-    if not callable(factory):
-        msg = f"module encoder: {model!r} is not callable."
+    # Checked before anything is called: a config may only construct nn.Module
+    # classes, never run a function (``module:subprocess:run`` is refused here).
+    if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+        msg = (
+            f"module encoder: {model!r} is a {type(factory).__name__}, not an "
+            "nn.Module subclass; a config may only construct torch modules."
+        )
         raise ConfigError(msg)
     try:
         net = factory(**dict(kwargs or {}))
     except TypeError as exc:
         msg = f"module encoder: {model}(**{dict(kwargs or {})}) failed: {exc}"
         raise ConfigError(msg) from None
-    if not isinstance(net, nn.Module):
-        msg = f"module encoder: {model!r} returned {type(net).__name__}, not an nn.Module."
-        raise ConfigError(msg)
     sha = RANDOM_INIT
     if weights is not None and str(weights) != RANDOM_INIT:
         from pathlib import Path

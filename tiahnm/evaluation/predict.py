@@ -95,6 +95,27 @@ def checkpoint_paths(checkpoint: str | Path) -> list[Path]:
     raise DataError(msg)
 
 
+def _run_identity(ckpt: dict[str, Any]) -> str:
+    """What must agree between the heads of one ensemble: head, options, run."""
+    options = json.dumps(ckpt.get("head_options") or {}, sort_keys=True, default=str)
+    return f"{ckpt.get('head')!s} {options} run={ckpt.get('run', '?')}"
+
+
+def _check_one_run(checkpoint: str | Path, runs: list[tuple[Path, str]]) -> None:
+    """Refuse a folder whose fold checkpoints come from different runs."""
+    groups: dict[str, list[str]] = {}
+    for path, ident in runs:
+        groups.setdefault(ident, []).append(path.parent.name)
+    if len(groups) > 1:
+        shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
+        msg = (
+            f"{checkpoint}: the fold checkpoints come from different runs or heads "
+            f"({shown}); an ensemble needs the folds of one run. Give one best.pt, "
+            "or a folder holding the folds of one run."
+        )
+        raise DataError(msg)
+
+
 def load_heads(checkpoint: str | Path, device: torch.device) -> list[LoadedHead]:
     """Build every head of ``checkpoint`` (a ``best.pt`` or a run folder).
 
@@ -106,8 +127,10 @@ def load_heads(checkpoint: str | Path, device: torch.device) -> list[LoadedHead]
     from tiahnm.training.checkpoint import load_checkpoint
 
     heads = []
+    runs: list[tuple[Path, str]] = []
     for path in checkpoint_paths(checkpoint):
         ckpt = load_checkpoint(path)
+        runs.append((path, _run_identity(ckpt)))
         missing = [
             k for k in ("head", "in_dim", "n_classes", "state_dict") if k not in ckpt
         ]
@@ -140,6 +163,7 @@ def load_heads(checkpoint: str | Path, device: torch.device) -> list[LoadedHead]
                 std=None if norm.get("std") is None else norm["std"].to(device),
             )
         )
+    _check_one_run(checkpoint, runs)
     shapes = {(h.in_dim, h.n_classes) for h in heads}
     if len(shapes) > 1:
         msg = f"{checkpoint}: heads differ in (in_dim, n_classes): {sorted(shapes)}."
@@ -250,6 +274,7 @@ def training_feature_attrs(checkpoint: str | Path) -> dict[str, Any] | None:
     import yaml
 
     from tiahnm.slides.store import read_attrs
+    from tiahnm.utils.safe_yaml import safe_load
 
     path = Path(checkpoint)
     for run in (path, *path.parents[:3]):
@@ -259,8 +284,8 @@ def training_feature_attrs(checkpoint: str | Path) -> dict[str, Any] | None:
     else:
         return None
     try:
-        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
         return None
     data = cfg.get("data") or {}
     folder = (data.get("options") or {}).get("features_dir")

@@ -183,9 +183,11 @@ def _config(out: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    from tiahnm.utils.safe_yaml import safe_load
+
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        return safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
 
 
@@ -219,10 +221,7 @@ def write_report(
         + (f" ({n_rep} repeats)" if n_rep > 1 else "")
         + f"; {sum(len(r['predictions']) for r in results)} test predictions.",
         "",
-        "Model selection (epoch) and the decision threshold "
-        f"(`evaluation.threshold: {ev.get('threshold', '0.5')}`) were chosen on each "
-        "fold's validation bags only; test bags were used for nothing but the numbers "
-        "below.",
+        _selection_sentence(results, ev),
         "",
         "## Slide-level test metrics",
         "",
@@ -316,6 +315,37 @@ def write_report_safely(
         return None
 
 
+def _read_json(path: Path) -> Any:
+    """A run's JSON file; a damaged one is a DataError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        msg = (
+            f"{path}: damaged JSON ({exc}); run the same `tiahnm run`/`tiahnm train` "
+            "command again to recompute it."
+        )
+        raise DataError(msg) from None
+
+
+def _selection_sentence(results: Sequence[dict[str, Any]], ev: dict[str, Any]) -> str:
+    """How the epoch and threshold were chosen, true to the folds' validation sets."""
+    without = [r for r in results if not r.get("n_val", 1)]
+    if not without:
+        return (
+            "Model selection (epoch) and the decision threshold "
+            f"(`evaluation.threshold: {ev.get('threshold', '0.5')}`) were chosen on "
+            "each fold's validation bags only; test bags were used for nothing but the "
+            "numbers below."
+        )
+    names = ", ".join(f"r{r['repeat']}_f{r['fold']}" for r in without)
+    return (
+        f"**No validation bags** in {len(without)} of {len(results)} folds ({names}; "
+        "e.g. a split column with only train and test rows): there the last epoch was "
+        "kept and the decision threshold is 0.5; nothing was chosen on validation "
+        "data. Test bags were used for nothing but the numbers below."
+    )
+
+
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``summary.json`` and every fold's ``result.json`` of a finished run.
 
@@ -327,11 +357,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     if not path.is_file():
         msg = f"{run}: no summary.json (not a finished `tiahnm train/run` folder)."
         raise DataError(msg)
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    results = [
-        json.loads(p.read_text(encoding="utf-8"))
-        for p in (run / "folds").glob("*/result.json")
-    ]
+    summary = _read_json(path)
+    results = [_read_json(p) for p in (run / "folds").glob("*/result.json")]
     results.sort(key=lambda r: (r["repeat"], r["fold"]))
     return summary, results
 

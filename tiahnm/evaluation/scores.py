@@ -232,9 +232,9 @@ def read_instance_scores(
                 slides.append(
                     SlideScores(
                         slide_id=str(a.get("slide_id", name)),
-                        scores=np.asarray(g["scores"][()], dtype=np.float32),
-                        coords=np.asarray(g["coords"][()]) if "coords" in g else None,
-                        instance_labels=np.asarray(g["instance_labels"][()])
+                        scores=_read(path, g, "scores").astype(np.float32),
+                        coords=_read(path, g, "coords") if "coords" in g else None,
+                        instance_labels=_read(path, g, "instance_labels")
                         if "instance_labels" in g
                         else None,
                         label=int(a.get("label", -1)),
@@ -243,10 +243,52 @@ def read_instance_scores(
                         meta={k: a[k] for k in meta_keys if a.get(k) not in (None, "")},
                     )
                 )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         msg = f"{path}: unreadable instance scores file ({exc})."
         raise DataError(msg) from None
+    for slide in slides:
+        check_slide_scores(path, slide)
     return slides, attrs
+
+
+def _read(path: Path, group: Any, name: str) -> np.ndarray:
+    """One dataset of a slide group: no links or external storage, size checked."""
+    from tiahnm.data.h5_features import check_size, safe_dataset
+
+    node = safe_dataset(path, group, name)
+    check_size(path, f"{group.name}/{name}", node)
+    return np.asarray(node[()])
+
+
+def check_slide_scores(path: Path, slide: SlideScores) -> None:
+    """Refuse a malformed slide entry (shapes, sizes), naming the file and slide."""
+    where = f"{path}: slide {slide.slide_id!r}"
+    n = slide.scores.shape[0] if slide.scores.ndim >= 1 else -1
+    problems = []
+    if slide.scores.ndim != 1 or n == 0:
+        problems.append(
+            f"'scores' must be a non-empty [N] array, got {slide.scores.shape}"
+        )
+    if slide.coords is not None and (
+        slide.coords.ndim != 2 or slide.coords.shape != (n, 2)
+    ):
+        problems.append(
+            f"'coords' shape {slide.coords.shape} does not match {n} scores"
+        )
+    if slide.coords is not None and not np.isfinite(slide.coords).all():
+        problems.append("'coords' has NaN/inf")
+    for key in ("patch_size_level0", "level0_dimensions"):
+        value = slide.meta.get(key)
+        if value is None:
+            continue
+        try:
+            arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError):
+            arr = np.asarray([np.nan])
+        if arr.size not in (1, 2) or not np.isfinite(arr).all() or (arr <= 0).any():
+            problems.append(f"attribute {key}={value!r} must be positive sizes")
+    if problems:
+        raise DataError(f"{where}: malformed instance scores ({'; '.join(problems)}).")
 
 
 def find_score_files(path: str | Path) -> list[Path]:

@@ -498,7 +498,7 @@ class Extractor:
             features, read_s, model_s = self.encode(dataset)
             info = {
                 "slide_id": sid,
-                "slide_path": str(path),
+                "slide_path": str(Path(path).resolve()),  # heatmaps from any folder
                 "level0_dimensions": list(tiling.dimensions),
                 "level0_mpp": slide.mpp,
                 "mpp_source": slide.mpp_source,
@@ -708,8 +708,6 @@ def extract_features(
         DataError: An input does not exist, or no slide was found.
         ConfigError / PluginError: Bad settings or encoder.
     """
-    from tiahnm.utils.io import write_json
-
     start = time.perf_counter()
     paths = find_slides(inputs, suffixes=cfg.suffixes)
     if not paths:
@@ -719,14 +717,30 @@ def extract_features(
         )
         raise DataError(msg)
     from tiahnm.training.distributed import (
-        all_gather_objects,
-        barrier,
         init_distributed,
     )
 
     dctx = init_distributed(cfg.device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    from tiahnm.utils.lock import folder_lock
+
+    with folder_lock(output_dir, enabled=dctx.is_main):
+        return _extract_locked(paths, output_dir, cfg, dctx, start, on_result)
+
+
+def _extract_locked(
+    paths: list[Path],
+    output_dir: Path,
+    cfg: ExtractConfig,
+    dctx: Any,
+    start: float,
+    on_result: Callable[[SlideResult], None] | None,
+) -> ExtractSummary:
+    """:func:`extract_features` once the folder is locked."""
+    from tiahnm.training.distributed import all_gather_objects, barrier
+    from tiahnm.utils.io import write_json
+
     if dctx.is_main:  # not while another rank may be writing its first file
         for stale in output_dir.glob(".*.h5.*.tmp"):  # left by a killed run
             stale.unlink(missing_ok=True)

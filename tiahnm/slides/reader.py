@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiahnm.errors import DataError
+from tiahnm.slides.integrity import TIFF_SUFFIXES, check_tiff_complete
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiatoolbox.wsicore.wsireader import WSIReader
@@ -191,6 +192,8 @@ def open_slide(
             msg = f"--{name} must be a positive number, got {value!r}."
             raise DataError(msg)
     suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        check_tiff_complete(path)  # a truncated TIFF may decode to grey silently
     if suffix in IMAGE_SUFFIXES:
         # plain images never carry a scale: open once, with the user's values
         source = SlideSource(path, reader="virtual", mpp=mpp, power=power)

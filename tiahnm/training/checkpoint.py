@@ -8,14 +8,21 @@ from typing import Any
 
 import torch
 
-from tiahnm.errors import DataError
+from tiahnm.errors import DataError, ResourceError
 from tiahnm.utils.io import atomic_path
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Save ``obj`` (tensors and plain values only) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as exc:  # torch's writer reports a failed write this way
+        msg = (
+            f"{path}: cannot write the checkpoint (disk full or not writable?) "
+            f"({str(exc).splitlines()[0]})."
+        )
+        raise ResourceError(msg) from None
 
 
 def load_checkpoint(

@@ -32,7 +32,7 @@ import torch
 
 from tiahnm.config import Config, save_config
 from tiahnm.data.bag import Bag
-from tiahnm.errors import DataError
+from tiahnm.errors import DataError, TrainingDivergedError
 from tiahnm.evaluation.fold import evaluate_fold_instances, predict_with_scores
 from tiahnm.evaluation.metrics import INSTANCE_METRICS, add_confidence_intervals
 from tiahnm.plugins import ensure_options_mapping, get_registry
@@ -44,6 +44,13 @@ from tiahnm.training.distributed import (
     barrier,
     init_distributed,
     local_device,
+)
+from tiahnm.training.guards import (
+    check_classes,
+    diverged,
+    read_json_result,
+    run_fingerprint,
+    watch_divergence,
 )
 from tiahnm.training.loop import fit
 from tiahnm.training.metrics import METRICS, aggregate, binary_metrics, choose_threshold
@@ -212,6 +219,8 @@ def run_fold(
     writes, and the other ranks read its ``result.json``.
     """
     result_path = fold_dir / "result.json"
+    if dctx.is_main:
+        read_json_result(result_path)  # a damaged result is moved aside, recomputed
     barrier(dctx)  # rank 0 may have just written the previous fold or this one
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -246,19 +255,22 @@ def run_fold(
                 {k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}
             )
 
-        res = fit(
-            head,
-            train,
-            val,
-            config.train,
-            miner=miner,
-            losses=losses,
-            device=device,
-            seed=seed,
-            checkpoint_dir=fold_dir,
-            on_epoch_end=on_epoch_end,
-            dist_ctx=dctx,
-        )
+        try:
+            res = fit(
+                head,
+                train,
+                val,
+                config.train,
+                miner=miner,
+                losses=losses,
+                device=device,
+                seed=seed,
+                checkpoint_dir=fold_dir,
+                on_epoch_end=watch_divergence(fold.name, on_epoch_end),
+                dist_ctx=dctx,
+            )
+        except TrainingDivergedError as exc:
+            raise diverged(fold.name, fold_dir, exc) from None
     head.load_state_dict(res.best_state)
     if dctx.is_main and (mined := miner.mined_records()):
         write_json(
@@ -338,6 +350,7 @@ def run_fold(
             "normalisation": norm,
             "best_epoch": best_epoch,
             "refit": bool(config.cv.refit and val),
+            "run": run_fingerprint(config),
         },
         fold_dir / "best.pt",
     )
@@ -410,6 +423,17 @@ def _refit(
 def run_training(
     config: Config, *, bags: Sequence[Bag] | None = None
 ) -> dict[str, Any]:
+    """:func:`_run_training` holding the output folder's write lock (rank 0)."""
+    from tiahnm.training.distributed import env_context
+    from tiahnm.utils.lock import folder_lock
+
+    with folder_lock(config.output_dir, enabled=env_context().is_main):
+        return _run_training(config, bags=bags)
+
+
+def _run_training(
+    config: Config, *, bags: Sequence[Bag] | None = None
+) -> dict[str, Any]:
     """Cross-validate the configured head + miner + losses; write and return the summary.
 
     Args:
@@ -430,6 +454,7 @@ def run_training(
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     bags = list(bags) if bags is not None else load_bags(config)
+    check_classes(bags, config.data.source)
     n_classes = max(2, max(b.label for b in bags) + 1)
     folds = make_folds(config, bags)
     if dctx.is_main:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tiahnm.errors import ConfigError
+from tiahnm.errors import ConfigError, DataError, TrainingDivergedError
 from tiahnm.miners.base import FitContext, Miner
 from tiahnm.training.checkpoint import load_checkpoint, save_checkpoint
 from tiahnm.training.device import amp_dtype, autocast
@@ -276,9 +276,18 @@ def fit(
         sched = make_scheduler(opt, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         if resume is not None:
-            head.load_state_dict(resume["head"])
-            miner.load_state_dict(resume["miner"])
-            opt.load_state_dict(resume["optimizer"])
+            try:
+                head.load_state_dict(resume["head"])
+                miner.load_state_dict(resume["miner"])
+                opt.load_state_dict(resume["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                msg = (
+                    f"{ckpt_path}: this checkpoint was made by a run with other "
+                    f"settings and cannot be resumed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0]}); delete it or use another output "
+                    "folder."
+                )
+                raise DataError(msg) from None
             if sched is not None and resume.get("scheduler") is not None:
                 sched.load_state_dict(resume["scheduler"])
             generator.set_state(resume["generator"])
@@ -313,7 +322,9 @@ def fit(
                 workers=cfg.loader_workers,
             )
             loss_sum = torch.zeros((), device=device)
+            n_skipped = 0
             for group, part in zip(steps, mine, strict=True):
+                step_start = loss_sum.clone() if cfg.nonfinite == "skip" else None
                 # every rank's share is scaled so that the all-reduced mean of the
                 # gradients is the gradient of the mean loss over the whole step
                 scale = dctx.world_size / len(group)
@@ -329,6 +340,12 @@ def fit(
                             head, miner, ctx, batch, feats, losses, device, dtype, step
                         )
                         loss_sum += _backward(scaler, loss, scale)
+                if step_start is not None and _nonfinite_step(loss_sum, dctx):
+                    loss_sum = step_start  # skip this step (counted), keep going
+                    opt.zero_grad(set_to_none=True)
+                    n_skipped += 1
+                    step += 1
+                    continue
                 all_reduce_gradients(params, dctx)
                 if cfg.grad_clip:
                     scaler.unscale_(opt)
@@ -341,6 +358,7 @@ def fit(
                 sched.step()
             loss_sum = all_reduce_sum(loss_sum, dctx) / dctx.world_size
             train_loss = float(loss_sum) / max(len(steps), 1)
+            _check_finite("training loss", train_loss, epoch)
             epoch_seconds.append(time.perf_counter() - t0)
             row: dict[str, float] = {
                 "round": round_idx,
@@ -348,6 +366,8 @@ def fit(
                 "train_loss": train_loss,
                 **miner.epoch_stats(),
             }
+            if cfg.nonfinite == "skip":
+                row["nonfinite_steps"] = n_skipped
             if val_bags:
                 val_probs, val_loss, _ = predict(
                     head,
@@ -357,6 +377,7 @@ def fit(
                     dist_ctx=dctx,
                     prefetch=cfg.prefetch,
                 )
+                _check_finite("validation loss", val_loss, epoch)
                 score = _score(cfg.monitor, val_loss, val_probs, val_labels)
                 row["val_loss"] = val_loss
                 if val_probs.shape[1] == 2:
@@ -455,6 +476,23 @@ def _autocast_dtype(
         return amp_dtype(device, cfg.amp)
     key = "train.cpu_precision"
     return head_precision(head, bags, device, cfg.cpu_precision, key).dtype
+
+
+def _nonfinite_step(loss_sum: torch.Tensor, dctx: DistContext) -> bool:
+    """Whether this step's loss is NaN/inf on any rank (the same answer on all)."""
+    bad = (~torch.isfinite(loss_sum)).float()
+    return bool(all_reduce_sum(bad, dctx) > 0)
+
+
+def _check_finite(what: str, value: float, epoch: int) -> None:
+    """Stop training on a NaN/inf loss, before it is checkpointed or evaluated."""
+    if not math.isfinite(value):
+        msg = (
+            f"epoch {epoch}: {what} is {value} (diverged: lower train.lr, set "
+            "train.grad_clip, check the features for extreme values, or set "
+            "train.nonfinite: skip to skip such steps)."
+        )
+        raise TrainingDivergedError(msg)
 
 
 def _batch_loss(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiahnm.errors import DataError
+from tiahnm.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def kfold_splits(
             f"cv.folds={folds} but the smallest class has only {counts[counts > 0].min()} "
             "bags; lower cv.folds."
         )
-        raise DataError(msg)
+        raise ConfigError(msg)  # a setting that does not fit the data: exit code 2
     out = []
     for r in range(repeats):
         skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + r)
@@ -94,6 +94,12 @@ def fixed_split(splits: Sequence[str | None]) -> list[Fold]:
     if not idx["train"] or not idx["test"]:
         msg = "The data's split column needs at least one 'train' and one 'test' bag."
         raise DataError(msg)
+    if not idx["val"]:
+        logger.warning(
+            "The data's split column has no 'val' rows: the last epoch is kept, the "
+            "threshold is 0.5 and nothing is chosen on validation data (add 'val' rows, "
+            "or set cv.use_source_split: false for cross-validation)."
+        )
     return [Fold(0, 0, idx["train"], idx["val"], idx["test"])]
 
 

@@ -10,6 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+#: Longest prefix of a temporary name: 255 bytes less mkstemp's 8 random characters
+#: and the ``.tmp`` suffix, with room to spare.
+_MAX_PREFIX_BYTES = 200
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -27,7 +31,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name must fit where the final name fits (255 bytes on most file
+    # systems): a long name is shortened (the random part keeps it unique).
+    # The suffix (.h5 ...) is kept, so cleaning up by pattern still finds it.
+    stem, suffix = path.name[: len(path.name) - len(path.suffix)], path.suffix
+    while stem and len(f".{stem}{suffix}.".encode()) > _MAX_PREFIX_BYTES:
+        stem = stem[:-1]
+    prefix = f".{stem}{suffix}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -35,6 +46,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         # mkstemp makes the file private (0600); give it the usual umask permissions.
         tmp_path.chmod(0o666 & ~_umask())
         tmp_path.replace(path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write(2)/fsync(2): name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
