@@ -343,8 +343,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "workdir": str(root),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    from tiahnm.utils.provenance import write_result
+
+    write_result(args.out, result)
     print(json.dumps(checks, indent=2))
     print(f"wrote {args.out}")
     sys.exit(0 if checks["all_ok"] else 1)

@@ -29,3 +29,21 @@ def test_failure_keeps_old_content_and_leaves_no_temp(tmp_path):
         tmp.write_text("new")
         assert target.read_text() == "old"
     assert target.read_text() == "new"
+
+
+def test_remove_stale_temps_keeps_new_and_final_files(tmp_path):
+    import time
+
+    from tiahnm.utils.io import remove_stale_temps
+
+    old = tmp_path / "a" / ".result.json.x1.tmp"
+    new = tmp_path / ".last.pt.x2.tmp"
+    final = tmp_path / "a" / "result.json"
+    old.parent.mkdir()
+    for f in (old, new, final):
+        f.write_text("x")
+    past = time.time() - 100
+    os.utime(old, (past, past))
+    os.utime(final, (past, past))
+    assert remove_stale_temps(tmp_path, older_than=time.time() - 10) == 1
+    assert not old.exists() and new.exists() and final.exists()

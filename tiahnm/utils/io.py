@@ -55,6 +55,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(folder: str | os.PathLike[str], *, older_than: float) -> int:
+    """Delete temporary files :func:`atomic_path` left under ``folder`` (recursively).
+
+    Only safe while no other writer uses ``folder`` (the caller holds its lock): a
+    temporary file last written before ``older_than`` then belongs to a writer that
+    was killed before its rename (the processes of this run, e.g. other torchrun
+    ranks, write theirs later).
+
+    Args:
+        folder (str | PathLike): Folder to clean.
+        older_than (float): Epoch seconds; newer temporary files are kept.
+
+    Returns:
+        int: Number of files removed.
+    """
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if not tmp.is_file() or tmp.stat().st_mtime >= older_than:
+                continue
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from tiahnm.errors import FolderLockedError
+from tiahnm.utils.io import remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".tiahnm.lock"
 
 _HELD: dict[str, tuple[IO[str], int]] = {}
+#: Temporary files older than this process are a killed writer's (see folder_lock).
+_PROCESS_START = time.time()
 
 
 def _holder_info() -> dict[str, Any]:
@@ -112,6 +115,9 @@ def folder_lock(
     fh.truncate()
     fh.write(json.dumps(_holder_info()) + "\n")
     fh.flush()
+    # Holding the lock, any temporary file here is a killed writer's: drop it.
+    if removed := remove_stale_temps(folder, older_than=_PROCESS_START):
+        logger.info("Removed %d unfinished temporary file(s) in %s.", removed, folder)
     _HELD[key] = (fh, 1)
     try:
         yield
