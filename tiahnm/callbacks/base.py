@@ -343,14 +343,14 @@ def build_callbacks(
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists of mappings by index)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of mappings by index (``a.0.b``)."""
     out: dict[str, Any] = {}
     if isinstance(data, dict) and data:
         for k, v in data.items():
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
         for i, v in enumerate(data):
-            out.update(flatten(v, f"{prefix}[{i}]"))
+            out.update(flatten(v, f"{prefix}.{i}"))
     elif prefix:
         out[prefix] = data
     return out

@@ -31,7 +31,9 @@ class MLflowLog(Callback):
       ``config.yaml`` and ``predictions.csv`` as artifacts.
 
     The MLflow run id is the callback's state: a resumed tiahnm run logs into the
-    same MLflow run.
+    same MLflow run, and leaves out the epoch rows the run already holds (those the
+    interrupted process logged after its last saved state), so every step is logged
+    once.
 
     Args:
         tracking_uri (str | None): ``http://host:port`` of a tracking server, or a
@@ -71,6 +73,8 @@ class MLflowLog(Callback):
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.client: Any = None
         self.run_id: str | None = None
+        #: steps already in the MLflow run, per fold (read once after a resume)
+        self._logged: dict[str, set[int]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The MLflow run id."""
@@ -79,6 +83,7 @@ class MLflowLog(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the MLflow run of the interrupted process."""
         self.run_id = state.get("run_id")
+        self._logged = {} if self.run_id else None
 
     def on_run_start(self, run: RunInfo) -> None:
         """Connect; create the experiment and the run (or reopen the saved run)."""
@@ -92,6 +97,7 @@ class MLflowLog(Callback):
         if self.run_id is not None and self._run_exists(self.run_id):
             self.client.update_run(self.run_id, status="RUNNING")
             return
+        self._logged = None  # a new MLflow run holds nothing yet
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = (
             exp.experiment_id
@@ -134,6 +140,15 @@ class MLflowLog(Callback):
     def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:
         """``<fold>/<key>`` at ``step = run.step``."""
         values = {f"{run.fold}/{k}": v for k, v in numbers(row).items()}
+        if values and self._logged is not None:
+            fold = str(run.fold)
+            if fold not in self._logged:
+                history = self.client.get_metric_history(
+                    self.run_id, next(iter(values))
+                )
+                self._logged[fold] = {m.step for m in history}
+            if run.step in self._logged[fold]:
+                return
         self._log_metrics(values, run.step)
 
     def on_fold_end(self, run: RunInfo, result: dict[str, Any]) -> None:
