@@ -317,11 +317,13 @@ def init(path: str, force: bool) -> None:  # noqa: FBT001 - click flag
 
 from tiahnm.cli.evaluate import heatmap, predict, report  # noqa: E402
 from tiahnm.cli.extract import extract  # noqa: E402 - needs the helpers above
+from tiahnm.cli.sweep import sweep  # noqa: E402 - needs the helpers above
 
 cli.add_command(extract)
 cli.add_command(predict)
 cli.add_command(heatmap)
 cli.add_command(report)
+cli.add_command(sweep)
 
 
 def main() -> None:
