@@ -304,7 +304,7 @@ def make_storage(url: str) -> Any:
             url,
             heartbeat_interval=_HEARTBEAT_S,
             grace_period=_GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
             **kwargs,
         )
 
