@@ -462,7 +462,7 @@ def _has_waiting(study: Any) -> bool:
 
 
 def run_worker(job: _Job, echo: Callable[[str], None] | None = None) -> int:
-    """Run trials from the study until the queue (grid) or the share (optuna) is done.
+    """Run ``job.n_trials`` trials from the study (fewer when the grid queue empties).
 
     Returns:
         int: Trials this worker ran.
@@ -480,7 +480,7 @@ def run_worker(job: _Job, echo: Callable[[str], None] | None = None) -> int:
     objective = make_objective(job, say)
     ran = 0
     if job.spec.method == "grid":
-        while _has_waiting(study):
+        while ran < job.n_trials and _has_waiting(study):
             study.optimize(objective, n_trials=1, catch=())
             ran += 1
         return ran
@@ -537,6 +537,9 @@ def run_sweep(
         with ProcessPoolExecutor(len(jobs_list), mp_context=get_context("spawn")) as ex:
             for future in [ex.submit(run_worker, job) for job in jobs_list]:
                 future.result()
+        left = _to_run(study, spec) if spec.method == "grid" else 0
+        if left:  # points another launch queued meanwhile
+            run_worker(_Job(base, spec, str(out), url, config.seed, 0, left), say)
     return write_summary(study, spec, out, url)
 
 
