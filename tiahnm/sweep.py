@@ -516,6 +516,11 @@ def run_sweep(
         raise ConfigError(msg)
     say = echo or (lambda s: print(s, flush=True))
     spec = parse_spec(config)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        msg = "tiahnm sweep needs Optuna: pip install 'tiahnm[sweep]'."
+        raise ConfigError(msg) from None
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = config.to_dict()
