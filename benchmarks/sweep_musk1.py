@@ -81,6 +81,7 @@ def main() -> None:
         "--jobs", str(args.jobs), "--output-path", str(work),
     ]  # fmt: skip
     env = dict(os.environ, TIAHNM_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    stamp = provenance()  # the commit the trials run with
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     wall = time.perf_counter() - t0
@@ -101,7 +102,7 @@ def main() -> None:
         ),
         "command": " ".join(cmd[2:]),
         "wall_seconds_this_invocation": round(wall, 1),
-        "provenance": provenance(),
+        "provenance": stamp,
         "sweep": summary,
     }
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
