@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -298,15 +299,25 @@ def make_storage(url: str) -> Any:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=_HEARTBEAT_S,
-            grace_period=_GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-            **kwargs,
-        )
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=_HEARTBEAT_S,
+                    grace_period=_GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                    **kwargs,
+                )
+        except SQLAlchemyError:
+            # two launches creating the same new database at once: the loser retries
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError  # pragma: no cover - the loop returns or raises
 
 
 def open_study(spec: SweepSpec, storage: str, seed: int, worker: int = 0) -> Any:
@@ -562,12 +573,20 @@ def _to_run(study: Any, spec: SweepSpec) -> int:
 
 
 def rank_trials(study: Any, spec: SweepSpec) -> list[Any]:
-    """Finished trials, best validation value first (ties: earlier trial first)."""
+    """Finished trials, best validation value first (ties: earlier trial first).
+
+    A trial whose values an earlier trial had (two launches that queued the same
+    grid point at once, or Optuna proposing a point again) is the same run (same
+    folder) and is listed once.
+    """
     from optuna.trial import TrialState
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    first: dict[str, Any] = {}
+    for t in sorted(done, key=lambda t: t.number):
+        first.setdefault(t.user_attrs.get("id") or trial_id(t.params), t)
     sign = -1.0 if spec.direction == "maximize" else 1.0
-    return sorted(done, key=lambda t: (sign * float(t.value), t.number))
+    return sorted(first.values(), key=lambda t: (sign * float(t.value), t.number))
 
 
 def write_summary(study: Any, spec: SweepSpec, out: Path, url: str) -> dict[str, Any]:

@@ -286,3 +286,41 @@ def test_parallel_jobs_run_real_trials_in_separate_processes(tmp_path):
         assert saved["output_dir"] == str(trial_dir)
         assert (trial_dir / "stages.json").is_file()
     assert summary["best"]["test_metrics"]["auc"]["n"] == 2
+
+
+def test_two_launches_sharing_a_storage_split_the_grid(tmp_path, fake, monkeypatch):
+    """Two `tiahnm sweep` launches (two machines) on one --storage database: every
+    point runs, each is ranked once, and both launches write the same ranking."""
+    import threading
+    import time
+
+    table = {lr: (lr, 0.5) for lr in (0.001, 0.002, 0.003, 0.004)}
+    pipeline = fake(table)
+    slow = FakePipeline.__call__
+
+    def call(self, config, echo=None):
+        time.sleep(0.3)  # trials overlap between the launches
+        return slow(self, config, echo)
+
+    monkeypatch.setattr(FakePipeline, "__call__", call)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    config = from_dict(base_dict(tmp_path, {"params": {"train.lr": list(table)}}))
+    summaries, errors = [], []
+
+    def launch():
+        try:
+            summaries.append(run_sweep(config, storage=storage))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=launch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    ids = [[r["id"] for r in s["trials"]] for s in summaries]
+    assert len(ids[-1]) == len(set(ids[-1])) == 4
+    assert sorted(pipeline.calls) == sorted(table) or set(pipeline.calls) == set(table)
+    assert summaries[-1]["best"]["params"] == {"train.lr": 0.004}
+    assert not (tmp_path / "out" / "sweep.db").exists()  # the given storage only
