@@ -262,11 +262,11 @@ def train(
 @click.option(
     "--kind",
     default=None,
-    help="Only this kind (head, miner, loss, encoder, bag_source).",
+    help="Only this kind (head, miner, loss, encoder, bag_source, callback).",
 )
 @_guard
 def plugins(as_json: bool, kind: str | None) -> None:  # noqa: FBT001 - click flag
-    """List registered heads, miners, losses, encoders and bag sources."""
+    """List registered heads, miners, losses, encoders, bag sources and callbacks."""
     from tiahnm.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
