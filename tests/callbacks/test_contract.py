@@ -88,3 +88,34 @@ def test_callback_contract(name, tmp_path):
     ends = [s for e, s in second.events if e == "on_fold_end"]
     assert ends == ["r0_f1"]  # r0_f0 was done before the kill
     assert [e for e, _ in second.events][-1] == "on_run_end"
+
+
+def test_example_plugin_callback_resumes_without_doubling(tmp_path, monkeypatch):
+    """plugins/tiahnm-topk-miner's jsonl_log, from its source folder, through the
+    contract run: killed after a line it wrote but before the state was saved."""
+    import sys
+    from pathlib import Path
+
+    from tiahnm.plugins import PluginManager
+
+    monkeypatch.syspath_prepend(
+        str(Path(__file__).parents[2] / "plugins" / "tiahnm-topk-miner")
+    )
+    for module in [m for m in sys.modules if m.startswith("tiahnm_topk_miner")]:
+        monkeypatch.delitem(sys.modules, module)
+    import tiahnm_topk_miner.plugin
+
+    pm = PluginManager(autoload=False)
+    pm.register(tiahnm_topk_miner.plugin, name="topk_miner")
+    factory = pm.get("callback")["jsonl_log"].factory
+    runner = CallbackRunner([("jsonl_log", factory())], tmp_path)
+    drive(runner, FOLDS, stop_after=("r0_f1", 1))
+    path = tmp_path / "epochs.jsonl"
+    # as if killed between the line and the state save: one line more than the state
+    with path.open("a") as fh:
+        fh.write(json.dumps({"fold": "r0_f1", "step": 2, "epoch": 2}) + "\n")
+    drive(CallbackRunner([("jsonl_log", factory())], tmp_path), FOLDS)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["fold"], r["step"], r["epoch"]) for r in lines] == [
+        (f, i, i) for f in FOLDS for i in range(3)
+    ]
