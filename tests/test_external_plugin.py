@@ -210,3 +210,39 @@ def test_train_with_the_plugin(installed_plugin: None, tmp_path: Path) -> None:
     assert 1 <= len({r["slide_id"] for r in mined["records"]}) <= 2  # 2 sample bags
     page = (out / "report.html").read_text()
     assert "<h3>masked instances (topk)</h3>" in page
+
+
+def test_the_plugin_callback_logs_every_epoch(
+    installed_plugin: None, tmp_path: Path
+) -> None:
+    """The plugin's ``jsonl_log`` callback (no core edit) gets every epoch row."""
+    listed = tiahnm("plugins", "--json", cwd=tmp_path)
+    rows = {(r["kind"], r["name"]): r for r in json.loads(listed.stdout)["plugins"]}
+    assert rows["callback", "jsonl_log"]["package"] == DIST_NAME
+
+    data = tmp_path / "bags.csv"
+    write_mil_csv(data)
+    out = tmp_path / "run"
+    config = {
+        "output_dir": str(out),
+        "data": {"source": "mil_csv", "options": {"path": str(data)}},
+        "head": {"name": "abmil", "options": {"embed_dim": 16}},
+        "cv": {"folds": 2, "repeats": 1},
+        "train": {"epochs": 3, "progress": False, "device": "cpu"},
+        "evaluation": {"bootstrap": 0, "report": False},
+        "callbacks": [{"name": "jsonl_log", "options": {"path": "rows.jsonl"}}],
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = tiahnm("train", str(config_path), cwd=tmp_path)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+    lines = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    expected = []
+    for fold_dir in sorted((out / "folds").iterdir()):
+        history = json.loads((fold_dir / "result.json").read_text())["history"]
+        expected += [
+            {"fold": fold_dir.name, "step": i, **h} for i, h in enumerate(history)
+        ]
+    assert lines == expected
+    assert len(lines) == 6

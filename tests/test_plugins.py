@@ -47,6 +47,7 @@ BUILTINS = {
     "loss": {"mirank"},
     "encoder": {"small_cnn"},
     "bag_source": {"h5_folder", "mil_csv"},
+    "callback": {"csv_log", "tensorboard", "mlflow"},
 }
 
 
@@ -294,6 +295,42 @@ def test_hook_tiahnm_register_bag_sources(monkeypatch: pytest.MonkeyPatch) -> No
     bags = load_bags(config)
     assert [b.slide_id for b in bags] == ["bag0", "bag1", "bag2", "bag3"]
     assert bags[0].features.shape == (5, 6)
+
+
+def test_hook_tiahnm_register_callbacks(tmp_path: Path) -> None:
+    from tiahnm.callbacks import Callback, build_callbacks
+
+    class Rows(Callback):
+        def __init__(self, keep: int = 1) -> None:
+            self.keep, self.rows = keep, []
+
+        def on_epoch_end(self, run, row):
+            self.rows.append((run.fold, run.step, row["epoch"]))
+
+    class CallbackPlugin:
+        @hookimpl
+        def tiahnm_register_callbacks(self, register):
+            register("rows", Rows, description="test callback")
+
+    get_plugin_manager().register(CallbackPlugin(), name="test-callbacks")
+    entry = get_registry("callback")["rows"]
+    assert (entry.plugin, entry.description) == ("test-callbacks", "test callback")
+    config = from_dict({"callbacks": [{"name": "rows", "options": {"keep": 2}}]})
+    runner = build_callbacks(config.callbacks, tmp_path)
+    ((name, cb),) = runner.callbacks.values()
+    assert (name, type(cb), cb.keep) == ("rows", Rows, 2)
+    runner.run_start()
+    runner.fold_start("r0_f0")
+    for epoch in range(2):
+        runner.epoch_end({"round": 0, "epoch": epoch})
+    assert cb.rows == [("r0_f0", 0, 0), ("r0_f0", 1, 1)]
+    with pytest.raises(ConfigError, match=r"callbacks\[0\]\.options\.kep"):
+        build_callbacks(
+            from_dict(
+                {"callbacks": [{"name": "rows", "options": {"kep": 1}}]}
+            ).callbacks,
+            tmp_path,
+        )
 
 
 def test_hook_tiahnm_register_commands(monkeypatch: pytest.MonkeyPatch) -> None:

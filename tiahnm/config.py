@@ -57,6 +57,35 @@ class LossConfig(ComponentConfig):
 
 
 @dataclass
+class CallbackConfig(ComponentConfig):
+    """A callback (logger) fed the run's events."""
+
+    name: str = _f("csv_log", "Callback plugin: csv_log, tensorboard, mlflow, ...")
+
+
+@dataclass
+class SweepConfig:
+    """``tiahnm sweep``: trials over config keys (``tiahnm run`` ignores it)."""
+
+    method: Literal["grid", "optuna"] = _f(
+        "grid", "grid: every combination of the values; optuna: Optuna's TPE search."
+    )
+    metric: str = _f(
+        "val_auc",
+        "Ranking metric: val_<name> (mean over folds of the validation bags' metric "
+        "at the selected epoch; test metrics never rank).",
+    )
+    direction: Literal["maximize", "minimize"] = _f("maximize", "Better is larger?")
+    n_trials: int | None = _f(None, "Trials of an optuna search (grid: all points).")
+    params: dict[str, Any] = _f(
+        {},
+        "Dotted config key -> list of values (grid or optuna), or {low, high, log, "
+        "step} (optuna), e.g. {miner.options.mask_ratio_h: [0.01, 0.03]}.",
+    )
+    study_name: str = _f("tiahnm-sweep", "Optuna study name in the storage.")
+
+
+@dataclass
 class DataConfig:
     """Where the bags come from."""
 
@@ -250,8 +279,12 @@ class Config:
         [], "Extra losses, e.g. [{name: mirank, weight: 0.1}]."
     )
     train: TrainConfig = _f(None, "Training loop.")
+    callbacks: list[CallbackConfig] = _f(
+        [], "Callbacks fed the run's events, e.g. [{name: csv_log, options: {}}]."
+    )
     cv: CVConfig = _f(None, "Cross-validation.")
     evaluation: EvalConfig = _f(None, "Evaluation.")
+    sweep: SweepConfig = _f(None, "Trials of `tiahnm sweep`.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -563,6 +596,9 @@ def reference_markdown() -> str:
         "Every key is optional. Unknown keys and wrong types are errors naming the key.",
         "`*.options` mappings are passed to the plugin named beside them and checked",
         "against its signature. Override any key with `--set key.sub=value`.",
+        "`callbacks` feed the run's events to loggers (csv_log, tensorboard, mlflow; see",
+        "[plugins.md](plugins.md#callbacks-loggers)); `sweep` is read by `tiahnm sweep`",
+        "only (see [cli.md](cli.md#tiahnm-sweep)).",
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",

@@ -15,6 +15,7 @@ hooks through the ``tiahnm`` entry-point group::
 * losses: ``factory(**options) -> tiahnm.losses.BatchLoss``
 * encoders: ``factory(**options) -> torch.nn.Module`` giving ``[B, D]`` features
 * bag sources: ``factory(**options) -> tiahnm.data.BagSource``
+* callbacks: ``factory(**options) -> tiahnm.callbacks.Callback``
 
 Unknown option names in a config are reported against the factory's signature.
 """
@@ -91,6 +92,16 @@ def tiahnm_register_bag_sources(register: Register) -> None:
     Args:
         register (Register): Call ``register(name, factory)``; the factory takes keyword
             options and returns a :class:`tiahnm.data.BagSource`.
+    """
+
+
+@hookspec
+def tiahnm_register_callbacks(register: Register) -> None:
+    """Register callbacks (loggers) fed the events of a run.
+
+    Args:
+        register (Register): Call ``register(name, factory)``; the factory takes
+            keyword options and returns a :class:`tiahnm.callbacks.Callback`.
     """
 
 

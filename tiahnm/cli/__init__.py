@@ -281,11 +281,11 @@ def train(
 @click.option(
     "--kind",
     default=None,
-    help="Only this kind (head, miner, loss, encoder, bag_source).",
+    help="Only this kind (head, miner, loss, encoder, bag_source, callback).",
 )
 @_guard
 def plugins(as_json: bool, kind: str | None) -> None:  # noqa: FBT001 - click flag
-    """List registered heads, miners, losses, encoders and bag sources."""
+    """List registered heads, miners, losses, encoders, bag sources and callbacks."""
     from tiahnm.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
@@ -337,12 +337,14 @@ def init(path: str, force: bool) -> None:  # noqa: FBT001 - click flag
 from tiahnm.cli.encoders import encoders  # noqa: E402
 from tiahnm.cli.evaluate import heatmap, predict, report  # noqa: E402
 from tiahnm.cli.extract import extract  # noqa: E402 - needs the helpers above
+from tiahnm.cli.sweep import sweep  # noqa: E402 - needs the helpers above
 
 cli.add_command(extract)
 cli.add_command(encoders)
 cli.add_command(predict)
 cli.add_command(heatmap)
 cli.add_command(report)
+cli.add_command(sweep)
 
 
 def main() -> None:

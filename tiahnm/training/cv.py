@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tiahnm.callbacks.base import CallbackRunner, build_callbacks
 from tiahnm.config import Config, save_config
 from tiahnm.data.bag import Bag
 from tiahnm.errors import DataError, TrainingDivergedError
@@ -195,6 +196,18 @@ def _fold_metrics(
     }
 
 
+def _val_metrics(
+    labels: list[int], probs: np.ndarray, threshold: float, loss: float
+) -> dict[str, float]:
+    """Metrics of the validation bags under the selected state (empty without any).
+
+    What ``tiahnm sweep`` ranks trials by: it never looks at test metrics.
+    """
+    if not labels:
+        return {}
+    return {**_fold_metrics(labels, probs, threshold), "loss": loss}
+
+
 def _progress(config: Config, dctx: DistContext = SINGLE) -> bool:
     return (
         config.train.progress
@@ -212,11 +225,13 @@ def run_fold(
     n_classes: int,
     device: torch.device,
     dctx: DistContext = SINGLE,
+    callbacks: CallbackRunner | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one fold; returns (and writes) its result.
 
     Under ``torchrun`` every rank trains (data parallel); rank 0 alone evaluates and
-    writes, and the other ranks read its ``result.json``.
+    writes, and the other ranks read its ``result.json``. ``callbacks`` get the
+    fit-start, epoch-end and fit-end events.
     """
     result_path = fold_dir / "result.json"
     if dctx.is_main:
@@ -254,7 +269,11 @@ def run_fold(
             bar.set_postfix(
                 {k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}
             )
+            if callbacks:
+                callbacks.epoch_end(row)
 
+        if callbacks:
+            callbacks.fit_start()
         try:
             res = fit(
                 head,
@@ -271,6 +290,8 @@ def run_fold(
             )
         except TrainingDivergedError as exc:
             raise diverged(fold.name, fold_dir, exc) from None
+    if callbacks:
+        callbacks.fit_end(res.history)
     head.load_state_dict(res.best_state)
     if dctx.is_main and (mined := miner.mined_records()):
         write_json(
@@ -292,7 +313,7 @@ def run_fold(
             )
         barrier(dctx)
         return json.loads(result_path.read_text())
-    val_probs, _, val_scores = predict_with_scores(
+    val_probs, val_loss, val_scores = predict_with_scores(
         head,
         val,
         device,
@@ -304,6 +325,7 @@ def run_fold(
         threshold = choose_threshold(
             [b.label for b in val], val_probs[:, 1], config.evaluation.threshold
         )
+    val_metrics = _val_metrics([b.label for b in val], val_probs, threshold, val_loss)
     best_epoch = res.best_epoch
     if config.cv.refit and val:
         # The epoch count was chosen on validation; the final model also learns from
@@ -368,6 +390,7 @@ def run_fold(
         "seconds": fit_seconds,
         "seconds_per_epoch": res.seconds_per_epoch,
         "metrics": metrics,
+        "val_metrics": val_metrics,
         "predictions": [
             {
                 "slide_id": b.slide_id,
@@ -464,10 +487,15 @@ def _run_training(
     build_head(config, int(bags[0].features.shape[1]), n_classes)
     build_miner(config, folds[0])  # fold placeholders filled as in the folds
     build_losses(config)
+    callbacks = build_callbacks(
+        config.callbacks if dctx.is_main else [], out, config.to_dict()
+    )
+    callbacks.run_start()
     from tqdm.auto import tqdm
 
     results = []
     for fold in tqdm(folds, desc="folds", disable=not _progress(config, dctx)):
+        callbacks.fold_start(fold.name)
         results.append(
             run_fold(
                 config,
@@ -477,8 +505,10 @@ def _run_training(
                 n_classes=n_classes,
                 device=device,
                 dctx=dctx,
+                callbacks=callbacks,
             )
         )
+        callbacks.fold_end(results[-1])
     summary = add_confidence_intervals(
         summarise(results, config),
         results,
@@ -510,6 +540,7 @@ def _run_training(
         from tiahnm.evaluation.html_report import write_html_report_safely
 
         write_html_report_safely(out)
+    callbacks.run_end(summary)
     return summary
 
 
@@ -530,6 +561,14 @@ def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, An
         "metrics": {k: v for k, v in aggregate(rows, keys).items() if v["n"]},
         "repeat_metrics": {
             k: v for k, v in aggregate(repeat_rows, keys).items() if v["n"]
+        },
+        # validation bags at the selected epoch (what `tiahnm sweep` ranks by)
+        "val_metrics": {
+            k: v
+            for k, v in aggregate(
+                [r.get("val_metrics", {}) for r in results], [*METRICS, "loss"]
+            ).items()
+            if v["n"]
         },
         "seconds_per_epoch": float(
             np.nanmedian([r["seconds_per_epoch"] for r in results])

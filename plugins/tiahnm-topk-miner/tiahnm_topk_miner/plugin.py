@@ -39,3 +39,19 @@ def tiahnm_register_heads(register: Register) -> None:
         TopKMeanMIL,
         description="Mean of the top-k instance logits per class",
     )
+
+
+@hookimpl
+def tiahnm_register_callbacks(register: Register) -> None:
+    """Register the ``jsonl_log`` callback.
+
+    Args:
+        register (Register): tiahnm's registration callback.
+    """
+    from tiahnm_topk_miner.callback import JSONLinesLog
+
+    register(
+        "jsonl_log",
+        JSONLinesLog,
+        description="Every epoch row of every fold as a JSON line",
+    )
