@@ -31,8 +31,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No progress bars, and a fresh process-wide plugin manager for every test."""
+    """No progress bars, no third-party plugins, a fresh plugin manager per test.
+
+    The suite is hermetic: entry points installed in the test environment are not
+    loaded (tests of plugin loading unset the switch and use their own folders).
+    """
     monkeypatch.setenv("TIAHNM_NO_PROGRESS", "1")
+    monkeypatch.setenv("TIAHNM_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("TIAHNM_LOAD_PLUGINS", raising=False)
     reset_plugin_manager()
     yield
     reset_plugin_manager()

@@ -1,8 +1,9 @@
 """The example third-party plugin, installed with pip and used from the command line.
 
-The module-scoped fixture pip-installs ``plugins/tiahnm-topk-miner`` into the test
-interpreter's environment and uninstalls it afterwards; the tests run ``tiahnm`` in
-subprocesses, so the plugin is found through its entry point exactly as for a user.
+The module-scoped fixture pip-installs ``plugins/tiahnm-topk-miner`` into a private
+folder (``pip install --target``), never into the test interpreter's environment; the
+tests run ``tiahnm`` in subprocesses with that folder on ``PYTHONPATH``, so the plugin
+is found through its entry point exactly as for a user, and nothing outlives the tests.
 """
 
 from __future__ import annotations
@@ -63,16 +64,22 @@ def _can_build_without_isolation() -> bool:
     return major_minor >= (70, 1) or importlib.util.find_spec("wheel") is not None
 
 
+_TARGET: list[Path] = []  # the private install folder, set by the fixture
+
+
 def _installed_version() -> str | None:
-    try:
-        return md.version(DIST_NAME)
-    except md.PackageNotFoundError:
-        return None
+    """Version of the plugin as an interpreter with the private folder sees it."""
+    found = [
+        d.version
+        for d in md.distributions(path=[str(p) for p in _TARGET])
+        if d.metadata["Name"] == DIST_NAME
+    ]
+    return found[0] if found else None
 
 
 @pytest.fixture(scope="module")
 def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """``pip install`` the example plugin for this module; uninstall it afterwards."""
+    """``pip install --target`` the example plugin into a folder of this module."""
     if _pip("--version").returncode != 0:
         pytest.skip("pip is not available in the test environment")
     # Build from a copy, so the in-tree build leaves no build/ or *.egg-info behind.
@@ -82,7 +89,8 @@ def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
         src,
         ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__"),
     )
-    args = ["install", "--no-deps"]
+    target = tmp_path_factory.mktemp("plugin-site")
+    args = ["install", "--no-deps", "--target", str(target)]
     if _can_build_without_isolation():
         args.append("--no-build-isolation")
     result = _pip(*args, str(src))
@@ -91,13 +99,13 @@ def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
             f"pip {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}",
             pytrace=False,
         )
-    importlib.invalidate_caches()
+    _TARGET[:] = [target]
     try:
         yield
     finally:
-        _pip("uninstall", "-y", DIST_NAME)
-        importlib.invalidate_caches()
-        assert _installed_version() is None, f"{DIST_NAME} is still installed"
+        _TARGET.clear()
+    with pytest.raises(md.PackageNotFoundError):
+        md.version(DIST_NAME)  # the test interpreter's environment never saw it
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -107,6 +115,10 @@ def _env(**extra: str) -> dict[str, str]:
         if k not in ("TIAHNM_DISABLE_PLUGIN_AUTOLOAD", "TIAHNM_LOAD_PLUGINS")
     }
     env["TIAHNM_NO_PROGRESS"] = "1"
+    if _TARGET:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(_TARGET[0]), *filter(None, [env.get("PYTHONPATH")])]
+        )
     env.update(extra)
     return env
 
