@@ -75,18 +75,22 @@ def test_clam_pt_files_with_h5_coordinates(tmp_path):
     for bag in bags:
         np.testing.assert_array_equal(bag.features.numpy(), want[bag.slide_id])
         np.testing.assert_array_equal(bag.coords, _grid(len(want[bag.slide_id])))
+        assert "patch_size_level0" not in bag.meta  # CLAM's h5_files carry no attrs
     # CLAM's patching output (patches/<slide>.h5: coords only, with attributes)
     (tmp_path / "patches").mkdir()
     with h5py.File(tmp_path / "patches" / "s1.h5", "w") as f:
         dset = f.create_dataset("coords", data=_grid(5) + 7)
-        dset.attrs["patch_level"], dset.attrs["patch_size"] = 0, 256
+        dset.attrs["patch_level"], dset.attrs["patch_size"] = 1, 256
+        dset.attrs["downsample"] = np.array([4.0, 4.0])  # level 1 of a 4x pyramid
     src = _source(
         "clam_pt",
         features_dir=str(tmp_path / "pt_files"),
         labels_csv=_labels(tmp_path, ["s1"]),
         h5_dir=str(tmp_path / "patches"),
     )
-    np.testing.assert_array_equal(src.load()[0].coords, _grid(5) + 7)
+    (got,) = src.load()
+    np.testing.assert_array_equal(got.coords, _grid(5) + 7)
+    assert got.meta["patch_size_level0"] == [1024.0, 1024.0]
     # more coordinates than feature rows is an error naming the file
     torch.save(torch.zeros(4, 1024), tmp_path / "pt_files" / "s1.pt")
     with pytest.raises(DataError, match=r"s1\.pt: 5 coordinates for 4 feature rows"):
@@ -126,6 +130,8 @@ def test_stamp_h5_um_to_level0_pixels(tmp_path):
     )
     np.testing.assert_allclose(bag.coords, coords_um.astype(np.float64) / MPP)
     np.testing.assert_allclose(bag.coords, px, atol=1e-3)
+    # tile_size_um 256 at 0.499 um/px
+    np.testing.assert_allclose(bag.meta["patch_size_level0"], [256.0 / MPP] * 2)
 
 
 @pytest.mark.shared_data
@@ -247,6 +253,7 @@ def test_slide2vec_output_pt_and_npz(tmp_path):
     np.testing.assert_array_equal(bags["s2"].features.numpy(), f2)
     # npz rows are in the order of their tile_index (reversed here)
     np.testing.assert_array_equal(bags["s2"].coords, np.stack([x, y], 1)[::-1])
+    assert bags["s1"].meta["patch_size_level0"] == [512.0, 512.0]  # tile_size_lv0
 
 
 @pytest.mark.shared_data
@@ -282,6 +289,7 @@ def test_tiatoolbox_zarr_coordinates_are_level0(tmp_path):
         return float(np.median(errors))
 
     assert median_error(bag.coords) < 0.01
+    np.testing.assert_allclose(bag.meta["patch_size_level0"], [32 * 4.0 / mpp] * 2)
     # the coordinates as stored (read-resolution pixels) do not match: the check can fail
     assert median_error(bag.coords * mpp / 4.0) > 0.03
 
@@ -294,3 +302,21 @@ def test_tia_zarr_needs_the_resolution_of_level0(tmp_path):
             labels_csv=_labels(tmp_path, ["x"]),
             resolution=4.0,
         )
+
+
+def test_heatmap_patch_size_comes_from_the_foreign_bag(tmp_path):
+    """Tiles of 512 px laid 256 px apart: the heatmap uses 512, not the step."""
+    from tiahnm.evaluation.heatmap import patch_size_level0
+    from tiahnm.evaluation.scores import scores_from_bags
+
+    x, y = np.array([0, 256, 512]), np.array([0, 256, 0])
+    feats = np.ones((3, 4), np.float32)
+    _slide2vec_output(tmp_path, "s1", feats, x, y, "npz")
+    bags = _source(
+        "slide2vec", features_dir=str(tmp_path), labels_csv=_labels(tmp_path, ["s1"])
+    ).load()
+    (slide,) = scores_from_bags(bags, [np.zeros(3)], np.array([[0.4, 0.6]]), 0.5)
+    assert patch_size_level0(slide) == (512.0, 512.0)
+    bags[0].meta.clear()  # without it: the coordinate step
+    (slide,) = scores_from_bags(bags, [np.zeros(3)], np.array([[0.4, 0.6]]), 0.5)
+    assert patch_size_level0(slide) == (256.0, 256.0)

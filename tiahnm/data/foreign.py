@@ -19,6 +19,12 @@ corners, so heatmaps align with the slides:
   resolution, no attributes); scaled to level 0 with the ``resolution``/``units``
   the extraction used and the slide's level-0 µm/px.
 
+Each bag also records the patch size in level-0 pixels (``meta["patch_size_level0"]``,
+``[width, height]``, as ``h5_folder`` files carry it on ``coords``) where the layout
+says it: CLAM/TRIDENT ``coords`` attributes, STAMP's ``tile_size_um``, slide2vec's
+``tile_size_lv0``, TIAToolbox's boxes; heatmaps then draw patches at their true size
+instead of the coordinate step.
+
 A folder that mixes encoders or feature widths is an error naming the files.
 """
 
@@ -49,6 +55,7 @@ class SlideFeatures:
     coords: np.ndarray | None
     encoder: str | None
     path: Path
+    patch_size_level0: tuple[float, float] | None = None
 
 
 def _check_arrays(path: Path, feats: np.ndarray, coords: np.ndarray | None) -> None:
@@ -121,6 +128,9 @@ class ForeignFeatureFolder:
             origins.append(
                 FeatureOrigin(str(got.path), got.encoder, got.features.shape[1])
             )
+            meta: dict[str, object] = {}
+            if got.patch_size_level0 is not None:
+                meta["patch_size_level0"] = [float(v) for v in got.patch_size_level0]
             bags.append(
                 Bag(
                     slide_id=sid,
@@ -129,6 +139,7 @@ class ForeignFeatureFolder:
                     coords=got.coords,
                     split=splits.get(sid),
                     source=str(got.path),
+                    meta=meta,
                 )
             )
         if not bags:
@@ -184,16 +195,36 @@ class ClamPtFolder(ForeignFeatureFolder):
             return None
         feats = _torch_array(path)
         h5 = self.h5_dir / f"{sid}.h5"
-        coords = None
+        coords, size = None, None
         if h5.is_file():
-            coords = _h5_coords(h5)
+            coords, size = _h5_coords(h5)
         else:
             logger.warning("%s: no %s; the bag has no coordinates.", path, h5)
-        return SlideFeatures(feats, coords, None, path)
+        return SlideFeatures(feats, coords, None, path, size)
 
 
-def _h5_coords(path: Path) -> np.ndarray:
-    """``coords`` of a CLAM h5 (``h5_files/`` of the features or ``patches/``)."""
+def _clam_patch_size(attrs: Any) -> tuple[float, float] | None:
+    """Level-0 patch size from CLAM / TRIDENT ``coords`` attributes, if recorded.
+
+    TRIDENT writes ``patch_size_level0``; CLAM's patching writes ``patch_size`` at
+    ``patch_level`` and that level's ``downsample``.
+    """
+    if "patch_size_level0" in attrs:
+        size = np.atleast_1d(np.asarray(attrs["patch_size_level0"], dtype=np.float64))
+        return (float(size[0]), float(size[-1]))
+    if "patch_size" not in attrs:
+        return None
+    side = float(np.asarray(attrs["patch_size"]).reshape(-1)[0])
+    if "downsample" in attrs:
+        down = np.atleast_1d(np.asarray(attrs["downsample"], dtype=np.float64))
+        return (side * float(down[0]), side * float(down[-1]))
+    if int(attrs.get("patch_level", -1)) == 0:
+        return (side, side)
+    return None
+
+
+def _h5_coords(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """``coords`` of a CLAM h5 (``h5_files/`` or ``patches/``) and the patch size."""
     import h5py
 
     try:
@@ -202,13 +233,14 @@ def _h5_coords(path: Path) -> np.ndarray:
                 msg = f"{path}: no 'coords' dataset (keys: {', '.join(f.keys())})."
                 raise DataError(msg)
             coords = np.asarray(f["coords"][()], dtype=np.float64)
+            size = _clam_patch_size(f["coords"].attrs)
     except OSError as exc:
         msg = f"{path}: unreadable HDF5 file ({exc})."
         raise DataError(msg) from None
     if coords.ndim != 2 or coords.shape[1] != 2:
         msg = f"{path}: 'coords' must be [N, 2], got shape {coords.shape}."
         raise DataError(msg)
-    return coords
+    return coords, size
 
 
 def level0_mpp(sid: str, mpp: float | None, slides_dir: str | None) -> float | None:
@@ -282,6 +314,7 @@ class StampH5Folder(ForeignFeatureFolder):
                 )
                 unit = f.attrs.get("unit", "um")
                 extractor = f.attrs.get("extractor")
+                tile_um = f.attrs.get("tile_size_um")
                 feat_type = f.attrs.get("feat_type", "tile")
         except OSError as exc:
             msg = f"{path}: unreadable HDF5 file ({exc})."
@@ -293,14 +326,18 @@ class StampH5Folder(ForeignFeatureFolder):
             msg = f"{path}: coordinates unit {unit!r}; this reader knows STAMP's 'um'."
             raise DataError(msg)
         mpp = level0_mpp(sid, self.mpp, self.slides_dir)
-        coords = None
+        coords, size = None, None
         if coords_um is not None and mpp is not None:
             coords = coords_um / mpp
         elif coords_um is not None:
             logger.warning(
                 "%s: no level-0 µm/px (mpp or slides_dir); no coordinates.", path
             )
-        return SlideFeatures(feats, coords, str(extractor) if extractor else None, path)
+        if tile_um is not None and mpp is not None:
+            side = float(tile_um) / mpp
+            size = (side, side)
+        name = str(extractor) if extractor else None
+        return SlideFeatures(feats, coords, name, path, size)
 
 
 class Slide2VecFolder(ForeignFeatureFolder):
@@ -337,7 +374,16 @@ class Slide2VecFolder(ForeignFeatureFolder):
         coords = self._coords(sid, meta, path)
         if coords is not None and index is not None:
             coords = coords[index]
-        return SlideFeatures(feats, coords, meta.get("encoder_name"), path)
+        side = meta.get("tile_size_lv0") or self._tiling_meta(sid).get("tile_size_lv0")
+        size = (float(side), float(side)) if side else None
+        return SlideFeatures(feats, coords, meta.get("encoder_name"), path, size)
+
+    def _tiling_meta(self, sid: str) -> dict[str, Any]:
+        """hs2p's ``tiles/<sid>.coordinates.meta.json`` (``{}`` if absent)."""
+        path = self.features_dir / "tiles" / f"{sid}.coordinates.meta.json"
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def _coords(self, sid: str, meta: dict[str, Any], path: Path) -> np.ndarray | None:
         tiles = self.features_dir / "tiles" / f"{sid}.coordinates.npz"
@@ -412,4 +458,6 @@ class TiaZarrFolder(ForeignFeatureFolder):
             scale = 1.0 / self.resolution
         else:
             scale = self.resolution / float(level0_mpp(sid, self.mpp, self.slides_dir))
-        return SlideFeatures(feats, boxes[:, :2] * scale, None, path)
+        extent = np.median(boxes[:, 2:] - boxes[:, :2], axis=0) * scale
+        size = (float(extent[0]), float(extent[1])) if len(boxes) else None
+        return SlideFeatures(feats, boxes[:, :2] * scale, None, path, size)
