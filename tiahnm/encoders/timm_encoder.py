@@ -23,11 +23,9 @@ from tiahnm.encoders.base import (
     make_preprocessing,
     sha256_file,
 )
+from tiahnm.encoders.presets import HF_CACHE
 from tiahnm.encoders.timm_hub import hub_snapshot, hub_weights_file, split_hub_name
 from tiahnm.errors import ConfigError
-
-#: ``weights`` value for a hub name's cached weights (as for presets).
-HF_CACHE = "hf-cache"
 
 
 def timm_encoder(
