@@ -91,3 +91,12 @@ def test_hub_snapshot_without_weights_is_an_error(hub_cache):
         ConfigError, match=r"has no model\.safetensors or pytorch_model\.bin"
     ):
         build_encoder(f"timm:hf-hub:{REPO}")
+
+
+def test_hub_repository_that_is_not_timm_is_an_error(hub_cache):
+    _, snapshot = hub_cache
+    config = snapshot / "config.json"
+    config.unlink()  # the blob stays; the snapshot entry becomes a plain file
+    config.write_text('{"model_type": "dinov2", "hidden_size": 768}')
+    with pytest.raises(ConfigError, match=r"config\.json is not a timm model config"):
+        build_encoder(f"timm:hf-hub:{REPO}")

@@ -85,6 +85,9 @@ def timm_encoder(
     except TypeError as exc:
         msg = f"{who}: bad model_kwargs {kwargs}: {exc}"
         raise ConfigError(msg) from None
+    except (KeyError, ValueError) as exc:  # a config.json timm cannot read
+        msg = f"{who}: {source.removeprefix('local-dir:')}/config.json is not a timm model config ({type(exc).__name__}: {exc})."
+        raise ConfigError(msg) from None
     if path is not None:
         classifier = net.pretrained_cfg.get("classifier") or ()
         if isinstance(classifier, str):
