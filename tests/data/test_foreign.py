@@ -75,18 +75,22 @@ def test_clam_pt_files_with_h5_coordinates(tmp_path):
     for bag in bags:
         np.testing.assert_array_equal(bag.features.numpy(), want[bag.slide_id])
         np.testing.assert_array_equal(bag.coords, _grid(len(want[bag.slide_id])))
+        assert "patch_size_level0" not in bag.meta  # CLAM's h5_files carry no attrs
     # CLAM's patching output (patches/<slide>.h5: coords only, with attributes)
     (tmp_path / "patches").mkdir()
     with h5py.File(tmp_path / "patches" / "s1.h5", "w") as f:
         dset = f.create_dataset("coords", data=_grid(5) + 7)
-        dset.attrs["patch_level"], dset.attrs["patch_size"] = 0, 256
+        dset.attrs["patch_level"], dset.attrs["patch_size"] = 1, 256
+        dset.attrs["downsample"] = np.array([4.0, 4.0])  # level 1 of a 4x pyramid
     src = _source(
         "clam_pt",
         features_dir=str(tmp_path / "pt_files"),
         labels_csv=_labels(tmp_path, ["s1"]),
         h5_dir=str(tmp_path / "patches"),
     )
-    np.testing.assert_array_equal(src.load()[0].coords, _grid(5) + 7)
+    (got,) = src.load()
+    np.testing.assert_array_equal(got.coords, _grid(5) + 7)
+    assert got.meta["patch_size_level0"] == [1024.0, 1024.0]
     # more coordinates than feature rows is an error naming the file
     torch.save(torch.zeros(4, 1024), tmp_path / "pt_files" / "s1.pt")
     with pytest.raises(DataError, match=r"s1\.pt: 5 coordinates for 4 feature rows"):
@@ -126,6 +130,8 @@ def test_stamp_h5_um_to_level0_pixels(tmp_path):
     )
     np.testing.assert_allclose(bag.coords, coords_um.astype(np.float64) / MPP)
     np.testing.assert_allclose(bag.coords, px, atol=1e-3)
+    # tile_size_um 256 at 0.499 um/px
+    np.testing.assert_allclose(bag.meta["patch_size_level0"], [256.0 / MPP] * 2)
 
 
 @pytest.mark.shared_data
@@ -247,6 +253,25 @@ def test_slide2vec_output_pt_and_npz(tmp_path):
     np.testing.assert_array_equal(bags["s2"].features.numpy(), f2)
     # npz rows are in the order of their tile_index (reversed here)
     np.testing.assert_array_equal(bags["s2"].coords, np.stack([x, y], 1)[::-1])
+    assert bags["s1"].meta["patch_size_level0"] == [512.0, 512.0]  # tile_size_lv0
+
+
+def _median_colour_error(bag, coords: np.ndarray, side: int) -> float:
+    """Median over patches of |mean colour of the slide at ``coords`` - feature|."""
+    import openslide
+
+    slide = openslide.OpenSlide(str(SLIDES / "CMU-1-Small-Region.svs"))
+    width, height = slide.dimensions
+    errors = []
+    for (x, y), feat in zip(coords, bag.features.numpy(), strict=True):
+        if x + side > width or y + side > height:
+            continue  # TIAToolbox pads patches that cross the border
+        region = slide.read_region((round(x), round(y)), 0, (side, side)).convert("RGB")
+        errors.append(
+            np.abs(np.asarray(region).reshape(-1, 3).mean(0) / 255 - feat).max()
+        )
+    assert len(errors) > 40
+    return float(np.median(errors))
 
 
 @pytest.mark.shared_data
@@ -265,25 +290,31 @@ def test_tiatoolbox_zarr_coordinates_are_level0(tmp_path):
     slide = openslide.OpenSlide(str(SLIDES / f"{sid}.svs"))
     mpp = float(slide.properties["openslide.mpp-x"])
     side = round(32 * 4.0 / mpp)  # the patch's footprint at level 0
-    width, height = slide.dimensions
-
-    def median_error(coords: np.ndarray) -> float:
-        errors = []
-        for (x, y), feat in zip(coords, bag.features.numpy(), strict=True):
-            if x + side > width or y + side > height:
-                continue  # TIAToolbox pads patches that cross the border
-            region = slide.read_region((round(x), round(y)), 0, (side, side)).convert(
-                "RGB"
-            )
-            errors.append(
-                np.abs(np.asarray(region).reshape(-1, 3).mean(0) / 255 - feat).max()
-            )
-        assert len(errors) > 40
-        return float(np.median(errors))
-
-    assert median_error(bag.coords) < 0.01
+    assert _median_colour_error(bag, bag.coords, side) < 0.01
+    np.testing.assert_allclose(bag.meta["patch_size_level0"], [32 * 4.0 / mpp] * 2)
     # the coordinates as stored (read-resolution pixels) do not match: the check can fail
-    assert median_error(bag.coords * mpp / 4.0) > 0.03
+    assert _median_colour_error(bag, bag.coords * mpp / 4.0, side) > 0.03
+
+
+@pytest.mark.shared_data
+def test_tiatoolbox_zarr_at_objective_power(tmp_path):
+    """DeepFeatureExtractor run at units 'power' (2.5x of a 20x slide)."""
+    if not (SLIDES / "CMU-1-Small-Region.svs").is_file():
+        pytest.skip("../shared/data/slides is absent")
+    sid = "CMU-1-Small-Region"
+    common = {
+        "features_dir": str(FOREIGN / "tia_zarr_power"),
+        "labels_csv": _labels(tmp_path, [sid]), "resolution": 2.5, "units": "power",
+    }  # fmt: skip
+    (bag,) = _source("tia_zarr", slides_dir=str(SLIDES), **common).load()
+    side = 256  # level-0 footprint: 32 px x (20x / 2.5x)
+    assert bag.meta["patch_size_level0"] == [256.0, 256.0]
+    assert _median_colour_error(bag, bag.coords, side) < 0.01
+    assert _median_colour_error(bag, bag.coords / 8, side) > 0.03
+    (given,) = _source("tia_zarr", power=20, **common).load()
+    np.testing.assert_array_equal(given.coords, bag.coords)
+    with pytest.raises(DataError, match=r"units 'power' needs data\.options\.power"):
+        _source("tia_zarr", **common)
 
 
 def test_tia_zarr_needs_the_resolution_of_level0(tmp_path):
@@ -293,4 +324,64 @@ def test_tia_zarr_needs_the_resolution_of_level0(tmp_path):
             features_dir=str(FOREIGN / "tia_zarr"),
             labels_csv=_labels(tmp_path, ["x"]),
             resolution=4.0,
+        )
+
+
+def test_heatmap_patch_size_comes_from_the_foreign_bag(tmp_path):
+    """Tiles of 512 px laid 256 px apart: the heatmap uses 512, not the step."""
+    from tiahnm.evaluation.heatmap import patch_size_level0
+    from tiahnm.evaluation.scores import scores_from_bags
+
+    x, y = np.array([0, 256, 512]), np.array([0, 256, 0])
+    feats = np.ones((3, 4), np.float32)
+    _slide2vec_output(tmp_path, "s1", feats, x, y, "npz")
+    bags = _source(
+        "slide2vec", features_dir=str(tmp_path), labels_csv=_labels(tmp_path, ["s1"])
+    ).load()
+    (slide,) = scores_from_bags(bags, [np.zeros(3)], np.array([[0.4, 0.6]]), 0.5)
+    assert patch_size_level0(slide) == (512.0, 512.0)
+    bags[0].meta.clear()  # without it: the coordinate step
+    (slide,) = scores_from_bags(bags, [np.zeros(3)], np.array([[0.4, 0.6]]), 0.5)
+    assert patch_size_level0(slide) == (256.0, 256.0)
+
+
+def test_slide2vec_annotation_subfolder_and_hs2p_format_2(tmp_path):
+    """tile_embeddings/<class>/ of an annotation run; hs2p 'coordinates' [N, 2]."""
+    rng = np.random.default_rng(3)
+    xy = np.array([[0, 0], [448, 0], [0, 448]], dtype=np.int64)
+    feats = rng.normal(size=(3, 8)).astype(np.float32)
+    tiles = tmp_path / "elsewhere"  # recorded in the embedding metadata
+    tiles.mkdir()
+    np.savez_compressed(
+        tiles / "s1.coordinates.npz", tile_index=np.arange(3, dtype=np.int32),
+        coordinates=xy, tissue_fractions=np.ones(3, np.float32),
+    )  # fmt: skip
+    (tiles / "s1.coordinates.meta.json").write_text(
+        json.dumps({"format_version": 2, "tiling": {"tile_size_lv0": 448}})
+    )
+    emb = tmp_path / "tile_embeddings" / "tumor"
+    emb.mkdir(parents=True)
+    np.savez_compressed(emb / "s1.npz", features=feats, tile_index=np.arange(3))
+    meta = {
+        "sample_id": "s1", "artifact_type": "tile_embeddings", "format": "npz",
+        "feature_dim": 8, "num_tiles": 3, "encoder_name": "uni", "annotation": "tumor",
+        "coordinates_npz_path": str(tiles / "s1.coordinates.npz"),
+    }  # fmt: skip
+    (emb / "s1.meta.json").write_text(json.dumps(meta))
+    labels = _labels(tmp_path, ["s1"])
+    (bag,) = _source(
+        "slide2vec", features_dir=str(tmp_path), labels_csv=labels, annotation="tumor"
+    ).load()
+    np.testing.assert_array_equal(bag.features.numpy(), feats)
+    np.testing.assert_array_equal(bag.coords, xy)
+    # no tile_size_lv0 in the embedding metadata: hs2p's, beside the coordinates
+    assert bag.meta["patch_size_level0"] == [448.0, 448.0]
+    with pytest.raises(DataError, match="has no slide2vec feature file"):
+        _source("slide2vec", features_dir=str(tmp_path), labels_csv=labels).load()
+    with pytest.raises(DataError, match="must be a class folder name"):
+        _source(
+            "slide2vec",
+            features_dir=str(tmp_path),
+            labels_csv=labels,
+            annotation="../x",
         )

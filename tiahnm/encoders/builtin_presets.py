@@ -24,6 +24,7 @@ HF = "https://huggingface.co/"
 CC_NC_ND = "CC-BY-NC-ND-4.0"
 SEE_CARD = "see model card"
 
+IMAGENET = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 _SWIGLU = {"mlp_layer": "layer:SwiGLUPacked", "act_layer": "layer:SiLU"}
 _VIRCHOW = {
     "img_size": 224,
@@ -134,9 +135,8 @@ def _dinov2(hidden: int, layers: int, heads: int, patch: int, **extra: object) -
     }
 
 
-def builtin_presets() -> list[EncoderPreset]:
-    """Every built-in preset."""
-    common_imagenet = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+def _clam_and_uni() -> list[EncoderPreset]:
+    """CLAM's truncated ResNet-50, UNI and UNI2-h (Mahmood lab)."""
     return [
         EncoderPreset(
             name="resnet50_trunc",
@@ -146,7 +146,7 @@ def builtin_presets() -> list[EncoderPreset]:
             kwargs={},
             pooling="avg",
             out_dim=1024,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=None,
             crop_size=None,
             interpolation="bilinear",
@@ -180,7 +180,7 @@ def builtin_presets() -> list[EncoderPreset]:
             },
             pooling="cls",
             out_dim=1024,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=224,
             crop_size=224,
             interpolation="bilinear",
@@ -214,7 +214,7 @@ def builtin_presets() -> list[EncoderPreset]:
             },
             pooling="cls",
             out_dim=1536,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=224,
             crop_size=224,
             interpolation="bilinear",
@@ -228,6 +228,12 @@ def builtin_presets() -> list[EncoderPreset]:
             n_params=681_000_000,
             params_note="681M (UNI2-h model card)",
         ),
+    ]
+
+
+def _conch() -> list[EncoderPreset]:
+    """CONCH v1 (its own package) and v1.5 (built from timm)."""
+    return [
         EncoderPreset(
             name="conch_v1",
             title="CONCH v1 (ViT-B/16 image encoder, CoCa)",
@@ -249,8 +255,9 @@ def builtin_presets() -> list[EncoderPreset]:
             licence=CC_NC_ND,
             gated=True,
             n_params=90_000_000,
-            params_note="90M image encoder (Lu et al. 2024, Nat. Med.); not checked "
-            "here without the conch package",
+            params_note="90M image encoder (Lu et al. 2024, Nat. Med.); the CoCa "
+            "visual tower is counted (the checkpoint also holds the text tower)",
+            count_module="visual",
             requires="pip install git+https://github.com/Mahmoodlab/CONCH.git",
             notes="encode_image(proj_contrast=False, normalize=False), as TRIDENT.",
         ),
@@ -258,11 +265,17 @@ def builtin_presets() -> list[EncoderPreset]:
             name="conch_v15",
             title="CONCH v1.5 (ViT-L/16 vision tower of TITAN)",
             builder="conch_v15",
-            arch="CONCHVisionTower",
-            kwargs={},
+            arch="vit_large_patch16_224",
+            kwargs={
+                "img_size": 224,
+                "patch_size": 16,
+                "init_values": 1.0,
+                "num_classes": 0,
+                "dynamic_img_size": True,
+            },
             pooling="encode_image",
             out_dim=768,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=448,
             crop_size=448,
             interpolation="bilinear",
@@ -273,11 +286,20 @@ def builtin_presets() -> list[EncoderPreset]:
             source_url=f"{HF}MahmoodLab/conchv1_5",
             licence=CC_NC_ND,
             gated=True,
-            n_params=0,
-            params_note="not published as one figure (ViT-L/16 trunk + attentional "
-            "pooler); not built here without TRIDENT",
-            requires="pip install git+https://github.com/mahmoodlab/TRIDENT.git",
+            n_params=304_000_000,
+            params_note="ViT-L/16 trunk, 304M (TITAN, Ding et al. 2024: CONCH v1.5 "
+            "is a ViT-L/16), plus a 2.8M attentional pooler; no single published "
+            "count",
+            key_filter="trunk_pos_embed",
+            notes="built from timm as TRIDENT's CONCHVisionTower: the 224 px "
+            "position grid is interpolated to 448 px DINO-style at run time.",
         ),
+    ]
+
+
+def _virchow_and_hoptimus() -> list[EncoderPreset]:
+    """Virchow, Virchow2 (Paige) and H-optimus-0/1 (Bioptimus)."""
+    return [
         _timm_vit(
             "virchow",
             "Virchow (ViT-H/14)",
@@ -285,7 +307,7 @@ def builtin_presets() -> list[EncoderPreset]:
             _VIRCHOW,
             pooling="cls+mean",
             out_dim=2560,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=224,
             crop_size=None,
             interpolation="bicubic",
@@ -306,7 +328,7 @@ def builtin_presets() -> list[EncoderPreset]:
             {**_VIRCHOW, "reg_tokens": 4},
             pooling="cls+mean",
             out_dim=2560,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=224,
             crop_size=None,
             interpolation="bicubic",
@@ -364,6 +386,12 @@ def builtin_presets() -> list[EncoderPreset]:
             n_params=1_100_000_000,
             params_note="1.1B (H-optimus-1 model card)",
         ),
+    ]
+
+
+def _h0_and_gigapath() -> list[EncoderPreset]:
+    """H0-mini (Bioptimus) and Prov-GigaPath."""
+    return [
         _timm_vit(
             "h0_mini",
             "H0-mini (ViT-B/14, 4 registers, distilled from H-optimus-0)",
@@ -411,7 +439,7 @@ def builtin_presets() -> list[EncoderPreset]:
             },
             pooling="cls",
             out_dim=1536,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=256,
             crop_size=224,
             interpolation="bicubic",
@@ -425,6 +453,12 @@ def builtin_presets() -> list[EncoderPreset]:
             n_params=1_134_000_000,
             params_note="1.13B tile encoder (Xu et al. 2024, Nature)",
         ),
+    ]
+
+
+def _phikon() -> list[EncoderPreset]:
+    """Phikon and Phikon-v2 (Owkin)."""
+    return [
         _hf_vit(
             "phikon",
             "Phikon (ViT-B/16, iBOT)",
@@ -441,7 +475,7 @@ def builtin_presets() -> list[EncoderPreset]:
             },
             pooling="cls",
             out_dim=768,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=224,
             crop_size=None,
             interpolation="bilinear",
@@ -463,7 +497,7 @@ def builtin_presets() -> list[EncoderPreset]:
             _dinov2(1024, 24, 16, 16),
             pooling="cls",
             out_dim=1024,
-            **common_imagenet,
+            **IMAGENET,
             resize_size=224,
             crop_size=224,
             interpolation="bilinear",
@@ -477,6 +511,12 @@ def builtin_presets() -> list[EncoderPreset]:
             n_params=300_000_000,
             params_note="300M ViT-L (Filiot et al. 2024, Phikon-v2)",
         ),
+    ]
+
+
+def _ctranspath_hibou() -> list[EncoderPreset]:
+    """CTransPath / CHIEF and Hibou-B/L."""
+    return [
         _ctranspath(
             "ctranspath",
             "CTransPath (Swin-T + ConvStem)",
@@ -535,6 +575,12 @@ def builtin_presets() -> list[EncoderPreset]:
             n_params=304_000_000,
             params_note="304M (Nechaev et al. 2024, Hibou)",
         ),
+    ]
+
+
+def _kaiko_lunit_midnight() -> list[EncoderPreset]:
+    """The kaiko.ai ViTs, Lunit's ViT-S/8 and Midnight-12k."""
+    return [
         _kaiko("vits16", "vit_small_patch16_224", 384, 22_000_000),
         _kaiko("vits8", "vit_small_patch8_224", 384, 22_000_000),
         _kaiko("vitb16", "vit_base_patch16_224", 768, 86_000_000),
@@ -585,3 +631,17 @@ def builtin_presets() -> list[EncoderPreset]:
             params_note="1.1B ViT-g/14 (Karasikov et al. 2025, Midnight)",
         ),
     ]
+
+
+def builtin_presets() -> list[EncoderPreset]:
+    """Every built-in preset."""
+    families = (
+        _clam_and_uni,
+        _conch,
+        _virchow_and_hoptimus,
+        _h0_and_gigapath,
+        _phikon,
+        _ctranspath_hibou,
+        _kaiko_lunit_midnight,
+    )
+    return [preset for family in families for preset in family()]

@@ -231,63 +231,142 @@ def build_transformers(
     return net, HFTokens(net, pooling, n_prefix)
 
 
-class _EncodeImage(nn.Module):
-    def __init__(
-        self, model: nn.Module, call: Callable[[torch.Tensor], torch.Tensor]
-    ) -> None:
+class EncodeImage(nn.Module):
+    """CONCH v1: ``model.encode_image(x, proj_contrast=False, normalize=False)``.
+
+    The image embedding before the contrastive projection (512-d), as TRIDENT
+    extracts CONCH v1 features.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self._call = call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` to ``[B, D]``."""
-        return self._call(x)
+        return self.model.encode_image(x, proj_contrast=False, normalize=False)
 
 
 def build_conch(
     arch: str, kwargs: Mapping[str, Any], pooling: str
 ) -> tuple[nn.Module, nn.Module]:
-    """CONCH v1 through its own package: ``encode_image(proj_contrast=False)``.
+    """CONCH v1 through its own package: ``CoCa`` from the package's model config.
+
+    As ``conch.open_clip_custom.create_model`` builds it (the JSON config of
+    ``arch`` without its ``custom_text`` flag), without reading a checkpoint: the
+    weights are loaded strictly by the preset (the package's own loader ignores
+    missing keys).
 
     Raises:
         ConfigError: The ``conch`` package (not on PyPI) is not installed.
     """
+    import json
+    from pathlib import Path
+
     try:
-        from conch.open_clip_custom import create_model
+        from conch.open_clip_custom import factory
+        from conch.open_clip_custom.coca_model import CoCa
     except ImportError:
         msg = (
             "preset 'conch_v1' needs the CONCH package, which is not on PyPI: "
-            "pip install git+https://github.com/Mahmoodlab/CONCH.git"
+            "pip install git+https://github.com/Mahmoodlab/CONCH.git "
+            '(or pip install -e ".[conch]")'
         )
         raise ConfigError(msg) from None
-    net = create_model(arch, **dict(kwargs))
+    config = json.loads((Path(factory.CFG_DIR) / f"{arch}.json").read_text())
+    config.pop("custom_text", None)
+    net = CoCa(**config, **dict(kwargs))
+    return net, EncodeImage(net)
 
-    def call(x: torch.Tensor) -> torch.Tensor:
-        return net.encode_image(x, proj_contrast=False, normalize=False)
 
-    return net, _EncodeImage(net, call)
+class AttentionalPooler(nn.Module):
+    """Cross-attention of learned queries over the tokens (CoCa / CONCH pooler).
+
+    Parameter names follow the CONCH v1.5 checkpoint (``query``, ``ln_k``,
+    ``ln_q``, ``to_q``, ``to_kv``, ``to_out``; no biases).
+    """
+
+    def __init__(
+        self, d_model: int, context_dim: int, n_head: int, n_queries: int
+    ) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.heads = n_head
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.to_q = nn.Linear(d_model, d_model, bias=False)
+        self.to_kv = nn.Linear(context_dim, d_model * 2, bias=False)
+        self.to_out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]`` tokens to ``[B, n_queries, d_model]``."""
+        b = x.shape[0]
+        q = self.to_q(self.ln_q(self.query)).expand(b, -1, -1)
+        k, v = self.to_kv(self.ln_k(x)).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        out = attn.softmax(dim=-1) @ v
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+def dino_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """DINO/iBOT-style interpolation of ``[1, 1 + N, C]`` to a ``rows x cols`` grid.
+
+    Bicubic with the scale factor ``(grid + 0.1) / sqrt(N)`` (no antialiasing), as
+    the iBOT ViT of CONCH v1.5 does at run time; unchanged for its own grid.
+    """
+    n = pos_embed.shape[1] - 1
+    side = int(n**0.5)
+    if rows * cols == n and rows == cols:
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = nn.functional.interpolate(
+        grid,
+        scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+        mode="bicubic",
+    )
+    grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+    return torch.cat([pos_embed[:, :1], grid], dim=1)
+
+
+class ConchV15Tower(nn.Module):
+    """CONCH v1.5's vision tower (TITAN's patch encoder), built from timm.
+
+    A timm ViT-L/16 trunk (layer scale 1.0, 224 px position grid interpolated to
+    the input DINO-style), an attentional pooler with one query (768-d) and a
+    final LayerNorm; the key layout of ``pytorch_model_vision.bin``
+    (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``).
+    """
+
+    def __init__(self, arch: str, kwargs: Mapping[str, Any]) -> None:
+        super().__init__()
+        import timm
+
+        self.trunk = timm.create_model(arch, pretrained=False, **resolve_kwargs(kwargs))
+        width = int(self.trunk.embed_dim)
+        self.attn_pool_contrast = AttentionalPooler(768, width, 8, 1)
+        self.ln_contrast = nn.LayerNorm(768)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's normed tokens ``[B, 1 + h*w, C]``."""
+        trunk = self.trunk
+        patches = trunk.patch_embed(x)  # NHWC (dynamic_img_size)
+        rows, cols = patches.shape[1], patches.shape[2]
+        cls = trunk.cls_token.expand(x.shape[0], -1, -1)
+        seq = torch.cat([cls, patches.flatten(1, 2)], dim=1)
+        seq = seq + dino_pos_embed(trunk.pos_embed, rows, cols)
+        return trunk.norm(trunk.blocks(trunk.norm_pre(seq)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` to ``[B, 768]``."""
+        return self.ln_contrast(self.attn_pool_contrast(self.tokens(x))[:, 0])
 
 
 def build_conch_v15(
     arch: str, kwargs: Mapping[str, Any], pooling: str
 ) -> tuple[nn.Module, nn.Module]:
-    """CONCH v1.5's vision tower, as TRIDENT defines it (its own package).
-
-    Raises:
-        ConfigError: TRIDENT (not on PyPI) is not installed.
-    """
-    try:
-        from trident.patch_encoder_models.model_zoo.conchv1_5.conchv1_5 import (
-            CONCHVisionTower,
-        )
-    except ImportError:
-        msg = (
-            "preset 'conch_v15' needs TRIDENT, which defines the CONCH v1.5 vision "
-            "tower and is not on PyPI: pip install "
-            "git+https://github.com/mahmoodlab/TRIDENT.git"
-        )
-        raise ConfigError(msg) from None
-    net = CONCHVisionTower()
+    """CONCH v1.5's vision tower (:class:`ConchV15Tower`); no package needed."""
+    net = ConchV15Tower(arch, kwargs)
     return net, _Forward(net)
 
 

@@ -77,7 +77,11 @@ class EncoderPreset:
         params_note (str): What the count covers and where it is published.
         ignore_prefixes (tuple[str, ...]): Checkpoint keys that may be dropped.
         drop_keys (str): Regex of checkpoint keys to drop (buffers, masks).
-        key_filter (str): ``""`` or ``"timm_swin"`` (old-timm Swin layout).
+        key_filter (str): ``""``, ``"timm_swin"`` (old-timm Swin layout) or
+            ``"trunk_pos_embed"`` (resample ``trunk.pos_embed`` to the built grid,
+            bilinear, as TRIDENT loads CONCH v1.5).
+        count_module (str): Submodule the published parameter count covers
+            (``"visual"``: CONCH's image tower); ``""``: the whole backbone.
         requires (str): How to install a package the builder needs ("" if none).
         notes (str): Anything a user must know.
     """
@@ -106,6 +110,7 @@ class EncoderPreset:
     ignore_prefixes: tuple[str, ...] = ()
     drop_keys: str = ""
     key_filter: str = ""
+    count_module: str = ""
     requires: str = ""
     notes: str = ""
 
@@ -285,7 +290,38 @@ def remap_keys(
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         state = checkpoint_filter_fn(state, backbone)
+    if preset.key_filter == "trunk_pos_embed":
+        state = _resample_trunk_pos_embed(state, backbone)
     return state
+
+
+def _resample_trunk_pos_embed(
+    state: dict[str, torch.Tensor], backbone: nn.Module
+) -> dict[str, torch.Tensor]:
+    """``trunk.pos_embed`` resampled to the trunk's grid (bilinear, no antialias)."""
+    pos = state.get("trunk.pos_embed")
+    trunk = getattr(backbone, "trunk", None)
+    if pos is None or trunk is None or pos.shape == trunk.pos_embed.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    resized = resample_abs_pos_embed(
+        pos,
+        new_size=list(trunk.patch_embed.grid_size),
+        num_prefix_tokens=int(trunk.num_prefix_tokens),
+        interpolation="bilinear",
+        antialias=False,
+        verbose=False,
+    )
+    return {**state, "trunk.pos_embed": resized}
+
+
+def counted_parameters(preset: EncoderPreset, backbone: nn.Module) -> int:
+    """Parameters of the part of ``backbone`` the published count covers."""
+    part = (
+        backbone.get_submodule(preset.count_module) if preset.count_module else backbone
+    )
+    return sum(p.numel() for p in part.parameters())
 
 
 def _strip_base_prefix(

@@ -9,6 +9,7 @@ removed classifier in the checkpoint are ignored.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tiahnm.encoders.base import (
@@ -22,6 +23,8 @@ from tiahnm.encoders.base import (
     make_preprocessing,
     sha256_file,
 )
+from tiahnm.encoders.presets import HF_CACHE
+from tiahnm.encoders.timm_hub import hub_snapshot, hub_weights_file, split_hub_name
 from tiahnm.errors import ConfigError
 
 
@@ -38,8 +41,12 @@ def timm_encoder(
 
     Args:
         model (str): timm model name (``timm.list_models()``), e.g. ``"resnet50"``,
-            ``"vit_small_patch16_224"``; a ``hf-hub:`` name is refused (no download).
-        weights (str | None): Local weights file, or ``"random-init"``. Required.
+            ``"vit_small_patch16_224"``, or ``hf-hub:ORG/NAME[@REV]``: a timm
+            repository read from the filled Hugging Face cache (its
+            ``config.json`` fixes the architecture and mean/std; never a download).
+        weights (str | None): Local weights file, or ``"random-init"``. Required,
+            except for ``hf-hub:`` names (default: the cached snapshot's weights,
+            also ``"hf-cache"``).
         model_kwargs (Mapping | None): Extra ``timm.create_model`` keyword arguments
             (e.g. ``{"img_size": 224, "init_values": 1e-5}`` for ViT foundation models;
             ``"layer:SwiGLUPacked"``, ``"layer:SiLU"``, ``"layer:GELU"`` name layer
@@ -58,39 +65,28 @@ def timm_encoder(
         EncoderModule: ``[B, 3, H, W] -> [B, D]``.
 
     Raises:
-        ConfigError: Unknown model, a hub name, no usable weights file, or no
-            mean/std for a bare architecture name.
+        ConfigError: Unknown model, a hub name missing from the cache, no usable
+            weights file, or no mean/std for a bare architecture name.
         DataError: The weights file does not fit the network.
     """
     import timm
 
-    if model.startswith(("hf-hub:", "hf_hub:")):
-        msg = (
-            f"timm encoder {model!r}: hub models are not downloaded; give the "
-            "architecture name and its weights file with --weights."
-        )
-        raise ConfigError(msg)
     who = f"timm encoder {model!r}"
-    path = check_weights_path(
-        weights,
-        who=who,
-        how=(
-            'on a machine with internet, run python -c "import timm, torch; '
-            f"torch.save(timm.create_model('{model}', pretrained=True).state_dict(), "
-            f"'{model}.pth')\" and copy the file here."
-        ),
-    )
+    source, path = _source_and_weights(model, weights, who=who)
     from tiahnm.encoders.preset_archs import resolve_kwargs
 
     # "layer:SwiGLUPacked" / "layer:SiLU" name the classes YAML cannot hold
     kwargs = resolve_kwargs(model_kwargs or {})
     try:
-        net = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+        net = timm.create_model(source, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         msg = f"{who}: {exc}. See timm.list_models()."
         raise ConfigError(msg) from None
     except TypeError as exc:
         msg = f"{who}: bad model_kwargs {kwargs}: {exc}"
+        raise ConfigError(msg) from None
+    except (KeyError, ValueError) as exc:  # a config.json timm cannot read
+        msg = f"{who}: {source.removeprefix('local-dir:')}/config.json is not a timm model config ({type(exc).__name__}: {exc})."
         raise ConfigError(msg) from None
     if path is not None:
         classifier = net.pretrained_cfg.get("classifier") or ()
@@ -114,6 +110,34 @@ def timm_encoder(
     return encoder
 
 
+def _source_and_weights(
+    model: str, weights: str | None, *, who: str
+) -> tuple[str, Path | None]:
+    """What timm builds and the weights file (None for ``random-init``).
+
+    The build source is ``model`` itself, or ``local-dir:`` of a cached hub snapshot.
+
+    ``hf-hub:ORG/NAME`` reads the filled Hugging Face cache only: its weights are the
+    snapshot's unless ``weights`` names a file (or ``random-init``).
+
+    Raises:
+        ConfigError: No usable weights, or the hub repository is not in the cache.
+    """
+    hub = split_hub_name(model)
+    if hub is None:
+        how = (
+            'on a machine with internet, run python -c "import timm, torch; '
+            f"torch.save(timm.create_model('{model}', pretrained=True).state_dict(), "
+            f"'{model}.pth')\" and copy the file here."
+        )
+        return model, check_weights_path(weights, who=who, how=how)
+    snapshot = hub_snapshot(*hub)
+    if weights is None or str(weights) in ("", HF_CACHE):
+        return f"local-dir:{snapshot}", hub_weights_file(snapshot, *hub)
+    how = "or leave --weights out to use the snapshot's own weights."
+    return f"local-dir:{snapshot}", check_weights_path(weights, who=who, how=how)
+
+
 def _preprocessing(
     model: str,
     net: Any,
@@ -129,7 +153,8 @@ def _preprocessing(
     """
     import timm
 
-    has_tag = "." in model
+    # a hub repository's own config.json carries its statistics, like a tag
+    has_tag = "." in model or split_hub_name(model) is not None
     if (mean is None or std is None) and not has_tag:
         msg = (
             f"timm encoder {model!r}: give mean and std (encoder options "

@@ -94,6 +94,11 @@ def feature_file_meta(source: str | Path | None) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v not in ("", None)}
 
 
+def _patch_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The level-0 patch size a bag source recorded (foreign layouts), if any."""
+    return {k: meta[k] for k in ("patch_size_level0",) if k in meta}
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
@@ -142,7 +147,7 @@ def scores_from_bags(
                 label=int(bag.label) if with_labels else -1,
                 probability=p,
                 prediction=pred,
-                meta=feature_file_meta(bag.source),
+                meta={**feature_file_meta(bag.source), **_patch_meta(bag.meta)},
             )
         )
     return out

@@ -5,8 +5,11 @@ DeepFeatureExtractor (TIAToolbox 2.1.3) in WSI mode, 32 px patches at 4 µm/px o
 patch's mean R, G, B (0-1): the reader test checks the level-0 coordinates by
 re-reading the slide there. Run from the repository root:
 python tests/data/foreign/make_tia_zarr.py
+and, for the objective-power fixture (32 px patches at 2.5x, ``tia_zarr_power/``):
+python tests/data/foreign/make_tia_zarr.py power 2.5
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +49,13 @@ class MeanColour(ModelABC):
 
 
 if __name__ == "__main__":
+    units, resolution = (
+        (sys.argv[1], float(sys.argv[2])) if len(sys.argv) > 2 else ("mpp", 4.0)
+    )
+    if units != "mpp":
+        OUT = OUT.with_name(f"tia_zarr_{units}")
     ioconfig = IOPatchPredictorConfig(
-        input_resolutions=[{"units": "mpp", "resolution": 4.0}],
+        input_resolutions=[{"units": units, "resolution": resolution}],
         patch_input_shape=(32, 32),
         stride_shape=(32, 32),
     )
