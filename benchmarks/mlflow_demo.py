@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sweep_musk1 import provenance
+from tiahnm.utils.provenance import provenance, write_result
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
@@ -124,13 +124,12 @@ def main() -> None:
             "MlflowClient",
             "command": " ".join(cmd[2:]),
             "run_seconds": round(seconds, 1),
-            "provenance": stamp,
             "mlflow": read_back(uri, demo),
         }
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload, stamp=stamp)
     print(json.dumps(payload["mlflow"], indent=2))
 
 

@@ -17,41 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
-
-def provenance() -> dict:
-    """Commit, versions, CPU and argv of this measurement."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "commit": commit,
-        "python": platform.python_version(),
-        "versions": {
-            p: version(p)
-            for p in ("tiahnm", "torch", "optuna", "numpy", "scikit-learn")
-        },
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "argv": sys.argv,
-    }
+from tiahnm.utils.provenance import provenance, write_result
 
 
 def trial_seconds(work: Path, study_name: str) -> dict[str, float]:
@@ -102,10 +73,9 @@ def main() -> None:
         ),
         "command": " ".join(cmd[2:]),
         "wall_seconds_this_invocation": round(wall, 1),
-        "provenance": stamp,
         "sweep": summary,
     }
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload, stamp=stamp)
     print(f"wrote {args.out}")
 
 

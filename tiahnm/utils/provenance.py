@@ -112,7 +112,11 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def write_result(
-    path: str | Path, payload: dict[str, Any], argv: Sequence[str] | None = None
+    path: str | Path,
+    payload: dict[str, Any],
+    argv: Sequence[str] | None = None,
+    *,
+    stamp: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``payload`` as JSON with a ``provenance`` block, atomically.
 
@@ -120,6 +124,8 @@ def write_result(
         path (str | Path): Output file (parents are created).
         payload (dict): The figures; must not already hold ``provenance``.
         argv (Sequence[str] | None): Command line to record (default ``sys.argv``).
+        stamp (dict | None): A :func:`provenance` taken earlier (e.g. when the
+            measured runs started, if the checkout may change before the write).
 
     Returns:
         Path: The written file.
@@ -129,7 +135,7 @@ def write_result(
         raise ValueError(msg)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"provenance": provenance(argv), **payload})
+    write_json(out, {"provenance": stamp or provenance(argv), **payload})
     return out
 
 
