@@ -213,6 +213,7 @@ class TilePatches(torch.utils.data.Dataset):
 
 def extraction(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """``Extractor.encode`` of real patches, fp32 vs bf16, and feature agreement."""
+    from tiahnm.encoders.base import IMAGENET_MEAN, IMAGENET_STD
     from tiahnm.slides.extract import ExtractConfig, Extractor
     from tiahnm.training.precision import row_cosines
 
@@ -223,6 +224,8 @@ def extraction(args: argparse.Namespace, model: str) -> dict[str, Any]:
                 ExtractConfig(
                     encoder=f"timm:{model}",
                     weights="random-init",
+                    # random weights: the normalisation only has to be fixed
+                    encoder_options={"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
                     batch_size=args.extract_batch,
                     device="cpu",
                     num_workers=0,

@@ -73,9 +73,9 @@ SIZES = {
         "heads": HEADS,
         "mhim_heads": ("abmil", "transmil"),
         "compile_heads": ("abmil", "transmil"),
-        "vit": ("vit_small_patch16_224", "vit_base_patch16_224"),
-        "vit_kwargs": {},
-        "vit_input_size": None,
+        # named presets (ViT-S/16 and ViT-B/16 as kaiko.ai publish them), random init
+        "vit": ("kaiko_vits16", "kaiko_vitb16"),
+        "vit_options": {},
         "patch": 224,
         "n_patches": 1024,
         "extract_batch": 128,
@@ -89,9 +89,15 @@ SIZES = {
         "heads": HEADS,
         "mhim_heads": ("abmil",),
         "compile_heads": ("abmil",),
-        "vit": ("vit_small_patch16_224",),
-        "vit_kwargs": {"img_size": 32, "depth": 1},
-        "vit_input_size": 32,
+        # the same architecture, one block at 32 px (the generic timm path needs the
+        # normalisation spelled out)
+        "vit": ("timm:vit_small_patch16_224",),
+        "vit_options": {
+            "model_kwargs": {"img_size": 32, "depth": 1},
+            "input_size": 32,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+        },
         "patch": 32,
         "n_patches": 8,
         "extract_batch": 4,
@@ -299,12 +305,9 @@ def extraction(s: dict, device: torch.device) -> list[dict]:
             ext = Extractor(
                 ExtractConfig(
                     tiling=TilingConfig(patch_size=s["patch"]),
-                    encoder=f"timm:{model}",
+                    encoder=model,
                     weights="random-init",
-                    encoder_options={
-                        "model_kwargs": s["vit_kwargs"],
-                        "input_size": s["vit_input_size"],
-                    },
+                    encoder_options=s["vit_options"],
                     batch_size=s["extract_batch"],
                     device=device.type,
                     num_workers=0 if device.type == "cpu" else None,
@@ -340,7 +343,7 @@ def extraction(s: dict, device: torch.device) -> list[dict]:
         f, e = statistics.median(fwd), statistics.median(enc)
         rows.append(
             {
-                "encoder": f"timm:{model}",
+                "encoder": model,
                 "precision": ext.settings["precision"],
                 "n_patches": len(data),
                 "batch_size": bs,

@@ -12,6 +12,7 @@ file when the data is missing.
 from __future__ import annotations
 
 import gzip
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.data.test_foreign import (
+    FOREIGN,
+    _clam_save_hdf5,
+    _grid,
+    _slide2vec_output,
+    _stamp_file,
+)
 from tests.synthetic import make_bags, write_mil_csv
 from tiahnm.data.bag import Bag, BagSource
 from tiahnm.demo.slides import SlideSpec, draw_slide, write_pyramid_tiff
@@ -82,6 +90,61 @@ def slide_patches(root: Path) -> dict:
     }
 
 
+def _two_labels(root: Path) -> str:
+    (root / "labels.csv").write_text("slide_id,label\ns0,0\ns1,1\n")
+    return str(root / "labels.csv")
+
+
+def clam_pt(root: Path) -> dict:
+    (root / "pt_files").mkdir()
+    (root / "h5_files").mkdir()
+    rng = np.random.default_rng(0)
+    for sid, n in (("s0", 4), ("s1", 3)):
+        feats = rng.normal(size=(n, 8)).astype(np.float32)
+        _clam_save_hdf5(
+            root / "h5_files" / f"{sid}.h5", {"features": feats, "coords": _grid(n)}
+        )
+        torch.save(torch.from_numpy(feats), root / "pt_files" / f"{sid}.pt")
+    return {"features_dir": str(root / "pt_files"), "labels_csv": _two_labels(root)}
+
+
+def stamp_h5(root: Path) -> dict:
+    rng = np.random.default_rng(1)
+    for sid in ("s0", "s1"):
+        coords_um = (_grid(3) * 0.5).astype(np.float32)
+        _stamp_file(
+            root / f"{sid}.h5",
+            rng.normal(size=(3, 8)).astype(np.float32),
+            coords_um,
+            "uni",
+        )
+    return {"features_dir": str(root), "labels_csv": _two_labels(root), "mpp": 0.5}
+
+
+def slide2vec(root: Path) -> dict:
+    rng = np.random.default_rng(2)
+    x, y = np.array([0, 0, 512]), np.array([0, 512, 0])
+    for sid, fmt in (("s0", "pt"), ("s1", "npz")):
+        _slide2vec_output(
+            root, sid, rng.normal(size=(3, 8)).astype(np.float32), x, y, fmt
+        )
+    return {"features_dir": str(root), "labels_csv": _two_labels(root)}
+
+
+def tia_zarr(root: Path) -> dict:
+    # the DeepFeatureExtractor output committed under tests/data/foreign, twice
+    source = FOREIGN / "tia_zarr" / "CMU-1-Small-Region.zarr"
+    for sid in ("s0", "s1"):
+        shutil.copytree(source, root / f"{sid}.zarr")
+    return {
+        "features_dir": str(root),
+        "labels_csv": _two_labels(root),
+        "resolution": 4.0,
+        "units": "mpp",
+        "mpp": 0.499,
+    }
+
+
 # name -> writes a small dataset under the given folder and returns the options
 DATASETS: dict[str, Callable[[Path], dict]] = {
     "h5_folder": h5_folder,
@@ -89,6 +152,10 @@ DATASETS: dict[str, Callable[[Path], dict]] = {
     "mnist_bags": mnist_bags,
     "image_patches": image_patches,
     "slide_patches": slide_patches,
+    "clam_pt": clam_pt,
+    "stamp_h5": stamp_h5,
+    "slide2vec": slide2vec,
+    "tia_zarr": tia_zarr,
 }
 # The option naming the data: pointed at a missing path, loading must name it.
 DATA_OPTION = {
@@ -97,6 +164,10 @@ DATA_OPTION = {
     "mnist_bags": "path",
     "image_patches": "root",
     "slide_patches": "slides",
+    "clam_pt": "features_dir",
+    "stamp_h5": "features_dir",
+    "slide2vec": "features_dir",
+    "tia_zarr": "features_dir",
 }
 SOURCE_NAMES = sorted(get_registry("bag_source"))
 TESTED = sorted(set(SOURCE_NAMES) & set(DATASETS))
