@@ -311,7 +311,7 @@ def report(args: argparse.Namespace) -> None:
                 "python benchmarks/hard_mining_compare.py --study li2019 --dataset "
                 "mnist_hard --repeats 2",
                 "python benchmarks/hard_mining_compare.py --study stability --dataset "
-                "mnist10 --repeats 2 --epochs 30",
+                "mnist10 --repeats 2 --epochs 20 --n-bags 100",
                 "python benchmarks/hard_mining_compare.py --report",
             ],
             "protocol": "4-fold CV x repeats, identical splits and seeds for every "

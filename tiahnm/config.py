@@ -397,6 +397,11 @@ def _check_values(config: Config) -> None:
         (0.0 <= config.cv.val_fraction < 1.0, "cv.val_fraction must be in [0, 1)"),
         (config.evaluation.bootstrap >= 0, "evaluation.bootstrap must be >= 0"),
         (config.evaluation.heatmaps >= -1, "evaluation.heatmaps must be >= -1"),
+        (
+            not config.extract.annotations or bool(config.extract.slides),
+            "extract.annotations labels the patches of extract.slides only; for "
+            "image_patches or slide_patches give data.options.instance_labels",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

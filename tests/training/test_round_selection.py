@@ -177,3 +177,8 @@ def test_instance_score_is_checked_and_used(tmp_path):
     with h5py.File(scores) as f:
         assert f.attrs["score_kind"] == "attention"
     assert [f["best_round"] for f in summary["folds"]] == [0, 0]
+
+
+def test_extract_annotations_without_slides_is_an_error():
+    with pytest.raises(ConfigError, match=r"data.options.instance_labels"):
+        from_dict({"extract": {"annotations": "masks/"}})
