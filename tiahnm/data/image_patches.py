@@ -29,9 +29,9 @@ from tiahnm.data.bag import Bag
 from tiahnm.data.instance_labels import (
     check_instance_options,
     instance_labels_for,
-    log_dropped,
 )
 from tiahnm.errors import DataError
+from tiahnm.utils.logs import log_dropped
 
 MODES = {"RGB": 3, "L": 1}
 

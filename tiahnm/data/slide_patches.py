@@ -30,9 +30,9 @@ from tiahnm.data.instance_labels import (
     InstanceLabelError,
     check_instance_options,
     instance_labels_for,
-    log_dropped,
 )
 from tiahnm.errors import DataError
+from tiahnm.utils.logs import log_dropped
 
 logger = logging.getLogger(__name__)
 
