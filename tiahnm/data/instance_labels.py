@@ -26,6 +26,7 @@ import numpy as np
 
 from tiahnm.errors import DataError
 
+
 class InstanceLabelError(DataError):
     """Instance labels that cannot be made (the run stops; the bag is not skipped)."""
 
