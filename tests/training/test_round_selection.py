@@ -176,6 +176,11 @@ def test_instance_score_is_checked_and_used(tmp_path):
     scores = tmp_path / "abmil" / "folds" / "r0_f0" / "instance_scores.h5"
     with h5py.File(scores) as f:
         assert f.attrs["score_kind"] == "attention"
+    from tiahnm.evaluation.predict import load_heads
+
+    best = tmp_path / "abmil" / "folds" / "r0_f0" / "best.pt"
+    (loaded,) = load_heads(best, torch.device("cpu"))
+    assert loaded.head.default_eval_score == "attention"  # predict scores the same
     assert [f["best_round"] for f in summary["folds"]] == [0, 0]
 
 

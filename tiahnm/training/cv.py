@@ -334,6 +334,7 @@ def run_fold(
             "state_dict": res.best_state,
             "threshold": threshold,
             "instance_threshold": inst.threshold,
+            "instance_score": head.default_eval_score,
             "normalisation": norm,
             "best_epoch": best_epoch,
             "refit": bool(config.cv.refit and val),
