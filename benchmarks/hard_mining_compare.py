@@ -233,6 +233,8 @@ def summarise(run_root: Path, variants: tuple[str, ...]) -> dict[str, Any]:
         raise SystemExit(msg)
     base = variants[0]
     plain = fold_rows(runs[base]) if base in runs else None
+    # Li 2019's mined variants are adaptive weighting + mining: also against adaptive
+    adaptive = fold_rows(runs["adaptive"]) if "adaptive" in runs else None
     for v, d in runs.items():
         rows = fold_rows(d)
         entry: dict[str, Any] = {"n_folds": len(rows), "folds": rows}
@@ -246,6 +248,10 @@ def summarise(run_root: Path, variants: tuple[str, ...]) -> dict[str, Any]:
                 if plain is not None and v != base:
                     entry[k]["p_vs_plain"] = wilcoxon_p(
                         [r[k] for r in rows], [r[k] for r in plain]
+                    )
+                if adaptive is not None and v not in (base, "adaptive"):
+                    entry[k]["p_vs_adaptive"] = wilcoxon_p(
+                        [r[k] for r in rows], [r[k] for r in adaptive]
                     )
         entry["best_epochs"] = [r["best_epoch"] for r in rows]
         entry["best_rounds"] = [r["best_round"] for r in rows]
