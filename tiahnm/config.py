@@ -153,6 +153,11 @@ class TrainConfig:
     step_size: int = _f(50, "Epochs between decays (step scheduler).")
     gamma: float = _f(0.5, "Decay factor (step scheduler).")
     grad_clip: float | None = _f(None, "Clip the gradient norm to this value.")
+    warmup_epochs: int = _f(
+        0,
+        "Linear learning-rate warm-up over this many epochs (from lr / 10) before "
+        "the schedule starts (the cosine schedule spans the remaining epochs).",
+    )
     monitor: Literal["val_loss", "val_auc", "val_acc"] = _f(
         "val_loss", "Validation metric for early stopping and model selection."
     )
@@ -244,6 +249,12 @@ class EvalConfig:
         "0.5",
         "Instance (patch) threshold for instance F1: 0.5, or Youden's J of the "
         "validation bags' instance scores against their instance labels.",
+    )
+    instance_score: str | None = _f(
+        None,
+        "Instance score stored in instance_scores.h5 and evaluated (instance AUC/AP/F1): "
+        "attention, instance_prob, class_aware or instance_logit, as the head offers; "
+        "default: the head's own (instance_prob for the built-in heads).",
     )
     bootstrap: int = _f(
         1000,
@@ -425,11 +436,21 @@ def _check_values(config: Config) -> None:
         (config.train.lr > 0, "train.lr must be > 0"),
         (config.train.patience >= 1, "train.patience must be >= 1"),
         (config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (config.train.warmup_epochs >= 0, "train.warmup_epochs must be >= 0"),
+        (
+            config.train.grad_clip is None or config.train.grad_clip > 0,
+            "train.grad_clip must be > 0 (or null: no clipping)",
+        ),
         (config.cv.folds >= 2, "cv.folds must be >= 2"),
         (config.cv.repeats >= 1, "cv.repeats must be >= 1"),
         (0.0 <= config.cv.val_fraction < 1.0, "cv.val_fraction must be in [0, 1)"),
         (config.evaluation.bootstrap >= 0, "evaluation.bootstrap must be >= 0"),
         (config.evaluation.heatmaps >= -1, "evaluation.heatmaps must be >= -1"),
+        (
+            not config.extract.annotations or bool(config.extract.slides),
+            "extract.annotations labels the patches of extract.slides only; for "
+            "image_patches or slide_patches give data.options.instance_labels",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

@@ -58,3 +58,28 @@ def test_real_mnist_5k(shared_data):
     ).load()
     assert sum(b.label for b in bags) == 50
     assert 40 <= np.mean([b.n_instances for b in bags]) <= 60
+
+
+def test_hard_negative_digits(tmp_path):
+    p = tmp_path / "m.csv.gz"
+    fake_mnist(p, n_per_digit=40)
+    plain = MNISTBags(str(p), n_bags=20, seed=2).load()
+    hard = MNISTBags(
+        str(p), n_bags=20, seed=2, hard_digits=[4, 7], hard_fraction=0.5
+    ).load()
+    for b in hard:
+        digits = np.array(b.meta["digits"])
+        n_hard = round(0.5 * len(digits))
+        placed = int((digits == 9).sum())  # targets may replace hard digits
+        assert n_hard - placed <= np.isin(digits, [4, 7]).sum() <= n_hard
+        assert b.label == int(placed > 0)
+    assert [b.label for b in hard] == [b.label for b in plain]
+    share = np.mean([np.isin(b.meta["digits"], [4, 7]).mean() for b in plain])
+    assert share < 0.35  # without the option: about 2/9 of the digits
+    for kw, match in (
+        ({"hard_digits": [9], "hard_fraction": 0.5}, "must not hold the target"),
+        ({"hard_fraction": 0.5}, "needs hard_digits"),
+        ({"hard_digits": [4], "hard_fraction": 1.5}, r"in \[0, 1\]"),
+    ):
+        with pytest.raises(DataError, match=match):
+            MNISTBags(str(p), **kw)

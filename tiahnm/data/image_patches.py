@@ -9,6 +9,12 @@ background patches are dropped: a pixel is near-white when every channel is
 ``max_white_fraction`` of its pixels are near-white, or when its mean intensity is
 ``>= max_mean_intensity``. The encoder-plus-head ``encoder_mil`` trains on these bags
 directly, with ``head.options.image_shape: [C, patch_size, patch_size]``.
+How many patches the background filter drops is logged per image and in total.
+
+With ``instance_labels: DIR`` each bag also carries instance labels, from
+``DIR/<stem>_mask.png`` (nonzero = positive) or ``DIR/<stem>.geojson`` polygons in
+image pixels (:mod:`tiahnm.data.instance_labels`): a patch is positive when at least
+``min_overlap`` of it is inside; instance AUC/AP/F1 are then evaluated.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ import numpy as np
 import torch
 
 from tiahnm.data.bag import Bag
+from tiahnm.data.instance_labels import (
+    check_instance_options,
+    instance_labels_for,
+)
 from tiahnm.errors import DataError
+from tiahnm.utils.logs import log_dropped
 
 MODES = {"RGB": 3, "L": 1}
 
@@ -81,6 +92,11 @@ class ImagePatchBags:
             this fraction.
         max_mean_intensity (float): Also drop patches whose mean (0-255) is ``>=``
             this (255: off).
+        instance_labels (str | None): Folder of ``<stem>_mask.png`` masks or
+            ``<stem>.geojson`` polygons giving instance labels (evaluation only); a
+            negative image without a file has only negative patches.
+        min_overlap (float): A patch is positive when at least this fraction of it
+            is inside the positive region.
     """
 
     def __init__(
@@ -96,6 +112,8 @@ class ImagePatchBags:
         white_level: int = 220,
         max_white_fraction: float = 0.5,
         max_mean_intensity: float = 255.0,
+        instance_labels: str | None = None,
+        min_overlap: float = 0.5,
     ) -> None:
         if patch_size < 1 or (stride is not None and stride < 1):
             msg = f"data.options: patch_size and stride must be >= 1, got {patch_size}, {stride}."
@@ -116,6 +134,8 @@ class ImagePatchBags:
         self.white_level = white_level
         self.max_white_fraction = max_white_fraction
         self.max_mean_intensity = max_mean_intensity
+        self.instance_labels = check_instance_options(instance_labels, min_overlap)
+        self.min_overlap = float(min_overlap)
 
     def _rows(self) -> list[tuple[str, int]]:
         path = self.labels_csv
@@ -163,43 +183,57 @@ class ImagePatchBags:
 
     def load(self) -> list[Bag]:
         """Read, tile and filter every listed image (in CSV order)."""
-        bags = []
+        bags, dropped = [], []
         for name, label in self._rows():
-            path = self.root / name
-            image = self._read(path)
-            patches, coords = tile_image(image, self.patch_size, self.stride)
-            drop = background_mask(
-                patches,
-                white_level=self.white_level,
-                max_white_fraction=self.max_white_fraction,
-                max_mean_intensity=self.max_mean_intensity,
-            )
-            patches, coords = patches[~drop], coords[~drop]
-            if len(patches) == 0:
-                msg = (
-                    f"{path}: no {self.patch_size}px patch left after dropping "
-                    "white background; lower white_level filtering or check the image."
-                )
-                raise DataError(msg)
-            chw = patches.transpose(0, 3, 1, 2).reshape(len(patches), -1)
-            bags.append(
-                Bag(
-                    slide_id=Path(name).stem,
-                    label=label,
-                    features=torch.from_numpy(chw.astype(np.float32) / 255.0),
-                    coords=coords,
-                    source=str(path),
-                    meta={
-                        "image_shape": [
-                            image.shape[2],
-                            self.patch_size,
-                            self.patch_size,
-                        ],
-                        "n_dropped": int(drop.sum()),
-                    },
-                )
-            )
+            bag = self._bag(name, label)
+            n_dropped = int(bag.meta["n_dropped"])
+            dropped.append((bag.slide_id, n_dropped, bag.n_instances + n_dropped))
+            bags.append(bag)
+        log_dropped("image_patches", dropped, "white background")
         return bags
+
+    def _bag(self, name: str, label: int) -> Bag:
+        path = self.root / name
+        image = self._read(path)
+        patches, coords = tile_image(image, self.patch_size, self.stride)
+        drop = background_mask(
+            patches,
+            white_level=self.white_level,
+            max_white_fraction=self.max_white_fraction,
+            max_mean_intensity=self.max_mean_intensity,
+        )
+        patches, coords = patches[~drop], coords[~drop]
+        if len(patches) == 0:
+            msg = (
+                f"{path}: no {self.patch_size}px patch left after dropping "
+                "white background; lower white_level filtering or check the image."
+            )
+            raise DataError(msg)
+        inst = None
+        if self.instance_labels is not None:
+            inst = instance_labels_for(
+                self.instance_labels,
+                Path(name).stem,
+                label,
+                coords,
+                self.patch_size,
+                (image.shape[1], image.shape[0]),
+                min_overlap=self.min_overlap,
+                source=str(path),
+            )
+        chw = patches.transpose(0, 3, 1, 2).reshape(len(patches), -1)
+        return Bag(
+            slide_id=Path(name).stem,
+            label=label,
+            features=torch.from_numpy(chw.astype(np.float32) / 255.0),
+            coords=coords,
+            instance_labels=inst,
+            source=str(path),
+            meta={
+                "image_shape": [image.shape[2], self.patch_size, self.patch_size],
+                "n_dropped": int(drop.sum()),
+            },
+        )
 
 
 __all__ = ["ImagePatchBags", "background_mask", "tile_image"]

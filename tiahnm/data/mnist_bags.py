@@ -45,6 +45,13 @@ class MNISTBags:
     Features are the pixels scaled to [0, 1] (``[N, 784]``); ``as_images`` keeps them
     as ``[N, 1, 28, 28]`` for an end-to-end encoder.
 
+    Hard negatives by construction (to test Li et al. 2019 cheaply): with
+    ``hard_digits`` (digits confusable with the target, e.g. 4 and 7 for 9) and
+    ``hard_fraction`` > 0, that fraction of every bag's instances (rounded) is drawn
+    from ``hard_digits`` before the target digits of a positive bag are placed, in
+    negative and positive bags alike, so a hard digit says nothing about the bag
+    label (requires ``balanced``).
+
     Args:
         path (str): CSV of 784 pixels + digit label (e.g. ``mnist_5k.csv.gz``).
         target (int): The digit that makes a bag positive.
@@ -54,6 +61,8 @@ class MNISTBags:
         balanced (bool): Half positive, half negative bags.
         seed (int): Seed of the bag construction.
         as_images (bool): Keep instances as images.
+        hard_digits (list[int] | None): Digits confusable with the target.
+        hard_fraction (float): Fraction of each bag's instances drawn from them.
     """
 
     def __init__(
@@ -67,6 +76,8 @@ class MNISTBags:
         balanced: bool = True,
         seed: int = 0,
         as_images: bool = False,
+        hard_digits: list[int] | None = None,
+        hard_fraction: float = 0.0,
     ) -> None:
         if n_bags < 2 or mean_bag_size < 1 or std_bag_size < 0:
             msg = (
@@ -81,6 +92,17 @@ class MNISTBags:
         self.balanced = balanced
         self.seed = seed
         self.as_images = as_images
+        self.hard_digits = sorted(set(hard_digits or []))
+        self.hard_fraction = float(hard_fraction)
+        if not 0.0 <= self.hard_fraction <= 1.0 or target in self.hard_digits:
+            msg = (
+                "data.options: hard_fraction must be in [0, 1] and hard_digits must "
+                f"not hold the target {target}."
+            )
+            raise DataError(msg)
+        if self.hard_fraction > 0 and (not self.hard_digits or not balanced):
+            msg = "data.options.hard_fraction needs hard_digits and balanced: true."
+            raise DataError(msg)
 
     def load(self) -> list[Bag]:
         """Build the bags (deterministic under ``seed``)."""
@@ -92,12 +114,25 @@ class MNISTBags:
         rng = np.random.default_rng(self.seed)
         targets = np.flatnonzero(is_target)
         others = np.flatnonzero(~is_target)
+        hard = np.isin(digits, self.hard_digits)
+        if self.hard_fraction > 0 and not hard.any():
+            msg = f"{self.path}: none of the hard_digits {self.hard_digits} occurs."
+            raise DataError(msg)
+        hard_pool, easy_pool = np.flatnonzero(hard), np.flatnonzero(~hard & ~is_target)
         bags = []
         for i in range(self.n_bags):
             size = max(1, round(rng.normal(self.mean_bag_size, self.std_bag_size)))
             if self.balanced:
                 want_positive = i % 2 == 1
                 idx = rng.choice(others, size=size, replace=False)
+                if self.hard_fraction > 0:
+                    n_hard = round(self.hard_fraction * size)
+                    idx = np.concatenate(
+                        [
+                            rng.choice(hard_pool, size=n_hard, replace=False),
+                            rng.choice(easy_pool, size=size - n_hard, replace=False),
+                        ]
+                    )[rng.permutation(size)]
                 if want_positive:
                     n_pos = int(rng.integers(1, max(1, size // 4) + 1))
                     slots = rng.choice(size, size=n_pos, replace=False)

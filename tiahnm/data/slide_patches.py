@@ -7,7 +7,13 @@ its patches are stored flattened ``[N, 3*p*p]`` in ``[0, 1]`` (channel-major:
 ``reshape(N, 3, p, p)`` gives them back), with level-0 top-left ``coords``. Use small
 patches or a low resolution: a bag is held in memory (``max_patches`` caps it). A
 slide that cannot be read is reported (logged with the file and the problem) and
-skipped; the others load.
+skipped; the others load. How many grid patches the tissue filter and
+``max_patches`` drop is logged per slide and in total.
+
+With ``instance_labels: DIR`` each bag carries instance labels from
+``DIR/<slide_id>_mask.png`` (nonzero = positive, any downsample of level 0) or
+``DIR/<slide_id>.geojson`` polygons in level-0 pixels
+(:mod:`tiahnm.data.instance_labels`), so instance AUC/AP/F1 are evaluated.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ import torch
 
 from tiahnm.data.bag import Bag
 from tiahnm.data.h5_features import read_labels_csv
+from tiahnm.data.instance_labels import (
+    InstanceLabelError,
+    check_instance_options,
+    instance_labels_for,
+)
 from tiahnm.errors import DataError
+from tiahnm.utils.logs import log_dropped
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,11 @@ class SlidePatchBags:
         power (float | None): Objective power for slides without metadata.
         max_patches (int | None): Keep at most this many patches per slide, evenly
             spaced over the tissue patches in reading order (deterministic).
+        instance_labels (str | None): Folder of ``<slide_id>_mask.png`` masks or
+            ``<slide_id>.geojson`` polygons (level-0 pixels) giving instance labels
+            (evaluation only); a negative slide without a file has only negatives.
+        min_overlap (float): A patch is positive when at least this fraction of its
+            level-0 footprint is inside the positive region.
     """
 
     def __init__(
@@ -58,6 +75,8 @@ class SlidePatchBags:
         mpp: float | None = None,
         power: float | None = None,
         max_patches: int | None = None,
+        instance_labels: str | None = None,
+        min_overlap: float = 0.5,
     ) -> None:
         from tiahnm.slides.tiling import TilingConfig
 
@@ -76,6 +95,8 @@ class SlidePatchBags:
             msg = f"data.options.max_patches must be >= 1, got {max_patches}."
             raise DataError(msg)
         self.max_patches = max_patches
+        self.instance_labels = check_instance_options(instance_labels, min_overlap)
+        self.min_overlap = float(min_overlap)
         self.failures: list[tuple[str, str]] = []
 
     def load(self) -> list[Bag]:
@@ -84,6 +105,7 @@ class SlidePatchBags:
 
         labels, _, _ = read_labels_csv(self.labels_csv)
         bags, self.failures = [], []
+        tissue, capped = [], []
         for path in find_slides(self.slides):
             sid = slide_id(path)
             if sid not in labels:
@@ -91,6 +113,19 @@ class SlidePatchBags:
                 continue
             try:
                 bags.append(self._bag(path, sid, labels[sid]))
+                meta = bags[-1].meta
+                tissue.append(
+                    (sid, meta["n_grid"] - meta["n_tissue_patches"], meta["n_grid"])
+                )
+                capped.append(
+                    (
+                        sid,
+                        meta["n_tissue_patches"] - bags[-1].n_instances,
+                        meta["n_tissue_patches"],
+                    )
+                )
+            except InstanceLabelError:
+                raise
             except DataError as exc:
                 logger.warning("%s Skipped.", exc)
                 self.failures.append((str(path), str(exc)))
@@ -98,6 +133,11 @@ class SlidePatchBags:
             detail = "; ".join(msg for _, msg in self.failures) or "no labelled slide"
             msg = f"data.options.slides: no slide could be loaded ({detail})."
             raise DataError(msg)
+        log_dropped(
+            "slide_patches", tissue, f"tissue fraction < {self.tiling.min_tissue}"
+        )
+        if self.max_patches is not None:
+            log_dropped("slide_patches", capped, f"max_patches {self.max_patches}")
         return bags
 
     def _bag(self, path: Path, sid: str, label: int) -> Bag:
@@ -133,6 +173,18 @@ class SlidePatchBags:
                 raise DataError(msg) from None
         finally:
             close_reader(slide.reader)
+        inst = None
+        if self.instance_labels is not None:
+            inst = instance_labels_for(
+                self.instance_labels,
+                sid,
+                label,
+                tiling.coords[keep],
+                tiling.patch_size_level0,
+                tiling.dimensions,
+                min_overlap=self.min_overlap,
+                source=str(path),
+            )
         p = cfg.patch_size
         chw = patches.transpose(0, 3, 1, 2).reshape(len(patches), -1)
         return Bag(
@@ -140,11 +192,13 @@ class SlidePatchBags:
             label=label,
             features=torch.from_numpy(chw.astype(np.float32) / 255.0),
             coords=tiling.coords[keep],
+            instance_labels=inst,
             source=str(path),
             meta={
                 "image_shape": [3, p, p],
                 "n_tissue_patches": len(tiling),
                 "patch_size_level0": [float(v) for v in tiling.patch_size_level0],
+                "n_grid": tiling.n_grid,
             },
         )
 

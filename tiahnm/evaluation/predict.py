@@ -149,6 +149,8 @@ def load_heads(checkpoint: str | Path, device: torch.device) -> list[LoadedHead]
         except RuntimeError as exc:
             msg = f"{path}: weights do not fit head {ckpt['head']!r} ({exc})."
             raise DataError(msg) from None
+        if ckpt.get("instance_score"):  # the score the run evaluated
+            head.set_eval_score(str(ckpt["instance_score"]))
         head.to(device).eval()
         norm = ckpt.get("normalisation") or {}
         heads.append(

@@ -173,6 +173,20 @@ class MILHead(nn.Module):
             loss = loss + value
         return loss
 
+    def set_eval_score(self, kind: str) -> None:
+        """Make ``kind`` the score stored and evaluated (``evaluation.instance_score``).
+
+        Raises:
+            ConfigError: The head does not give ``kind`` scores (names the choices).
+        """
+        if kind not in self.supported_scores:
+            msg = (
+                f"evaluation.instance_score: {type(self).__name__} does not give "
+                f"{kind!r} scores; choose one of {', '.join(self.supported_scores)}."
+            )
+            raise ConfigError(msg)
+        self.default_eval_score = kind
+
     def instance_scores(
         self, out: MILOutput, kind: str | None = None, *, target: int = 1
     ) -> torch.Tensor:
@@ -205,6 +219,15 @@ class MILHead(nn.Module):
         if kind == "class_aware":
             return probs.max(dim=-1).values
         return probs[:, target]
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the instance projection (``embed``), in a fixed order.
+
+        MHIM's ``student_init: embed`` copies these from the teacher checkpoint;
+        heads that encode instances before projecting them (``encoder_mil``) add the
+        encoder's.
+        """
+        return list(self.embed.parameters())
 
     def _instance_logits(self, out: MILOutput) -> torch.Tensor:
         """Instance logits ``[N, C]``: the instance classifier if any, else the CAM.

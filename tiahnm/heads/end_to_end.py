@@ -164,6 +164,15 @@ class EncoderMIL(MILHead):
         """The inner head's loss."""
         return self.head.loss(out, label)
 
+    def set_eval_score(self, kind: str) -> None:
+        """Choose the evaluated score of the inner head (and of this wrapper)."""
+        self.head.set_eval_score(kind)
+        self.default_eval_score = kind
+
+    def projection_parameters(self) -> list[torch.nn.Parameter]:
+        """The encoder's parameters, then the inner head's projection."""
+        return [*self.encoder.parameters(), *self.head.projection_parameters()]
+
     def instance_scores(
         self, out: MILOutput, kind: str | None = None, *, target: int = 1
     ) -> torch.Tensor:

@@ -19,11 +19,21 @@ instances stays in the student input and the others are summarised into
 ``recycle_tokens`` learnable tokens appended to it (training only).
 
 Evaluation uses the student alone on the full bag (done by the loop).
+
+Teacher start. The paper starts the teacher from a trained baseline
+(``teacher_init``). Without one, the first ``teacher_warmup`` epochs of the first
+round train the student plainly (no masking, no consistency, no EMA); the teacher is
+then a copy of that student and follows it by EMA. The default (``teacher_warmup``
+unset) is 20% of ``train.epochs`` (at least 1, at most ``epochs - 1``) without
+``teacher_init`` and 0 with it: with momentum 0.9999 an EMA teacher started from a
+random head stays nearly random for thousands of steps. What was done is logged.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +51,8 @@ from tiahnm.miners.options import KEY
 from tiahnm.miners.options import check_choice as _choice
 from tiahnm.miners.options import check_positive_int as _positive_int
 from tiahnm.miners.recycle import GlobalRecycleNetwork
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.heads.base import MILHead, MILOutput
@@ -69,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher_mode": "eval",
     "teacher_init": None,
     "student_init": "embed",
+    "teacher_warmup": None,
     "recycle": False,
     "recycle_ratio": 0.8,
     "recycle_tokens": 5,
@@ -293,8 +306,13 @@ class MHIMMiner(Miner):
             raw head state dict. Without it the teacher starts as a copy of the
             student.
         student_init (str | None): With ``teacher_init``, also copy into the student
-            ``embed`` (default: the projection only, v1's ``init_stu_type=fc``),
-            ``all`` or ``none`` of the checkpoint.
+            ``embed`` (default: the projection only, v1's ``init_stu_type=fc``; for
+            ``encoder_mil`` the encoder and the inner head's projection), ``all`` or
+            ``none`` of the checkpoint.
+        teacher_warmup (int | None): Epochs of plain training at the start of the
+            first round, after which the teacher starts as a copy of the student
+            (default: 20% of the epochs without ``teacher_init``, 0 with it; must be
+            0 with ``teacher_init``).
         recycle (bool | None): Enable the v2 Global Recycle Network (False).
         recycle_ratio (float | None): Fraction of the instances kept after masking
             that stay in the student input; the rest are recycled (0.8).
@@ -327,6 +345,7 @@ class MHIMMiner(Miner):
         teacher_mode: str | None = None,
         teacher_init: str | None = None,
         student_init: str | None = None,
+        teacher_warmup: int | None = None,
         recycle: bool | None = None,
         recycle_ratio: float | None = None,
         recycle_tokens: int | None = None,
@@ -351,6 +370,7 @@ class MHIMMiner(Miner):
             "teacher_mode": teacher_mode,
             "teacher_init": teacher_init,
             "student_init": student_init,
+            "teacher_warmup": teacher_warmup,
             "recycle": recycle,
             "recycle_ratio": recycle_ratio,
             "recycle_tokens": recycle_tokens,
@@ -410,6 +430,7 @@ class MHIMMiner(Miner):
                 msg = f"{KEY}.teacher_init: checkpoint {init} not found."
                 raise ConfigError(msg)
         self.teacher_init = str(init) if init is not None else None
+        self.teacher_warmup = self._check_warmup(opts["teacher_warmup"])
         if not isinstance(opts["recycle"], bool):
             msg = f"{KEY}.recycle: expected true or false, got {opts['recycle']!r}."
             raise ConfigError(msg)
@@ -442,6 +463,30 @@ class MHIMMiner(Miner):
         self._teacher_buffers: list[torch.Tensor] = []
         self._student_buffers: list[torch.Tensor] = []
         self._pending_tokens: list[torch.Tensor] = []
+        self._warmup_epochs = 0
+        self._teacher_ready = True
+
+    def _check_warmup(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            msg = f"{KEY}.teacher_warmup: expected an integer >= 0, got {value!r}."
+            raise ConfigError(msg)
+        if value > 0 and self.teacher_init is not None:
+            msg = (
+                f"{KEY}.teacher_warmup must be 0 with teacher_init (the teacher "
+                f"starts from the checkpoint), got {value}."
+            )
+            raise ConfigError(msg)
+        return value
+
+    def warmup_epochs(self, epochs: int) -> int:
+        """Plain-training epochs before the teacher starts (see the module doc)."""
+        if self.teacher_warmup is not None:
+            return min(self.teacher_warmup, epochs)
+        if self.teacher_init is not None:
+            return 0
+        return max(0, min(max(1, math.ceil(0.2 * epochs)), epochs - 1))
 
     # ------------------------------------------------------------------ schedules
     def mask_ratio_h_at(self, step: int, total: int) -> float:
@@ -498,6 +543,39 @@ class MHIMMiner(Miner):
         self._teacher_buffers = list(teacher.buffers())
         self._student_buffers = list(head.buffers())
         self._pending_tokens = []
+        self._warmup_epochs = self.warmup_epochs(ctx.epochs)
+        self._teacher_ready = self._warmup_epochs == 0
+        self._log_teacher_start()
+
+    def _log_teacher_start(self) -> None:
+        if self.teacher_init is not None:
+            logger.info("mhim: teacher starts from %s.", self.teacher_init)
+        elif self._warmup_epochs > 0:
+            logger.info(
+                "mhim: no teacher_init; %d epoch(s) of plain training, then the "
+                "teacher starts as a copy of the student (teacher_warmup).",
+                self._warmup_epochs,
+            )
+        else:
+            logger.warning(
+                "mhim: no teacher_init and no warm-up; the teacher starts as a copy "
+                "of the untrained student (momentum %s).",
+                self.momentum,
+            )
+
+    def on_epoch_start(self, ctx: FitContext, epoch: int) -> None:
+        """At the end of the warm-up, start the teacher from the student."""
+        if self._teacher_ready or self.teacher is None or epoch < self._warmup_epochs:
+            return
+        with torch.no_grad():
+            for t, s in zip(self._teacher_params, self._student_params, strict=True):
+                t.copy_(s.detach())
+            for t, s in zip(self._teacher_buffers, self._student_buffers, strict=True):
+                t.copy_(s)
+        self._teacher_ready = True
+        logger.info(
+            "mhim: warm-up done after %d epoch(s); masking against the teacher.", epoch
+        )
 
     def _load_teacher(self, teacher: MILHead, head: MILHead) -> None:
         from tiahnm.training.checkpoint import load_checkpoint
@@ -519,7 +597,9 @@ class MHIMMiner(Miner):
         elif self.student_init == "embed":
             with torch.no_grad():
                 for p, src in zip(
-                    head.embed.parameters(), teacher.embed.parameters(), strict=True
+                    head.projection_parameters(),
+                    teacher.projection_parameters(),
+                    strict=True,
                 ):
                     p.copy_(src)
 
@@ -565,7 +645,7 @@ class MHIMMiner(Miner):
     ) -> tuple[MILOutput, dict[str, torch.Tensor]]:
         """Teacher scoring, masking, (v2) recycling, student forward, consistency."""
         head = ctx.head
-        if not head.training or self.teacher is None:
+        if not head.training or self.teacher is None or not self._teacher_ready:
             return super().forward(ctx, features, label, step)
         x = features[0] if features.dim() == 3 else features
         teacher = self.teacher
@@ -663,7 +743,7 @@ class MHIMMiner(Miner):
 
     def after_step(self, ctx: FitContext, step: int) -> None:
         """EMA update of the teacher (and of the recycle network's global tokens)."""
-        if self.teacher is None:
+        if self.teacher is None or not self._teacher_ready:
             return
         m = self.momentum_at(step, ctx.total_steps)
         ema_update(self._teacher_params, self._student_params, m)
@@ -689,6 +769,7 @@ class MHIMMiner(Miner):
         """Teacher and recycle weights plus the masking generator state."""
         state = super().state_dict()
         state["generator"] = self.generator.get_state()
+        state["teacher_ready"] = self._teacher_ready
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -696,6 +777,7 @@ class MHIMMiner(Miner):
         super().load_state_dict(state)
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        self._teacher_ready = bool(state.get("teacher_ready", True))
 
 
 __all__ = [

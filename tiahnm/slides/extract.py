@@ -122,6 +122,7 @@ class SlideResult:
         path (str): Input file.
         status (str): ``done``, ``skipped`` (already done) or ``failed``.
         n_patches (int): Patches encoded (or found in the existing file).
+        n_grid (int): Patches in the full grid before the tissue filter (0 unknown).
         seconds (float): Wall time for this slide.
         tiling_s (float): Opening, masking and tiling.
         read_s (float): Time the encoder waited for patches (reading + decoding not
@@ -136,6 +137,7 @@ class SlideResult:
     path: str
     status: str
     n_patches: int = 0
+    n_grid: int = 0
     seconds: float = 0.0
     tiling_s: float = 0.0
     read_s: float = 0.0
@@ -548,6 +550,7 @@ class Extractor:
             str(path),
             "done",
             n_patches=len(tiling),
+            n_grid=tiling.n_grid,
             seconds=now - start,
             tiling_s=tiling_s,
             read_s=read_s,
@@ -652,6 +655,14 @@ class Extractor:
             results.append(result)
             if on_result is not None:
                 on_result(result)
+        from tiahnm.utils.logs import log_dropped
+
+        tiled = [r for r in results if r.status == "done" and r.n_grid]
+        log_dropped(
+            "extract",
+            [(r.slide, r.n_grid - r.n_patches, r.n_grid) for r in tiled],
+            f"tissue fraction < {self.cfg.tiling.min_tissue}",
+        )
         return results
 
 

@@ -122,9 +122,12 @@ def _standardise(
 def build_head(config: Config, in_dim: int, n_classes: int) -> torch.nn.Module:
     """The configured head."""
     options = ensure_options_mapping(config.head.options, "head.options")
-    return get_registry("head").create(
+    head = get_registry("head").create(
         config.head.name, in_dim, n_classes, key="head.options", **options
     )
+    if config.evaluation.instance_score is not None:
+        head.set_eval_score(config.evaluation.instance_score)
+    return head
 
 
 class _KeepUnknown(dict):
@@ -369,6 +372,7 @@ def run_fold(
             "state_dict": res.best_state,
             "threshold": threshold,
             "instance_threshold": inst.threshold,
+            "instance_score": head.default_eval_score,
             "normalisation": norm,
             "best_epoch": best_epoch,
             "refit": bool(config.cv.refit and val),
@@ -384,6 +388,7 @@ def run_fold(
         "n_val": len(val),
         "n_test": len(test),
         "best_epoch": best_epoch,
+        "best_round": res.best_round,
         "epochs_run": len(res.history),
         "threshold": threshold,
         "instance_threshold": inst.threshold,
@@ -575,11 +580,12 @@ def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, An
         ),
         "folds": [
             {
-                k: r[k]
+                k: r.get(k)
                 for k in (
                     "repeat",
                     "fold",
                     "best_epoch",
+                    "best_round",
                     "epochs_run",
                     "threshold",
                     "n_train",

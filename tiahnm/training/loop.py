@@ -58,6 +58,7 @@ class FitResult:
     seconds_per_epoch: float = math.nan
     #: The autocast dtype training and validation ran under (None: full precision).
     autocast_dtype: torch.dtype | None = None
+    best_round: int = 0
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -74,14 +75,24 @@ def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_scheduler(
     opt: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Per-epoch schedule, or None."""
+    """Per-epoch schedule (after ``cfg.warmup_epochs`` of linear warm-up), or None.
+
+    The warm-up rises linearly from ``lr / 10`` to ``lr`` over the warm-up epochs;
+    the cosine schedule then spans the remaining epochs.
+    """
+    sched = torch.optim.lr_scheduler
+    warm = min(cfg.warmup_epochs, cfg.epochs - 1)
+    main: sched.LRScheduler | None = None
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(
-            opt, step_size=cfg.step_size, gamma=cfg.gamma
-        )
-    return None
+        main = sched.CosineAnnealingLR(opt, T_max=max(cfg.epochs - warm, 1))
+    elif cfg.scheduler == "step":
+        main = sched.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if warm <= 0:
+        return main
+    ramp = sched.LinearLR(opt, start_factor=0.1, total_iters=warm)
+    if main is None:
+        return ramp
+    return sched.SequentialLR(opt, [ramp, main], milestones=[warm])
 
 
 @torch.inference_mode()
@@ -237,6 +248,9 @@ def fit(
         "state": None,
         "bad": 0,
     }
+    # The best over every round (validation only): a later round is kept only when
+    # its best validation score beats the earlier rounds' (none: the last round).
+    overall: dict[str, Any] = {"score": None, "epoch": -1, "state": None, "round": 0}
     resume = (
         load_checkpoint(ckpt_path)
         if ckpt_path is not None and ckpt_path.is_file()
@@ -302,6 +316,8 @@ def fit(
                 "bad": int(resume["bad_epochs"]),
             }
             start_epoch = int(resume["epoch"]) + 1
+            if resume.get("overall_best") is not None:
+                overall = dict(resume["overall_best"])
             stopped = bool(resume.get("stopped", False))
             resume = None
             if stopped:
@@ -428,6 +444,7 @@ def fit(
                         "best_epoch": best["epoch"],
                         "best_state": best["state"],
                         "bad_epochs": best["bad"],
+                        "overall_best": overall,
                         "added_bags": [
                             _bag_to_dict(b)
                             for b in train_bags
@@ -439,6 +456,7 @@ def fit(
             if stop:
                 break
         start_epoch = 0
+        overall = _keep_better(overall, best, round_idx, has_val=bool(val_bags))
         round_idx += 1
         if round_idx < cfg.rounds:
             head.load_state_dict(best["state"])
@@ -457,14 +475,15 @@ def fit(
                 "bad": 0,
             }
     return FitResult(
-        best_state=best["state"],
-        best_epoch=best["epoch"],
+        best_state=overall["state"],
+        best_epoch=overall["epoch"],
         history=history,
         train_bags=train_bags,
         seconds_per_epoch=float(np.median(epoch_seconds))
         if epoch_seconds
         else math.nan,
         autocast_dtype=dtype,
+        best_round=overall["round"],
     )
 
 
@@ -493,6 +512,27 @@ def _check_finite(what: str, value: float, epoch: int) -> None:
             "train.nonfinite: skip to skip such steps)."
         )
         raise TrainingDivergedError(msg)
+
+
+def _keep_better(
+    overall: dict[str, Any], best: dict[str, Any], round_idx: int, *, has_val: bool
+) -> dict[str, Any]:
+    """The better of the rounds so far and this round's best (validation score).
+
+    Without validation bags the latest round wins; on a tie the earlier round stays.
+    """
+    if (
+        overall["score"] is None
+        or not has_val
+        or best["score"] > tuple(overall["score"])
+    ):
+        return {
+            "score": list(best["score"]),
+            "epoch": best["epoch"],
+            "state": best["state"],
+            "round": round_idx,
+        }
+    return overall
 
 
 def _batch_loss(
