@@ -69,10 +69,15 @@ def test_label_outside_classes(tmp_path):
         read_labels_csv(csv, classes=["normal", "tumor"])
 
 
-def test_missing_skip(tmp_path):
+def test_missing_skip(tmp_path, caplog):
     fd, csv = folder(tmp_path, "slide_id,label\na,0\nb,1\nc,1\n")
-    bags = H5FeatureFolder(str(fd), str(csv), missing="skip").load()
-    assert len(bags) == 2
+    with caplog.at_level("WARNING"):
+        bags = H5FeatureFolder(str(fd), str(csv), missing="skip").load()
+    assert [(b.slide_id, b.label) for b in bags] == [("a", 0), ("b", 1)]
+    np.testing.assert_array_equal(bags[0].features.numpy(), make_h5(tmp_path / "x.h5"))
+    assert "c" in caplog.text  # the skipped slide is named
+    with pytest.raises(DataError, match="c"):
+        H5FeatureFolder(str(fd), str(csv), missing="error").load()
 
 
 def test_bad_feature_files(tmp_path):

@@ -374,10 +374,12 @@ class H5FeatureFolder:
             raise DataError(msg)
         bags = []
         origins = []
+        skipped: list[str] = []
         for sid, label in labels.items():
             path = feature_path(self.features_dir, sid, self.labels_csv)
             if not path.is_file():
                 if self.missing == "skip":
+                    skipped.append(sid)
                     continue
                 msg = (
                     f"{self.labels_csv}: slide {sid!r} has no feature file {path} "
@@ -411,6 +413,15 @@ class H5FeatureFolder:
                     split=splits.get(sid),
                     source=str(path),
                 )
+            )
+        if skipped:
+            logger.warning(
+                "%s: %d slide(s) of %s have no feature file and are skipped "
+                "(data.options.missing: skip): %s",
+                self.features_dir,
+                len(skipped),
+                self.labels_csv,
+                ", ".join(skipped),
             )
         if not bags:
             msg = f"{self.features_dir}: no feature files for the slides in {self.labels_csv}."
