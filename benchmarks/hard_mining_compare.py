@@ -281,7 +281,7 @@ def report(args: argparse.Namespace) -> None:
     """Collect every finished study/dataset into one JSON and print tables."""
     import scipy
 
-    from tiahnm.utils.io import write_json
+    from tiahnm.utils.provenance import write_result
 
     results: dict[str, Any] = {}
     for study, variants in STUDIES.items():
@@ -302,7 +302,7 @@ def report(args: argparse.Namespace) -> None:
                 ps = "" if p is None else f" (p {p:.3g})"
                 cells.append(f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}{ps}")
             print(f"| {v} | " + " | ".join(cells) + f" | {e['best_epochs']} |")
-    write_json(
+    write_result(
         args.out,
         {
             "commit": _commit(),

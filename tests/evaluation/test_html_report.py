@@ -158,7 +158,8 @@ def test_mhim_records_masked_high_score_instances():
     torch.manual_seed(0)
     bags = make_bags(8, 8, min_n=20, max_n=20)
     head = ABMIL(8, 2, embed_dim=16, attn_dim=8)
-    miner = MHIMMiner(mask_ratio_h=0.1, score="attention")
+    # no warm-up: the teacher masks from the first epoch
+    miner = MHIMMiner(mask_ratio_h=0.1, score="attention", teacher_warmup=0)
     ctx = FitContext(head=head, device=torch.device("cpu"), epochs=2, steps_per_epoch=8)
     miner.on_fit_start(ctx)
     head.train()
