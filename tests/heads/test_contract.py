@@ -619,3 +619,30 @@ def test_checkpoint_round_trip(name, tmp_path):
     x = bag()
     with torch.no_grad():
         assert_same_output(head(x), fresh(x), exact=True)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_declared_capabilities(name):
+    head = make_head(name)
+    assert head.mining_score() in head.supported_scores
+    assert isinstance(head.supports_padding(), bool)
+    if head.encodes_images:
+        assert head.feature_dim == head.head.in_dim
+        assert math.prod(head.image_shape) == head.in_dim
+        with torch.no_grad():
+            feats = head.encoder(bag().reshape(-1, *head.image_shape))
+        assert feats.shape == (N_INST, head.feature_dim)
+    else:
+        with (
+            pytest.raises(NotImplementedError)
+            if not head.supports_padding()
+            else (torch.no_grad())
+        ):
+            head.forward_padded(
+                bag().unsqueeze(0), torch.ones(1, N_INST, dtype=torch.bool)
+            )
+
+
+def test_dsmil_mines_by_its_instance_classifier():
+    assert make_head("dsmil").mining_score() == "instance_logit"
+    assert make_head("abmil").mining_score() == "attention"

@@ -72,11 +72,23 @@ class MILHead(nn.Module):
         default_eval_score (str): The score used as instance probability in evaluation.
         needs_label_in_forward (bool): True when training uses the label in forward
             (CLAM's instance loss).
+        encodes_images (bool): The head encodes image rows itself (``encoder_mil``).
     """
 
     supported_scores: tuple[str, ...] = ("attention", "class_aware", "instance_prob")
     default_eval_score: str = "instance_prob"
     needs_label_in_forward: bool = False
+    #: True for heads that take images (flattened rows) and own a patch encoder
+    #: (``encoder``, inner ``head``, ``image_shape``, ``feature_dim``).
+    encodes_images: bool = False
+
+    def mining_score(self) -> str:
+        """The instance score a miner ranks by when told ``auto``.
+
+        Attention where the head has it, else the class-aware score; heads with a
+        better-suited score (DSMIL's instance classifier) override this.
+        """
+        return "attention" if "attention" in self.supported_scores else "class_aware"
 
     def __init__(
         self,

@@ -38,6 +38,10 @@ class DSMIL(MILHead):
     supported_scores = ("attention", "instance_prob", "class_aware", "instance_logit")
     default_eval_score = "instance_prob"
 
+    def mining_score(self) -> str:
+        """The instance classifier's logit (DSMIL's critical-instance score)."""
+        return "instance_logit"
+
     def __init__(
         self,
         in_dim: int,

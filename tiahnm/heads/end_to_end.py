@@ -49,6 +49,8 @@ class EncoderMIL(MILHead):
         freeze_encoder (bool): Keep the encoder fixed (features only).
     """
 
+    encodes_images = True
+
     def __init__(
         self,
         in_dim: int,
@@ -94,6 +96,7 @@ class EncoderMIL(MILHead):
         self.supported_scores = self.head.supported_scores
         self.default_eval_score = self.head.default_eval_score
         self.needs_label_in_forward = self.head.needs_label_in_forward
+        self.feature_dim = int(info.out_dim)
         self.register_buffer("feature_mean", torch.zeros(info.out_dim))
         self.register_buffer("feature_std", torch.ones(info.out_dim))
         self._eval_cache: dict[tuple, tuple] | None = None

@@ -299,7 +299,7 @@ class HNMMiner(Miner):
     def on_fit_start(self, ctx: FitContext) -> None:
         """Check the head, freeze its encoder, seed, build the projection MLP."""
         head = ctx.head
-        if not all(hasattr(head, a) for a in ("encoder", "head", "image_shape")):
+        if not head.encodes_images:
             msg = (
                 f"miner hnm needs head encoder_mil (a patch encoder + MIL head on image "
                 f"bags); got {type(head).__name__}."
@@ -356,11 +356,8 @@ class HNMMiner(Miner):
     def forward(
         self, ctx: FitContext, features: torch.Tensor, label: torch.Tensor, step: int
     ) -> tuple[MILOutput, dict[str, torch.Tensor]]:
-        """The inner head on encoder features (image rows go through the whole head)."""
-        head = ctx.head
-        if features.shape[-1] == head.in_dim and features.shape[-1] != _out_dim(head):
-            return super().forward(ctx, features, label, step)
-        inner = head.head
+        """The inner head on the encoder features :meth:`batches` yields."""
+        inner = ctx.head.head
         out = inner(features, label=label if inner.needs_label_in_forward else None)
         return out, {}
 
@@ -723,14 +720,8 @@ def _perm(n: int, generator: torch.Generator) -> np.ndarray:
 
 
 def _out_dim(head: MILHead) -> int:
-    dim = getattr(head.encoder, "out_dim", None)
-    if isinstance(dim, int):
-        return dim
-    inner_dim = getattr(head.head, "in_dim", None)
-    if isinstance(inner_dim, int):
-        return inner_dim
-    msg = f"miner hnm: cannot tell the feature width of {type(head.encoder).__name__}."
-    raise ConfigError(msg)
+    """Width of the patch encoder's features (declared by image heads)."""
+    return head.feature_dim
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

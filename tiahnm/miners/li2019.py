@@ -355,7 +355,7 @@ class Li2019Miner(Miner):
     # -------------------------------------------------------------- loop hooks
     def on_fit_start(self, ctx: FitContext) -> None:
         """Check the head, seed the generator, remember the head's initial state."""
-        supported = getattr(ctx.head, "supported_scores", ())
+        supported = ctx.head.supported_scores
         if "attention" not in supported:
             msg = (
                 f"miner li2019 needs a head with attention weights; "

@@ -604,16 +604,7 @@ class MHIMMiner(Miner):
                     p.copy_(src)
 
     def _resolve_score(self, head: MILHead) -> str:
-        from tiahnm.heads.dsmil import DSMIL
-
-        kind = self.score
-        if kind == "auto":
-            if isinstance(head, DSMIL):
-                kind = "instance_logit"
-            elif "attention" in head.supported_scores:
-                kind = "attention"
-            else:
-                kind = "class_aware"
+        kind = head.mining_score() if self.score == "auto" else self.score
         if kind not in head.supported_scores:
             msg = (
                 f"{KEY}.score: {type(head).__name__} does not give {kind!r} scores "

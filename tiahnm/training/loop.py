@@ -572,10 +572,8 @@ def _can_pad(
     head: MILHead, miner: Miner, losses: Sequence[tuple[BatchLoss, float]]
 ) -> bool:
     """Whether a step's bags can go through ``head.forward_padded`` together."""
-    supports = getattr(head, "supports_padding", None)
     return (
-        callable(supports)
-        and bool(supports())
+        head.supports_padding()
         and type(miner).forward is Miner.forward
         and type(miner).batches is Miner.batches
         and not losses
