@@ -69,6 +69,23 @@ class DataConfig:
     standardize: bool = _f(
         False, "Standardise features with the mean/std of each fold's training bags."
     )
+    bag_level: Literal["slide", "patient"] = _f(
+        "slide",
+        "slide: one bag per slide (metrics also per patient when the labels CSV has a "
+        "patient column); patient: one bag per patient, its slides' instances "
+        "concatenated.",
+    )
+
+
+@dataclass
+class TaskConfig(ComponentConfig):
+    """What a label is: the loss, metrics, monitor and threshold."""
+
+    name: str = _f(
+        "auto",
+        "Task: auto (binary for 2 classes, else multiclass), binary, multiclass, "
+        "survival (see `tiahnm plugins`).",
+    )
 
 
 @dataclass
@@ -119,8 +136,10 @@ class TrainConfig:
     step_size: int = _f(50, "Epochs between decays (step scheduler).")
     gamma: float = _f(0.5, "Decay factor (step scheduler).")
     grad_clip: float | None = _f(None, "Clip the gradient norm to this value.")
-    monitor: Literal["val_loss", "val_auc", "val_acc"] = _f(
-        "val_loss", "Validation metric for early stopping and model selection."
+    monitor: Literal["val_loss", "val_auc", "val_acc", "val_c_index"] = _f(
+        "val_loss",
+        "Validation metric for early stopping and model selection (val_auc: macro "
+        "one-vs-rest AUC when C > 2; val_c_index: survival).",
     )
     patience: int = _f(20, "Stop after this many epochs without improvement.")
     min_epochs: int = _f(0, "Never stop before this epoch.")
@@ -226,6 +245,7 @@ class Config:
         None,
         "Input bags.",
     )
+    task: TaskConfig = _f(None, "The task (label semantics, loss, metrics).")
     head: HeadConfig = _f(None, "The MIL head.")
     miner: ComponentConfig = _f(
         None, "The hard-instance miner (none = plain training)."

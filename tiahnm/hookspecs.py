@@ -15,6 +15,7 @@ hooks through the ``tiahnm`` entry-point group::
 * losses: ``factory(**options) -> tiahnm.losses.BatchLoss``
 * encoders: ``factory(**options) -> torch.nn.Module`` giving ``[B, D]`` features
 * bag sources: ``factory(**options) -> tiahnm.data.BagSource``
+* tasks: ``factory(**options) -> tiahnm.tasks.Task``
 
 Unknown option names in a config are reported against the factory's signature.
 """
@@ -91,6 +92,16 @@ def tiahnm_register_bag_sources(register: Register) -> None:
     Args:
         register (Register): Call ``register(name, factory)``; the factory takes keyword
             options and returns a :class:`tiahnm.data.BagSource`.
+    """
+
+
+@hookspec
+def tiahnm_register_tasks(register: Register) -> None:
+    """Register tasks (label semantics, loss, metrics: binary, survival ...).
+
+    Args:
+        register (Register): Call ``register(name, factory)``; the factory takes
+            keyword options and returns a :class:`tiahnm.tasks.Task`.
     """
 
 

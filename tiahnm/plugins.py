@@ -34,6 +34,7 @@ KINDS: dict[str, str] = {
     "loss": "tiahnm_register_losses",
     "encoder": "tiahnm_register_encoders",
     "bag_source": "tiahnm_register_bag_sources",
+    "task": "tiahnm_register_tasks",
 }
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -42,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "tiahnm.losses.plugin",
     "tiahnm.data.plugin",
     "tiahnm.encoders.plugin",
+    "tiahnm.tasks.plugin",
 )
 
 

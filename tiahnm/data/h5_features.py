@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from tiahnm.data.bag import Bag
+from tiahnm.data.cohort import apply_cohort, read_cohort_columns
 from tiahnm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,10 @@ MAX_INTEGER_CLASSES = 10_000
 
 
 def read_labels_csv(
-    path: str | Path, *, classes: list[str] | None = None
+    path: str | Path,
+    *,
+    classes: list[str] | None = None,
+    label_fallback: str | None = None,
 ) -> tuple[dict[str, int], dict[str, str], list[str]]:
     """Read ``slide_id,label[,split]``.
 
@@ -32,6 +36,8 @@ def read_labels_csv(
     Args:
         path (str | Path): The CSV (with a header row).
         classes (list[str] | None): Allowed class names, in index order.
+        label_fallback (str | None): Column used as the label when the CSV has no
+            ``label`` column (the survival event column).
 
     Returns:
         tuple: ``(labels, splits, classes)``: slide id to class index, slide id to split
@@ -42,7 +48,7 @@ def read_labels_csv(
         msg = f"{path}: labels CSV not found."
         raise DataError(msg)
     try:
-        raw, splits = _read_label_rows(path)
+        raw, splits = _read_label_rows(path, label_fallback)
     except UnicodeDecodeError as exc:
         msg = f"{path}: not a UTF-8 text CSV ({exc})."
         raise DataError(msg) from None
@@ -89,12 +95,17 @@ def _integers(values: list[str]) -> list[int] | None:
     return sorted(ints)
 
 
-def _read_label_rows(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+def _read_label_rows(
+    path: Path, label_fallback: str | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
     """``(slide id -> raw label, slide id -> split)`` of a labels CSV, checked per row."""
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]
-        for needed in ("slide_id", "label"):
+        label_col = "label"
+        if "label" not in fields and label_fallback in fields:
+            label_col = label_fallback
+        for needed in ("slide_id", label_col):
             if needed not in fields:
                 msg = (
                     f"{path}: missing column {needed!r} (columns: {', '.join(fields)})."
@@ -111,10 +122,10 @@ def _read_label_rows(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             if sid in raw:
                 msg = f"{path}, row {lineno}: duplicate slide_id {sid!r}."
                 raise DataError(msg)
-            if not row["label"]:
-                msg = f"{path}, row {lineno}: missing label for {sid!r}."
+            if not row[label_col]:
+                msg = f"{path}, row {lineno}: missing {label_col} for {sid!r}."
                 raise DataError(msg)
-            raw[sid] = row["label"]
+            raw[sid] = row[label_col]
             split = row.get("split", "")
             if split:
                 if split not in SPLITS:
@@ -250,6 +261,11 @@ class H5FeatureFolder:
             loop reads bags ahead in background threads (``train.prefetch``). Files
             whose ``features`` are chunked, compressed or not float32 are read into
             memory (with a warning).
+        patient_column (str): Patient column of the CSV (``case_id`` is also
+            accepted for the default); cross-validation groups by it.
+        time_column (str): Survival time column (read when present).
+        event_column (str): Survival event column (0/1); also the label when the
+            CSV has no ``label`` column.
     """
 
     def __init__(
@@ -260,8 +276,16 @@ class H5FeatureFolder:
         classes: list[str] | None = None,
         missing: str = "error",
         stream: bool = False,
+        patient_column: str = "patient_id",
+        time_column: str = "time",
+        event_column: str = "event",
     ) -> None:
         self.stream = stream
+        self.cohort_columns = {
+            "patient_column": patient_column,
+            "time_column": time_column,
+            "event_column": event_column,
+        }
         self.features_dir = Path(features_dir)
         self.labels_csv = Path(labels_csv)
         self.classes = classes
@@ -272,7 +296,12 @@ class H5FeatureFolder:
 
     def load(self) -> list[Bag]:
         """Read every labelled slide's features."""
-        labels, splits, _ = read_labels_csv(self.labels_csv, classes=self.classes)
+        labels, splits, _ = read_labels_csv(
+            self.labels_csv,
+            classes=self.classes,
+            label_fallback=self.cohort_columns["event_column"],
+        )
+        cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)
         if not self.features_dir.is_dir():
             msg = f"{self.features_dir}: features folder not found."
             raise DataError(msg)
@@ -306,18 +335,17 @@ class H5FeatureFolder:
                     )
                 else:
                     tensor, meta = mapped, {"storage": "mmap"}
-            bags.append(
-                Bag(
-                    slide_id=sid,
-                    label=label,
-                    features=tensor,
-                    meta=meta,
-                    coords=coords,
-                    instance_labels=arrays.instance_labels,
-                    split=splits.get(sid),
-                    source=str(path),
-                )
+            bag = Bag(
+                slide_id=sid,
+                label=label,
+                features=tensor,
+                meta=meta,
+                coords=coords,
+                instance_labels=arrays.instance_labels,
+                split=splits.get(sid),
+                source=str(path),
             )
+            bags.append(apply_cohort(bag, cohort, sid, self.labels_csv))
         if not bags:
             msg = f"{self.features_dir}: no feature files for the slides in {self.labels_csv}."
             raise DataError(msg)

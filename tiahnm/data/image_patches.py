@@ -81,6 +81,10 @@ class ImagePatchBags:
             this fraction.
         max_mean_intensity (float): Also drop patches whose mean (0-255) is ``>=``
             this (255: off).
+        patient_column (str): Patient column (``case_id`` also accepted for the
+            default); cross-validation groups by it.
+        time_column (str): Survival time column (read when present).
+        event_column (str): Survival event column (0/1).
     """
 
     def __init__(
@@ -96,7 +100,15 @@ class ImagePatchBags:
         white_level: int = 220,
         max_white_fraction: float = 0.5,
         max_mean_intensity: float = 255.0,
+        patient_column: str = "patient_id",
+        time_column: str = "time",
+        event_column: str = "event",
     ) -> None:
+        self.cohort_columns = {
+            "patient_column": patient_column,
+            "time_column": time_column,
+            "event_column": event_column,
+        }
         if patch_size < 1 or (stride is not None and stride < 1):
             msg = f"data.options: patch_size and stride must be >= 1, got {patch_size}, {stride}."
             raise DataError(msg)
@@ -163,8 +175,14 @@ class ImagePatchBags:
 
     def load(self) -> list[Bag]:
         """Read, tile and filter every listed image (in CSV order)."""
+        from tiahnm.data.cohort import apply_cohort, read_cohort_columns
+
         bags = []
-        for name, label in self._rows():
+        rows = self._rows()
+        cohort = read_cohort_columns(
+            self.labels_csv, key_column=self.image_column, **self.cohort_columns
+        )
+        for name, label in rows:
             path = self.root / name
             image = self._read(path)
             patches, coords = tile_image(image, self.patch_size, self.stride)
@@ -199,6 +217,7 @@ class ImagePatchBags:
                     },
                 )
             )
+            apply_cohort(bags[-1], cohort, name, self.labels_csv)
         return bags
 
 

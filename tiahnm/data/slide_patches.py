@@ -42,6 +42,10 @@ class SlidePatchBags:
         power (float | None): Objective power for slides without metadata.
         max_patches (int | None): Keep at most this many patches per slide, evenly
             spaced over the tissue patches in reading order (deterministic).
+        patient_column (str): Patient column of the labels CSV (``case_id`` also
+            accepted for the default).
+        time_column (str): Survival time column (read when present).
+        event_column (str): Survival event column (0/1).
     """
 
     def __init__(
@@ -58,7 +62,15 @@ class SlidePatchBags:
         mpp: float | None = None,
         power: float | None = None,
         max_patches: int | None = None,
+        patient_column: str = "patient_id",
+        time_column: str = "time",
+        event_column: str = "event",
     ) -> None:
+        self.cohort_columns = {
+            "patient_column": patient_column,
+            "time_column": time_column,
+            "event_column": event_column,
+        }
         from tiahnm.slides.tiling import TilingConfig
 
         self.slides = [slides] if isinstance(slides, str) else list(slides)
@@ -80,9 +92,13 @@ class SlidePatchBags:
 
     def load(self) -> list[Bag]:
         """Tile and read every labelled slide; unreadable ones are skipped."""
+        from tiahnm.data.cohort import apply_cohort, read_cohort_columns
         from tiahnm.slides.reader import find_slides, slide_id
 
-        labels, _, _ = read_labels_csv(self.labels_csv)
+        labels, _, _ = read_labels_csv(
+            self.labels_csv, label_fallback=self.cohort_columns["event_column"]
+        )
+        cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)
         bags, self.failures = [], []
         for path in find_slides(self.slides):
             sid = slide_id(path)
@@ -90,7 +106,8 @@ class SlidePatchBags:
                 logger.warning("%s: no label in %s; skipped.", path, self.labels_csv)
                 continue
             try:
-                bags.append(self._bag(path, sid, labels[sid]))
+                bag = self._bag(path, sid, labels[sid])
+                bags.append(apply_cohort(bag, cohort, sid, self.labels_csv))
             except DataError as exc:
                 logger.warning("%s Skipped.", exc)
                 self.failures.append((str(path), str(exc)))

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,11 +33,13 @@ def predict_with_scores(
     *,
     amp: torch.dtype | None = None,
     want_scores: bool = True,
+    task: Any = None,
 ) -> tuple[np.ndarray, float, list[np.ndarray] | None]:
     """:func:`~tiahnm.training.loop.predict` with instance scores when the head has them.
 
     A head whose :meth:`instance_scores` raises ``ValueError`` (a plugin head without
     its ``default_eval_score``) is predicted without scores, with a warning.
+    ``task`` (a :class:`tiahnm.tasks.Task`) gives the output rows and the loss.
 
     Returns:
         tuple: ``(probs [n, C], mean loss, instance scores per bag or None)``.
@@ -46,14 +48,14 @@ def predict_with_scores(
 
     if want_scores and bags:
         try:
-            return predict(head, bags, device, amp=amp, instance_scores=True)
+            return predict(head, bags, device, amp=amp, instance_scores=True, task=task)
         except (ValueError, NotImplementedError) as exc:
             logger.warning(
                 "%s gives no instance scores (%s); no instance metrics or heatmaps.",
                 type(head).__name__,
                 exc,
             )
-    return predict(head, bags, device, amp=amp)
+    return predict(head, bags, device, amp=amp, task=task)
 
 
 @dataclass

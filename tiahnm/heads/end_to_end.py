@@ -164,6 +164,10 @@ class EncoderMIL(MILHead):
         """The inner head's loss."""
         return self.head.loss(out, label)
 
+    def loss_terms(self, out: MILOutput) -> list[tuple[float, torch.Tensor]]:
+        """The inner head's loss streams."""
+        return self.head.loss_terms(out)
+
     def instance_scores(
         self, out: MILOutput, kind: str | None = None, *, target: int = 1
     ) -> torch.Tensor:

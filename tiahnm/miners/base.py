@@ -59,9 +59,16 @@ class FitContext:
 
 
 class Miner:
-    """Plain training: every bag, shuffled, one per step. Subclass to mine."""
+    """Plain training: every bag, shuffled, one per step. Subclass to mine.
+
+    Class attributes:
+        name (str): The registered name.
+        supported_tasks (tuple[str, ...]): Tasks (:mod:`tiahnm.tasks`) the miner
+            works with; another task is a config error naming both before training.
+    """
 
     name = "none"
+    supported_tasks: tuple[str, ...] = ("binary", "multiclass", "survival")
 
     def on_fit_start(self, ctx: FitContext) -> None:
         """Called once per round before the first epoch."""

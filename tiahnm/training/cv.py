@@ -16,10 +16,8 @@ Writes, in ``config.output_dir``:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -32,10 +30,17 @@ import torch
 
 from tiahnm.config import Config, save_config
 from tiahnm.data.bag import Bag
+from tiahnm.data.cohort import check_patient_labels, patient_bags
 from tiahnm.errors import DataError
 from tiahnm.evaluation.fold import evaluate_fold_instances, predict_with_scores
 from tiahnm.evaluation.metrics import INSTANCE_METRICS, add_confidence_intervals
 from tiahnm.plugins import ensure_options_mapping, get_registry
+from tiahnm.tasks import Task, build_task, check_miner, default_task
+from tiahnm.tasks.evaluate import (
+    fold_patient_metrics,
+    task_confidence_intervals,
+    write_predictions_csv,
+)
 from tiahnm.training.checkpoint import save_checkpoint
 from tiahnm.training.device import amp_dtype, resolve_device
 from tiahnm.training.distributed import (
@@ -46,9 +51,10 @@ from tiahnm.training.distributed import (
     local_device,
 )
 from tiahnm.training.loop import fit
-from tiahnm.training.metrics import METRICS, aggregate, binary_metrics, choose_threshold
+from tiahnm.training.metrics import METRICS, aggregate
 from tiahnm.training.splits import (
     Fold,
+    check_grouping,
     fixed_split,
     kfold_splits,
     read_split_file,
@@ -78,19 +84,33 @@ def load_bags(config: Config) -> list[Bag]:
     return bags
 
 
-def make_folds(config: Config, bags: Sequence[Bag]) -> list[Fold]:
-    """Folds from the data's split column, a split file, or stratified k-fold CV."""
+def make_folds(
+    config: Config, bags: Sequence[Bag], task: Task | None = None
+) -> list[Fold]:
+    """Folds from the data's split column, a split file, or stratified k-fold CV.
+
+    With patients (``Bag.patient_id``) the generated folds are grouped by patient,
+    and every fold, also of a split file or split column, is checked: a patient in
+    two of train/val/test is a DataError naming the patient and fold.
+    """
+    groups = [b.patient_id for b in bags]
     if config.cv.split_file:
-        return read_split_file(config.cv.split_file, [b.slide_id for b in bags])
+        folds = read_split_file(config.cv.split_file, [b.slide_id for b in bags])
+        check_grouping(folds, groups, where=str(config.cv.split_file))
+        return folds
     splits = [b.split for b in bags]
     if config.cv.use_source_split and all(s is not None for s in splits):
-        return fixed_split(splits)
+        folds = fixed_split(splits)
+        check_grouping(folds, groups, where="the data's split column")
+        return folds
+    labels = task.stratify_labels(bags) if task is not None else [b.label for b in bags]
     return kfold_splits(
-        [b.label for b in bags],
+        labels,
         folds=config.cv.folds,
         repeats=config.cv.repeats,
         val_fraction=config.cv.val_fraction,
         seed=config.seed,
+        groups=groups if any(groups) else None,
     )
 
 
@@ -163,31 +183,6 @@ def build_losses(config: Config) -> list[tuple[Any, float]]:
     return out
 
 
-def _fold_metrics(
-    labels: list[int], probs: np.ndarray, threshold: float
-) -> dict[str, float]:
-    if probs.shape[1] == 2:
-        return binary_metrics(labels, probs[:, 1], threshold)
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        f1_score,
-        roc_auc_score,
-    )
-
-    pred = probs.argmax(1)
-    try:
-        auc = float(roc_auc_score(labels, probs, multi_class="ovr"))
-    except ValueError:
-        auc = math.nan
-    return {
-        "auc": auc,
-        "accuracy": float(accuracy_score(labels, pred)),
-        "f1": float(f1_score(labels, pred, average="macro")),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-    }
-
-
 def _progress(config: Config, dctx: DistContext = SINGLE) -> bool:
     return (
         config.train.progress
@@ -205,8 +200,12 @@ def run_fold(
     n_classes: int,
     device: torch.device,
     dctx: DistContext = SINGLE,
+    task: Task | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one fold; returns (and writes) its result.
+
+    ``n_classes`` is the number of head outputs; ``task`` (default: binary or
+    multiclass) gives the loss, threshold, metrics and prediction rows.
 
     Under ``torchrun`` every rank trains (data parallel); rank 0 alone evaluates and
     writes, and the other ranks read its ``result.json``.
@@ -218,6 +217,7 @@ def run_fold(
     if dctx.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
     seed = config.seed + 1000 * fold.repeat + fold.fold
+    task = task or default_task(n_classes)
     torch.manual_seed(seed)
     norm = None
     if config.data.standardize:
@@ -258,6 +258,7 @@ def run_fold(
             checkpoint_dir=fold_dir,
             on_epoch_end=on_epoch_end,
             dist_ctx=dctx,
+            task=task,
         )
     head.load_state_dict(res.best_state)
     dtype = amp_dtype(device, config.train.amp)
@@ -273,6 +274,7 @@ def run_fold(
                 seed,
                 device,
                 dctx,
+                task,
             )
         barrier(dctx)
         return json.loads(result_path.read_text())
@@ -282,12 +284,9 @@ def run_fold(
         device,
         amp=dtype,
         want_scores=config.evaluation.instance_threshold == "youden",
+        task=task,
     )
-    threshold = 0.5
-    if n_classes == 2 and val:
-        threshold = choose_threshold(
-            [b.label for b in val], val_probs[:, 1], config.evaluation.threshold
-        )
+    threshold = task.threshold(val, val_probs, config.evaluation.threshold)
     best_epoch = res.best_epoch
     if config.cv.refit and val:
         # The epoch count was chosen on validation; the final model also learns from
@@ -302,13 +301,13 @@ def run_fold(
             seed,
             device,
             dctx,
+            task,
         )
     fit_seconds = time.perf_counter() - t0
     test_probs, test_loss, inst_scores = predict_with_scores(
-        head, test, device, amp=dtype
+        head, test, device, amp=dtype, task=task
     )
-    labels = [b.label for b in test]
-    metrics = _fold_metrics(labels, test_probs, threshold)
+    metrics = task.metrics(test, test_probs, threshold)
     metrics["loss"] = test_loss
     inst = evaluate_fold_instances(
         val=val,
@@ -332,6 +331,7 @@ def run_fold(
             "threshold": threshold,
             "instance_threshold": inst.threshold,
             "normalisation": norm,
+            "task": task.describe(),
             "best_epoch": best_epoch,
             "refit": bool(config.cv.refit and val),
         },
@@ -351,21 +351,12 @@ def run_fold(
         "seconds": fit_seconds,
         "seconds_per_epoch": res.seconds_per_epoch,
         "metrics": metrics,
-        "predictions": [
-            {
-                "slide_id": b.slide_id,
-                "label": b.label,
-                "probability": float(
-                    test_probs[i, 1] if n_classes == 2 else test_probs[i].max()
-                ),
-                "prediction": int(test_probs[i, 1] >= threshold)
-                if n_classes == 2
-                else int(test_probs[i].argmax()),
-            }
-            for i, b in enumerate(test)
-        ],
+        "predictions": _prediction_rows(task, test, test_probs, threshold),
         "history": res.history,
     }
+    patient = fold_patient_metrics(task, test, test_probs, threshold)
+    if patient:
+        result["patient_metrics"] = patient
     write_json(result_path, result)
     (fold_dir / "last.pt").unlink(missing_ok=True)
     (fold_dir / "refit" / "last.pt").unlink(missing_ok=True)
@@ -383,6 +374,7 @@ def _refit(
     seed: int,
     device: torch.device,
     dctx: DistContext,
+    task: Task | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Retrain a fresh head on ``bags`` for ``best_epoch + 1`` epochs (same seed)."""
     torch.manual_seed(seed)
@@ -398,6 +390,7 @@ def _refit(
         seed=seed,
         checkpoint_dir=fold_dir / "refit",
         dist_ctx=dctx,
+        task=task,
     )
     head.load_state_dict(res.best_state)
     return head, res
@@ -427,13 +420,23 @@ def run_training(
         torch.set_num_threads(config.train.num_threads)
     bags = list(bags) if bags is not None else load_bags(config)
     n_classes = max(2, max(b.label for b in bags) + 1)
-    folds = make_folds(config, bags)
+    task = build_task(config.task.name, config.task.options, n_classes)
+    task.check_monitor(config.train.monitor)
+    task.check_bags(bags)
+    check_patient_labels(bags)
+    if config.data.bag_level == "patient":
+        bags = patient_bags(bags)
+    n_outputs = task.n_outputs(n_classes)
+    folds = make_folds(config, bags, task)
     if dctx.is_main:
         write_split_file(out / "splits.csv", folds, [b.slide_id for b in bags])
     device = local_device(resolve_device(config.train.device), dctx)
     # Builds every component once before training, so a bad name or option fails fast.
-    build_head(config, int(bags[0].features.shape[1]), n_classes)
-    build_miner(config, folds[0])  # fold placeholders filled as in the folds
+    task.check_head(
+        build_head(config, int(bags[0].features.shape[1]), n_outputs), config.head.name
+    )
+    # fold placeholders filled as in the folds; a miner without this task: error
+    check_miner(task, build_miner(config, folds[0]), config.miner.name)
     build_losses(config)
     from tqdm.auto import tqdm
 
@@ -445,52 +448,85 @@ def run_training(
                 bags,
                 fold,
                 out / "folds" / fold.name,
-                n_classes=n_classes,
+                n_classes=n_outputs,
                 device=device,
                 dctx=dctx,
+                task=task,
             )
         )
-    summary = add_confidence_intervals(
-        summarise(results, config),
-        results,
-        n_resamples=config.evaluation.bootstrap,
-        seed=config.seed,
-    )
+    summary = summarise(results, config)
+    summary["task"] = task.describe()
+    if task.ci_metrics is None:
+        add_confidence_intervals(
+            summary, results, n_resamples=config.evaluation.bootstrap, seed=config.seed
+        )
+    else:
+        task_confidence_intervals(
+            task,
+            summary,
+            results,
+            n_resamples=config.evaluation.bootstrap,
+            seed=config.seed,
+        )
     if not dctx.is_main:
         return summary
     write_json(out / "summary.json", summary)
-    with atomic_open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "repeat", "fold", "label", "probability", "prediction"])
-        for r in results:
-            for p in r["predictions"]:
-                w.writerow(
-                    [
-                        p["slide_id"],
-                        r["repeat"],
-                        r["fold"],
-                        p["label"],
-                        f"{p['probability']:.6f}",
-                        p["prediction"],
-                    ]
-                )
+    write_predictions_csv(out / "predictions.csv", results)
     if config.evaluation.report:
         from tiahnm.evaluation.report import write_report_safely
 
         write_report_safely(out, summary, results)
+        _append_task_sections(out, task, results)
     return summary
+
+
+def _prediction_rows(
+    task: Task, bags: Sequence[Bag], probs: np.ndarray, threshold: float
+) -> list[dict[str, Any]]:
+    """The task's prediction rows, with ``patient_id`` when the bags have one."""
+    rows = task.prediction_rows(bags, probs, threshold)
+    if any(b.patient_id for b in bags):
+        for row, b in zip(rows, bags, strict=True):
+            row["patient_id"] = b.patient_id or ""
+    return rows
+
+
+def _append_task_sections(out: Path, task: Task, results: Sequence[dict]) -> None:
+    """Append the task's report sections (survival curves ...) to ``report.md``."""
+    lines = task.report_sections(out, results)
+    report = out / "report.md"
+    if lines and report.is_file():
+        text = report.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
+        with atomic_open(report, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n".join(lines) + "\n")
+
+
+def _metric_keys(rows: Sequence[dict[str, float]]) -> list[str]:
+    """The binary and instance metrics first, then any other metric of the task."""
+    keys = [*METRICS, *INSTANCE_METRICS]
+    for row in rows:
+        keys += [k for k in row if k not in keys and k != "loss"]
+    return keys
 
 
 def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, Any]:
     """Aggregate fold results: over folds, and over repeats (mean of each repeat)."""
-    keys = [*METRICS, *INSTANCE_METRICS]
     rows = [r["metrics"] for r in results]
+    keys = _metric_keys(rows)
     repeats = sorted({r["repeat"] for r in results})
     repeat_rows = []
     for rep in repeats:
         agg = aggregate([r["metrics"] for r in results if r["repeat"] == rep], keys)
         repeat_rows.append({k: v["mean"] for k, v in agg.items()})
-    return {
+    patient_rows = [r["patient_metrics"] for r in results if r.get("patient_metrics")]
+    extra = {}
+    if patient_rows:
+        extra["patient_metrics"] = {
+            k: v
+            for k, v in aggregate(patient_rows, _metric_keys(patient_rows)).items()
+            if v["n"]
+        }
+    return extra | {
         "head": config.head.name,
         "miner": config.miner.name,
         "losses": [loss.name for loss in config.losses],
