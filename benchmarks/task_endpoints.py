@@ -13,7 +13,11 @@ Writes ``benchmarks/results/task_endpoints.json`` with
 * multi-class MNIST-bags (0, 1, 2+ nines: 3 ordinal classes): macro AUC and
   quadratic kappa of AB-MIL vs mean pooling.
 
-Usage: ``python benchmarks/task_endpoints.py [--shared ../shared] [--epochs 20]``
+Recipes (epochs, lr, alpha, bins, batch, monitor) are chosen per model on a separate
+development cohort (other random bags, never reported), written to
+``benchmarks/results/task_recipe_sweep.json``; the evaluation cohorts are then run once.
+
+Usage: ``python benchmarks/task_endpoints.py [--shared ../shared] [--n-bags 200]``
 """
 
 from __future__ import annotations
@@ -123,6 +127,10 @@ def leakage_check() -> dict:
     }
 
 
+#: Exponential censoring rate giving 30% censored bags in expectation.
+CENSOR_RATE = 0.1218
+
+
 def mnist_bags(
     shared: Path, n_bags: int, seed: int, kind: str
 ) -> tuple[list[Bag], np.ndarray]:
@@ -133,7 +141,8 @@ def mnist_bags(
     counts = rng.integers(0, 4, size=n_bags)
     rate = 0.1 * np.exp(0.8 * counts)
     t_event = rng.exponential(1 / rate)
-    t_cens = rng.exponential(1 / (0.1 * 0.9), size=n_bags)  # ~30% censored
+    # censoring rate 0.1218: E[rate_c / (rate_c + rate_event)] = 0.30 over counts 0-3
+    t_cens = rng.exponential(1 / CENSOR_RATE, size=n_bags)
     bags = []
     for i in range(n_bags):
         size = int(rng.integers(8, 13))
@@ -156,6 +165,10 @@ def mnist_bags(
     return bags, counts
 
 
+#: The recipe of the first run (issue-15 commit 13cd070), before any choice.
+BASE_RECIPE = {"epochs": 12, "lr": 5e-4, "monitor": "val_loss", "batch": 1}
+
+
 def run_cv(
     bags,
     counts,
@@ -163,10 +176,11 @@ def run_cv(
     name: str,
     head: str,
     task: dict,
-    args,
+    recipe: dict,
     miner: str = "none",
-    batch: int = 1,
 ) -> dict:
+    """5-fold CV of ``head`` under ``recipe`` (epochs, lr, monitor, batch)."""
+    r = BASE_RECIPE | recipe
     cfg = from_dict(
         {
             "output_dir": str(tmp / name),
@@ -175,13 +189,13 @@ def run_cv(
             "head": {"name": head, "options": {"embed_dim": 64}},
             "miner": {"name": miner},
             "train": {
-                "epochs": args.epochs,
-                "lr": 5e-4,
+                "epochs": r["epochs"],
+                "lr": r["lr"],
                 "progress": False,
                 "num_threads": 1,
-                "batch_size": batch,
-                "patience": args.epochs,
-                "monitor": "val_loss",
+                "batch_size": r["batch"],
+                "patience": r["epochs"],
+                "monitor": r["monitor"],
             },
             "cv": {"folds": 5, "val_fraction": 0.15},
             "evaluation": {"bootstrap": 200, "report": False},
@@ -190,6 +204,8 @@ def run_cv(
     t0 = time.perf_counter()
     summary = run_training(cfg, bags=bags)
     out = {
+        "recipe": r,
+        "task": task,
         "seconds": time.perf_counter() - t0,
         "metrics": {
             k: v
@@ -223,17 +239,138 @@ def run_cv(
     return out
 
 
+#: Models: (head, task, miner, grid). MHIM(AB-MIL) takes AB-MIL NLL's choice.
+SURVIVAL_MODELS = {
+    "abmil_nll": ("abmil", {"loss": "nll"}, "none", "nll"),
+    "abmil_cox": ("abmil", {"loss": "cox", "ties": "efron"}, "none", "cox"),
+    "mhim_abmil_nll": ("abmil", {"loss": "nll"}, "mhim", "abmil_nll"),
+    "mean_pool_nll": ("mean_pool", {"loss": "nll"}, "none", "nll"),
+    "mean_pool_cox": ("mean_pool", {"loss": "cox", "ties": "efron"}, "none", "cox"),
+}
+MULTICLASS_MODELS = ("abmil", "mean_pool")
+
+#: Recipes tried on the development cohort: (name, recipe, task option overrides).
+GRIDS = {
+    "nll": [
+        ("base", {}, {}),
+        ("e30", {"epochs": 30}, {}),
+        ("e30_alpha0.4", {"epochs": 30}, {"alpha": 0.4}),
+        ("e30_batch16", {"epochs": 30, "batch": 16}, {}),
+        ("e30_monitor_c", {"epochs": 30, "monitor": "val_c_index"}, {}),
+        ("e30_lr2e-3", {"epochs": 30, "lr": 2e-3}, {}),
+    ],
+    "cox": [
+        ("base_batch16", {"batch": 16}, {}),
+        ("e30_batch16", {"epochs": 30, "batch": 16}, {}),
+    ],
+    "multiclass": [
+        ("base", {}, {}),
+        ("e30", {"epochs": 30}, {}),
+        ("e30_monitor_auc", {"epochs": 30, "monitor": "val_auc"}, {}),
+    ],
+}
+
+
+def sweep(args, tmp: Path, done: dict) -> dict:
+    """Every recipe of :data:`GRIDS` on a development cohort (seeds 100 / 101).
+
+    The development cohort is generated like the evaluation cohort but from other
+    random draws; its 5-fold c-index / macro AUC only chooses recipes and is never
+    reported as a result. Runs already in ``done`` (a previous sweep file) are kept;
+    the file is rewritten after each new run.
+    """
+    out: dict = {"survival": {}, "multiclass": {}} | done
+    only = set(args.only_grid.split(",")) if args.only_grid else None
+
+    def save() -> None:
+        args.sweep_json.parent.mkdir(parents=True, exist_ok=True)
+        args.sweep_json.write_text(json.dumps(out, indent=2) + "\n")
+
+    bags, counts = mnist_bags(args.shared, args.n_bags, 100, "survival")
+    for key, (head, task_opts, miner, grid) in SURVIVAL_MODELS.items():
+        for name, recipe, extra in GRIDS.get(grid, []):
+            if name in out["survival"].get(key, {}) or (only and name not in only):
+                continue
+            task = {"name": "survival", "options": task_opts | extra}
+            res = run_cv(
+                bags, counts, tmp, f"dev_{key}_{name}", head, task, recipe, miner
+            )
+            out["survival"].setdefault(key, {})[name] = res
+            save()
+            print("dev", key, name, res["metrics"]["c_index"]["mean"], flush=True)
+    bags, counts = mnist_bags(args.shared, args.n_bags, 101, "multiclass")
+    for head in MULTICLASS_MODELS:
+        for name, recipe, extra in GRIDS["multiclass"]:
+            if name in out["multiclass"].get(head, {}) or (only and name not in only):
+                continue
+            task = {"name": "multiclass", "options": {"ordinal": True} | extra}
+            res = run_cv(bags, counts, tmp, f"dev_mc_{head}_{name}", head, task, recipe)
+            out["multiclass"].setdefault(head, {})[name] = res
+            save()
+            print("dev mc", head, name, res["metrics"]["auc"]["mean"], flush=True)
+    return out
+
+
+def chosen(dev: dict, kind: str, key: str, metric: str) -> tuple[str, dict, dict]:
+    """The recipe with the best development-cohort mean ``metric``."""
+    grid = "multiclass" if kind == "multiclass" else SURVIVAL_MODELS[key][3]
+    runs = dev[kind][key]
+    best = max(runs, key=lambda n: runs[n]["metrics"][metric]["mean"])
+    name, recipe, extra = next(g for g in GRIDS[grid] if g[0] == best)
+    return name, recipe, extra
+
+
+def evaluate(args, tmp: Path, dev: dict) -> tuple[dict, dict]:
+    """Each model once on the evaluation cohorts (seeds 0 / 1) with its chosen recipe."""
+    bags, counts = mnist_bags(args.shared, args.n_bags, 0, "survival")
+    surv: dict = {
+        "n_bags": len(bags),
+        "censored_fraction": float(np.mean([1 - b.event for b in bags])),
+    }
+    for key, (head, task_opts, miner, grid) in SURVIVAL_MODELS.items():
+        source = grid if grid not in GRIDS else key
+        name, recipe, extra = chosen(dev, "survival", source, "c_index")
+        task = {"name": "survival", "options": task_opts | extra}
+        res = run_cv(bags, counts, tmp, key, head, task, recipe, miner)
+        surv[key] = res | {"recipe_name": name}
+        print(key, name, res["metrics"]["c_index"], flush=True)
+    bags, counts = mnist_bags(args.shared, args.n_bags, 1, "multiclass")
+    multi: dict = {
+        "n_bags": len(bags),
+        "classes": "0, 1, 2+ nines (ordinal)",
+        "class_counts": np.bincount([b.label for b in bags]).tolist(),
+    }
+    for head in MULTICLASS_MODELS:
+        name, recipe, extra = chosen(dev, "multiclass", head, "auc")
+        task = {"name": "multiclass", "options": {"ordinal": True} | extra}
+        res = run_cv(bags, counts, tmp, "mc_" + head, head, task, recipe)
+        multi[head] = res | {"recipe_name": name}
+        print(head, name, res["metrics"]["auc"], flush=True)
+    return surv, multi
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shared", type=Path, default=Path("../shared"))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--n-bags", type=int, default=250)
+    p.add_argument("--n-bags", type=int, default=200)
+    p.add_argument(
+        "--sweep-json",
+        type=Path,
+        default=Path("benchmarks/results/task_recipe_sweep.json"),
+        help="Development-cohort sweep: its runs are reused, missing ones run.",
+    )
+    p.add_argument("--sweep-only", action="store_true", help="Stop after the sweep.")
+    p.add_argument(
+        "--only-grid",
+        default=None,
+        help="Sweep only these recipe names (comma-separated; others skipped).",
+    )
     p.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/task_endpoints.json")
     )
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = {
+    meta = {
         "argv": sys.argv,
         "commit": subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True
@@ -241,64 +378,21 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "hardware": f"{platform.machine()} CPU, 1 torch thread",
-        "reference": reference_checks(),
-        "leakage": leakage_check(),
     }
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        bags, counts = mnist_bags(args.shared, args.n_bags, 0, "survival")
-        surv = {
-            "n_bags": len(bags),
-            "censored_fraction": float(np.mean([1 - b.event for b in bags])),
+        done = {}
+        if args.sweep_json.is_file():
+            done = json.loads(args.sweep_json.read_text())
+        dev = sweep(args, tmp, meta | done)
+        if args.sweep_only:
+            return
+        result = meta | {
+            "reference": reference_checks(),
+            "leakage": leakage_check(),
+            "recipes_from": str(args.sweep_json),
         }
-        runs = {
-            "abmil_nll": (
-                "abmil",
-                {"name": "survival", "options": {"loss": "nll"}},
-                "none",
-                1,
-            ),
-            "abmil_cox": (
-                "abmil",
-                {"name": "survival", "options": {"loss": "cox", "ties": "efron"}},
-                "none",
-                16,
-            ),
-            "mhim_abmil_nll": (
-                "abmil",
-                {"name": "survival", "options": {"loss": "nll"}},
-                "mhim",
-                1,
-            ),
-            "mean_pool_nll": (
-                "mean_pool",
-                {"name": "survival", "options": {"loss": "nll"}},
-                "none",
-                1,
-            ),
-        }
-        for key, (head, task, miner, batch) in runs.items():
-            surv[key] = run_cv(bags, counts, tmp, key, head, task, args, miner, batch)
-            print(key, surv[key]["metrics"]["c_index"], flush=True)
-        result["survival_mnist"] = surv
-        bags, counts = mnist_bags(args.shared, args.n_bags, 1, "multiclass")
-        multi = {
-            "n_bags": len(bags),
-            "classes": "0, 1, 2+ nines (ordinal)",
-            "class_counts": np.bincount([b.label for b in bags]).tolist(),
-        }
-        for key, head in (("abmil", "abmil"), ("mean_pool", "mean_pool")):
-            multi[key] = run_cv(
-                bags,
-                counts,
-                tmp,
-                "mc_" + key,
-                head,
-                {"name": "multiclass", "options": {"ordinal": True}},
-                args,
-            )
-            print(key, multi[key]["metrics"]["auc"], flush=True)
-        result["multiclass_mnist"] = multi
+        result["survival_mnist"], result["multiclass_mnist"] = evaluate(args, tmp, dev)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["reference"], indent=2))

@@ -495,8 +495,11 @@ def run_pipeline(
 
         t0 = time.perf_counter()
         manifest.start("report", report_key, {})
+        from tiahnm.tasks import task_from_spec
+
         summary, folds = load_run(out)
-        result.report = write_report_safely(out, summary, folds)
+        task = task_from_spec(summary.get("task_spec"))
+        result.report = write_report_safely(out, summary, folds, task)
         seconds = time.perf_counter() - t0
         if result.report is not None:
             manifest.finish("report", report_key, seconds)

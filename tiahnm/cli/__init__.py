@@ -315,13 +315,14 @@ def init(path: str, force: bool) -> None:  # noqa: FBT001 - click flag
     click.echo(f"Wrote {target}. Edit it, then: tiahnm run {target}")
 
 
-from tiahnm.cli.evaluate import heatmap, predict, report  # noqa: E402
+from tiahnm.cli.evaluate import evaluate, heatmap, predict, report  # noqa: E402
 from tiahnm.cli.extract import extract  # noqa: E402 - needs the helpers above
 
 cli.add_command(extract)
 cli.add_command(predict)
 cli.add_command(heatmap)
 cli.add_command(report)
+cli.add_command(evaluate)
 
 
 def main() -> None:

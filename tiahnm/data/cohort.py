@@ -182,8 +182,10 @@ def _merge(patient: str, members: Sequence[Bag]) -> Bag:
         meta={
             "slide_ids": [b.slide_id for b in members],
             "instance_slide": which,
+            "slide_sources": [b.source for b in members],
             "row": first.meta.get("row"),
             "labels_csv": first.meta.get("labels_csv"),
+            "class_name": first.meta.get("class_name"),
         },
     )
 

@@ -27,6 +27,7 @@ def read_labels_csv(
     *,
     classes: list[str] | None = None,
     label_fallback: str | None = None,
+    require_all: bool = True,
 ) -> tuple[dict[str, int], dict[str, str], list[str]]:
     """Read ``slide_id,label[,split]``.
 
@@ -38,6 +39,8 @@ def read_labels_csv(
         classes (list[str] | None): Allowed class names, in index order.
         label_fallback (str | None): Column used as the label when the CSV has no
             ``label`` column (the survival event column).
+        require_all (bool): Every listed class (``classes``) must have a row
+            (False for an external cohort scored with a trained model).
 
     Returns:
         tuple: ``(labels, splits, classes)``: slide id to class index, slide id to split
@@ -59,6 +62,7 @@ def read_labels_csv(
         msg = f"{path}: no rows."
         raise DataError(msg)
     values = sorted(set(raw.values()))
+    given = classes is not None
     if classes is None:
         ints = _integers(values)
         if ints is not None:
@@ -82,6 +86,14 @@ def read_labels_csv(
             )
             raise DataError(msg)
         labels[sid] = index[value]
+    if require_all and given:
+        absent = [c for c in classes if c not in set(raw.values())]
+        if absent:
+            msg = (
+                f"{path}: class {absent[0]!r} listed in data.options.classes has no "
+                f"rows (classes without rows: {absent}); remove it from the list."
+            )
+            raise DataError(msg)
     return labels, splits, classes
 
 
@@ -289,6 +301,8 @@ class H5FeatureFolder:
         self.features_dir = Path(features_dir)
         self.labels_csv = Path(labels_csv)
         self.classes = classes
+        #: Every class of ``classes`` must have a row (off for external cohorts).
+        self.require_all_classes = True
         if missing not in ("error", "skip"):
             msg = f"data.options.missing must be 'error' or 'skip', got {missing!r}."
             raise DataError(msg)
@@ -296,10 +310,11 @@ class H5FeatureFolder:
 
     def load(self) -> list[Bag]:
         """Read every labelled slide's features."""
-        labels, splits, _ = read_labels_csv(
+        labels, splits, names = read_labels_csv(
             self.labels_csv,
             classes=self.classes,
             label_fallback=self.cohort_columns["event_column"],
+            require_all=self.require_all_classes,
         )
         cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)
         if not self.features_dir.is_dir():
@@ -335,6 +350,7 @@ class H5FeatureFolder:
                     )
                 else:
                     tensor, meta = mapped, {"storage": "mmap"}
+            meta["class_name"] = names[label]
             bag = Bag(
                 slide_id=sid,
                 label=label,

@@ -95,7 +95,7 @@ class SlidePatchBags:
         from tiahnm.data.cohort import apply_cohort, read_cohort_columns
         from tiahnm.slides.reader import find_slides, slide_id
 
-        labels, _, _ = read_labels_csv(
+        labels, _, names = read_labels_csv(
             self.labels_csv, label_fallback=self.cohort_columns["event_column"]
         )
         cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)
@@ -107,6 +107,7 @@ class SlidePatchBags:
                 continue
             try:
                 bag = self._bag(path, sid, labels[sid])
+                bag.meta["class_name"] = names[labels[sid]]
                 bags.append(apply_cohort(bag, cohort, sid, self.labels_csv))
             except DataError as exc:
                 logger.warning("%s Skipped.", exc)

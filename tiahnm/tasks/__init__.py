@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tiahnm.tasks.base import ALL_TASKS, Task, check_miner
+from tiahnm.tasks.base import ALL_TASKS, Task, check_miner, task_from_spec
 
 
 def build_task(name: str, options: Mapping[str, Any] | None, n_classes: int) -> Task:
@@ -31,4 +31,11 @@ def default_task(n_classes: int) -> Task:
     return BinaryTask() if n_classes <= 2 else MulticlassTask()
 
 
-__all__ = ["ALL_TASKS", "Task", "build_task", "check_miner", "default_task"]
+__all__ = [
+    "ALL_TASKS",
+    "Task",
+    "build_task",
+    "check_miner",
+    "default_task",
+    "task_from_spec",
+]

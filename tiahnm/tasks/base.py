@@ -56,6 +56,9 @@ class Task:
     def check_bags(self, bags: Sequence[Bag]) -> None:
         """Raise :class:`~tiahnm.errors.DataError` naming the bag at fault."""
 
+    def check_class_names(self, class_names: Sequence[str], where: str) -> None:
+        """Raise :class:`ConfigError` when the data's class names do not fit the task."""
+
     def check_head(self, head: MILHead, head_name: str) -> None:
         """Raise :class:`ConfigError` when ``head`` cannot serve this task."""
 
@@ -71,6 +74,13 @@ class Task:
     def stratify_labels(self, bags: Sequence[Bag]) -> np.ndarray:
         """The labels cross-validation stratifies on (class, or event for survival)."""
         return np.asarray([b.label for b in bags], dtype=np.int64)
+
+    def check_folds(self, bags: Sequence[Bag], folds: Sequence[Any]) -> None:
+        """Raise :class:`~tiahnm.errors.DataError` naming a fold this task cannot train.
+
+        Runs when the splits are made, before any training (``folds`` are
+        :class:`~tiahnm.training.splits.Fold`: ``name``, ``train``, ``val``, ``test``).
+        """
 
     def fit(self, train_bags: Sequence[Bag]) -> None:
         """Learn per-fold state from the training bags only (survival bins)."""
@@ -125,6 +135,41 @@ class Task:
         """One number per bag: positive-class probability, max probability or risk."""
         return outputs[:, 1] if outputs.shape[1] == 2 else outputs.max(1)
 
+    #: Store ``[N, C]`` per-class instance scores with the heatmap scores (C > 2).
+    per_class_instance_scores = False
+
+    #: What :meth:`score` is, as a column name (``probability`` or ``risk``).
+    score_name = "probability"
+
+    def predicted_labels(self, outputs: np.ndarray, threshold: float) -> np.ndarray:
+        """Per-bag decision: class at ``threshold`` (binary), argmax, or high risk."""
+        if outputs.shape[1] == 2:
+            return (outputs[:, 1] >= threshold).astype(np.int64)
+        return outputs.argmax(1).astype(np.int64)
+
+    def output_columns(self, outputs: np.ndarray, threshold: float) -> dict[str, Any]:
+        """Columns of an unlabelled bag's ``predictions.csv`` row from its ``[W]`` outputs.
+
+        ``probability`` (positive or top class) and ``prediction``; with more than 2
+        classes also ``p_<k>``.
+        """
+        row = outputs.reshape(1, -1)
+        cols: dict[str, Any] = {
+            "probability": float(self.score(row)[0]),
+            "prediction": int(self.predicted_labels(row, threshold)[0]),
+        }
+        if row.shape[1] > 2:
+            cols.update({f"p_{k}": float(v) for k, v in enumerate(row[0])})
+        return cols
+
+    def target(self, bag: Bag) -> int:
+        """The integer stored as a bag's label with its scores (class, or event)."""
+        return int(bag.label)
+
+    def spec(self) -> dict[str, Any]:
+        """``{"name", "options"}`` rebuilding this task (stored in checkpoints)."""
+        return {"name": self.name, "options": {}}
+
     def threshold(
         self, val_bags: Sequence[Bag], val_outputs: np.ndarray, rule: str
     ) -> float:
@@ -175,10 +220,30 @@ class Task:
         return {"name": self.name}
 
     def report_sections(
-        self, run_dir: Any, results: Sequence[dict[str, Any]]
+        self,
+        run_dir: Any,
+        results: Sequence[dict[str, Any]],
+        summary: dict[str, Any] | None = None,
     ) -> list[str]:
         """Extra markdown lines (and PNGs written in ``run_dir``) for ``report.md``."""
         return []
+
+    #: Slide metrics of the report's main table, in order.
+    report_metrics: tuple[str, ...] = (
+        "auc",
+        "accuracy",
+        "f1",
+        "balanced_accuracy",
+        "precision",
+        "recall",
+        "fpr",
+    )
+
+    def fold_extras(
+        self, bags: Sequence[Bag], outputs: np.ndarray, threshold: float
+    ) -> dict[str, Any]:
+        """Extra entries of a fold's ``result.json`` (the multi-class confusion matrix)."""
+        return {}
 
     #: Metrics bootstrapped over pooled test predictions (None: the binary path of
     #: :mod:`tiahnm.evaluation.metrics`).
@@ -190,6 +255,15 @@ _MONITOR_KEYS = {
     "val_acc": "val_acc",
     "val_c_index": "val_c_index",
 }
+
+
+def task_from_spec(spec: Any, n_classes: int = 2) -> Task:
+    """The task a ``summary.json`` / checkpoint ``task_spec`` names (binary if none)."""
+    from tiahnm.tasks import build_task, default_task
+
+    if not isinstance(spec, dict) or "name" not in spec:
+        return default_task(n_classes)
+    return build_task(str(spec["name"]), spec.get("options") or {}, n_classes)
 
 
 def supported_tasks(miner: Any) -> tuple[str, ...]:
@@ -208,4 +282,4 @@ def check_miner(task: Task, miner: Any, miner_name: str) -> None:
         raise ConfigError(msg)
 
 
-__all__ = ["ALL_TASKS", "Task", "check_miner"]
+__all__ = ["ALL_TASKS", "Task", "check_miner", "task_from_spec"]

@@ -110,9 +110,24 @@ class MulticlassTask(Task):
     """
 
     name = "multiclass"
+    per_class_instance_scores = True
 
     def __init__(self, *, ordinal: bool = False) -> None:
         self.ordinal = bool(ordinal)
+
+    def check_bags(self, bags: Sequence[Any]) -> None:
+        """Every class index ``0..C-1`` must have a bag (a class with none is an error)."""
+        present = {int(b.label) for b in bags}
+        n_classes = max(present) + 1 if present else 0
+        absent = [k for k in range(n_classes) if k not in present]
+        if absent:
+            where = bags[0].meta.get("labels_csv") or bags[0].source or "data"
+            msg = (
+                f"{where}: class {absent[0]} has no bag (labels are class indices "
+                f"0..{n_classes - 1}; classes without bags: {absent}); relabel the "
+                "classes 0..K-1 or list data.options.classes."
+            )
+            raise DataError(msg)
 
     def metrics(
         self, bags: Sequence[Any], outputs: np.ndarray, threshold: float
@@ -152,6 +167,47 @@ class MulticlassTask(Task):
         n = sum(1 for k in rows[0] if k.startswith("p_")) if rows else 0
         probs = [[float(r[f"p_{k}"]) for k in range(n)] for r in rows]
         return _targets(rows), np.asarray(probs, dtype=np.float64).reshape(-1, n)
+
+    def spec(self) -> dict[str, Any]:
+        """Name and ``ordinal``."""
+        return {"name": self.name, "options": {"ordinal": self.ordinal}}
+
+    def check_class_names(self, class_names: Sequence[str], where: str) -> None:
+        """ConfigError when ``ordinal`` is set and the class names are not integers."""
+        from tiahnm.errors import ConfigError
+
+        if not self.ordinal:
+            return
+        bad = [c for c in class_names if not str(c).lstrip("-").isdigit()]
+        if bad:
+            msg = (
+                f"task.options.ordinal: true needs integer classes (grades), but "
+                f"{where} has class names {list(class_names)} ({bad[0]!r} is not an "
+                "integer); relabel the grades as integers or set ordinal: false."
+            )
+            raise ConfigError(msg)
+
+    report_metrics = ("auc", "accuracy", "balanced_accuracy", "f1", "kappa")
+
+    def fold_extras(
+        self, bags: Sequence[Any], outputs: np.ndarray, threshold: float
+    ) -> dict[str, Any]:
+        """``confusion_matrix`` (rows: label, columns: argmax prediction)."""
+        labels = [int(b.label) for b in bags]
+        return {
+            "confusion_matrix": confusion(labels, outputs.argmax(1), outputs.shape[1])
+        }
+
+    def report_sections(
+        self,
+        run_dir: Any,
+        results: Sequence[dict[str, Any]],
+        summary: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Per-class AUC / recall table and the confusion matrix (summed over folds)."""
+        from tiahnm.tasks.report import multiclass_sections
+
+        return multiclass_sections(self, results, summary or {})
 
     def describe(self) -> dict[str, Any]:
         """Name, ordinal flag and the kappa weighting."""

@@ -49,15 +49,20 @@ def bootstrap_task_ci(
     n_resamples: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    names: Sequence[str] | None = None,
+    threshold: float = math.nan,
 ) -> dict[str, dict[str, Any]]:
     """Pooled point estimates and percentile bootstrap CIs of ``task.ci_metrics``.
+
+    ``names`` overrides ``task.ci_metrics``; ``threshold`` is passed to
+    ``task.metrics`` (for thresholded binary metrics of one cohort).
 
     As :func:`tiahnm.evaluation.metrics.bootstrap_ci`: the point estimate is the
     metric of each repeat's pooled predictions, averaged over repeats; a resample
     draws slides with replacement (the same draw in every repeat when they share
     their slides).
     """
-    names = task.ci_metrics or ()
+    names = tuple(names) if names is not None else (task.ci_metrics or ())
     reps = [task.from_rows(rows) for rows in pooled_rows(results).values() if rows]
     if not reps or not names:
         return {}
@@ -65,7 +70,7 @@ def bootstrap_task_ci(
     n = len(reps[0][0])
     shared = all(len(t) == n for t, _ in reps)
     idx_shared = rng.integers(0, n, size=(n_resamples, n)) if shared else None
-    points = [task.metrics(t, o, math.nan) for t, o in reps]
+    points = [task.metrics(t, o, threshold) for t, o in reps]
     draws: list[list[dict[str, float]]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,7 +81,7 @@ def bootstrap_task_ci(
                 else rng.integers(0, len(t), (n_resamples, len(t)))
             )
             draws.append(
-                [task.metrics([t[j] for j in row], o[row], math.nan) for row in idx]
+                [task.metrics([t[j] for j in row], o[row], threshold) for row in idx]
             )
         out = {}
         for k in names:

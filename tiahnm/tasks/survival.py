@@ -99,6 +99,18 @@ class SurvivalTask(Task):
             )
             raise ConfigError(msg)
 
+    def check_folds(self, bags: Sequence[Any], folds: Sequence[Any]) -> None:
+        """Every fold's training part needs an event (bins / risk sets)."""
+        for f in folds:
+            if not any(bags[i].event for i in f.train):
+                where = bags[0].meta.get("labels_csv") or bags[0].source or "data"
+                msg = (
+                    f"{where}: fold {f.name} has no event among its {len(f.train)} "
+                    "training bags (survival needs events to learn from); use fewer "
+                    "folds (cv.folds) or a split file with events in every fold."
+                )
+                raise DataError(msg)
+
     def stratify_labels(self, bags: Sequence[Any]) -> np.ndarray:
         """Stratify cross-validation by event."""
         return np.asarray([int(b.event) for b in bags], dtype=np.int64)
@@ -161,6 +173,33 @@ class SurvivalTask(Task):
         """The risk (higher = earlier event)."""
         return outputs[:, 0]
 
+    score_name = "risk"
+
+    def predicted_labels(self, outputs: np.ndarray, threshold: float) -> np.ndarray:
+        """1 for the high-risk group (risk >= the validation-chosen cut)."""
+        return (outputs[:, 0] >= threshold).astype(np.int64)
+
+    def output_columns(self, outputs: np.ndarray, threshold: float) -> dict[str, Any]:
+        """``risk`` and ``high_risk`` (risk >= the mean validation-chosen cut)."""
+        risk = float(outputs.reshape(-1)[0])
+        return {"risk": risk, "high_risk": int(risk >= threshold)}
+
+    def target(self, bag: Any) -> int:
+        """The event indicator."""
+        return int(bag.event)
+
+    def spec(self) -> dict[str, Any]:
+        """Name and the loss options."""
+        return {
+            "name": self.name,
+            "options": {
+                "loss": self.loss,
+                "n_bins": self.n_bins,
+                "ties": self.ties,
+                "alpha": self.alpha,
+            },
+        }
+
     def threshold(
         self, val_bags: Sequence[Any], val_outputs: np.ndarray, rule: str
     ) -> float:
@@ -206,6 +245,18 @@ class SurvivalTask(Task):
         ]
 
     ci_metrics = ("c_index",)
+    report_metrics = ("c_index", "logrank_p")
+
+    def report_sections(
+        self,
+        run_dir: Any,
+        results: Sequence[dict[str, Any]],
+        summary: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Kaplan-Meier curves of the risk groups (``km.png``) and the log-rank test."""
+        from tiahnm.tasks.report import survival_sections
+
+        return survival_sections(run_dir, results)
 
     def from_rows(self, rows: Sequence[dict[str, Any]]) -> tuple[list[Any], np.ndarray]:
         """Targets (time, event) and ``[n, 1]`` risks."""

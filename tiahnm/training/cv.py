@@ -60,7 +60,7 @@ from tiahnm.training.splits import (
     read_split_file,
     write_split_file,
 )
-from tiahnm.utils.io import atomic_open, write_json
+from tiahnm.utils.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +319,7 @@ def run_fold(
         rule=config.evaluation.instance_threshold,
         fold_dir=fold_dir,
         head=head,
+        task=task,
     )
     metrics.update(inst.metrics)
     save_checkpoint(
@@ -332,6 +333,7 @@ def run_fold(
             "instance_threshold": inst.threshold,
             "normalisation": norm,
             "task": task.describe(),
+            "task_spec": task.spec(),
             "best_epoch": best_epoch,
             "refit": bool(config.cv.refit and val),
         },
@@ -354,6 +356,7 @@ def run_fold(
         "predictions": _prediction_rows(task, test, test_probs, threshold),
         "history": res.history,
     }
+    result.update(task.fold_extras(test, test_probs, threshold))
     patient = fold_patient_metrics(task, test, test_probs, threshold)
     if patient:
         result["patient_metrics"] = patient
@@ -423,11 +426,13 @@ def run_training(
     task = build_task(config.task.name, config.task.options, n_classes)
     task.check_monitor(config.train.monitor)
     task.check_bags(bags)
+    _check_class_names(task, bags, config)
     check_patient_labels(bags)
     if config.data.bag_level == "patient":
         bags = patient_bags(bags)
     n_outputs = task.n_outputs(n_classes)
     folds = make_folds(config, bags, task)
+    task.check_folds(bags, folds)
     if dctx.is_main:
         write_split_file(out / "splits.csv", folds, [b.slide_id for b in bags])
     device = local_device(resolve_device(config.train.device), dctx)
@@ -456,6 +461,7 @@ def run_training(
         )
     summary = summarise(results, config)
     summary["task"] = task.describe()
+    summary["task_spec"] = task.spec()
     if task.ci_metrics is None:
         add_confidence_intervals(
             summary, results, n_resamples=config.evaluation.bootstrap, seed=config.seed
@@ -475,9 +481,19 @@ def run_training(
     if config.evaluation.report:
         from tiahnm.evaluation.report import write_report_safely
 
-        write_report_safely(out, summary, results)
-        _append_task_sections(out, task, results)
+        write_report_safely(out, summary, results, task)
     return summary
+
+
+def _check_class_names(task: Task, bags: Sequence[Bag], config: Config) -> None:
+    """The task's check of the data's class names (``meta["class_name"]``)."""
+    names: dict[int, str] = {}
+    for b in bags:
+        if b.meta.get("class_name") is not None:
+            names.setdefault(int(b.label), str(b.meta["class_name"]))
+    if names:
+        where = bags[0].meta.get("labels_csv") or f"data source {config.data.source!r}"
+        task.check_class_names([names[k] for k in sorted(names)], str(where))
 
 
 def _prediction_rows(
@@ -489,16 +505,6 @@ def _prediction_rows(
         for row, b in zip(rows, bags, strict=True):
             row["patient_id"] = b.patient_id or ""
     return rows
-
-
-def _append_task_sections(out: Path, task: Task, results: Sequence[dict]) -> None:
-    """Append the task's report sections (survival curves ...) to ``report.md``."""
-    lines = task.report_sections(out, results)
-    report = out / "report.md"
-    if lines and report.is_file():
-        text = report.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
-        with atomic_open(report, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n".join(lines) + "\n")
 
 
 def _metric_keys(rows: Sequence[dict[str, float]]) -> list[str]:
