@@ -243,7 +243,7 @@ def test_evaluate_bad_cohort_names_the_row(survival_run, tmp_path) -> None:
     bad.write_text("\n".join(text) + "\n")
     run = dict(survival_run, labels=bad)
     code, output = _evaluate(run, tmp_path / "x")
-    assert code != 0 and "row 3" in output and "'event'" in output
+    assert code == 1 and "row 3" in output and "'event'" in output
 
 
 def test_patient_bag_scores_are_split_per_slide() -> None:
@@ -314,3 +314,41 @@ def test_errors_before_training(tmp_path) -> None:
     with pytest.raises(DataError, match=r"fold r0_f1 has no event among its"):
         run_training(from_dict(surv), bags=bags)
     assert not (tmp_path / "r" / "folds").exists()  # nothing trained
+
+
+def test_uno_c_index_and_td_auc_use_the_training_censoring() -> None:
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+
+    from tiahnm.tasks.survival import SurvivalTask
+
+    rng = np.random.default_rng(0)
+
+    def bags(n: int) -> list[Bag]:
+        out = []
+        for i in range(n):
+            t = float(rng.exponential(1.0))
+            out.append(
+                Bag(f"b{i}", 0, torch.zeros(1, 1), time=t, event=int(i % 3 != 0))
+            )
+        return out
+
+    train, test = bags(60), bags(40)
+    task = SurvivalTask(loss="cox")
+    task.fit(train)
+    risk = -np.array([b.time for b in test]) + rng.normal(0, 0.5, 40)
+    m = task.metrics(test, risk[:, None], 0.0)
+
+    def y(bs: list[Bag]) -> np.ndarray:
+        return np.array(
+            [(bool(b.event), b.time) for b in bs], dtype=[("e", bool), ("t", float)]
+        )
+
+    t_train = np.array([b.time for b in train])
+    tau = np.percentile(t_train, 80)
+    ref = concordance_index_ipcw(y(train), y(test), risk, tau=tau)[0]
+    assert m["uno_c_index"] == pytest.approx(ref, abs=1e-12)
+    ev = t_train[[bool(b.event) for b in train]]
+    times = np.quantile(ev, [0.25, 0.5, 0.75])
+    ref_auc = cumulative_dynamic_auc(y(train), y(test), risk, times)[1]
+    assert m["td_auc"] == pytest.approx(ref_auc, abs=1e-12)
+    assert 0.6 < m["uno_c_index"] <= 1.0  # risk ranks early events high

@@ -38,6 +38,8 @@ NAMES = {
     "instance_ap": "instance average precision",
     "instance_f1": "instance F1",
     "c_index": "c-index (Harrell)",
+    "uno_c_index": "c-index (Uno, IPCW)",
+    "td_auc": "time-dependent AUC (mean)",
     "logrank_p": "log-rank p (risk groups)",
     "kappa": "Cohen's kappa",
 }

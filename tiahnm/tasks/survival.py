@@ -71,6 +71,9 @@ class SurvivalTask(Task):
         self.alpha = float(alpha)
         self.couples_bags = loss == "cox"
         self.edges: np.ndarray | None = None
+        #: ``(time, event)`` of the bags of the last :meth:`fit` (the censoring
+        #: distribution of Uno's c-index and the time-dependent AUC).
+        self.train_survival: tuple[np.ndarray, np.ndarray] | None = None
 
     def n_outputs(self, n_classes: int) -> int:
         """``n_bins`` logits (nll) or 2 (cox)."""
@@ -116,11 +119,12 @@ class SurvivalTask(Task):
         return np.asarray([int(b.event) for b in bags], dtype=np.int64)
 
     def fit(self, train_bags: Sequence[Any]) -> None:
-        """Bin edges from the training bags' uncensored times (nll)."""
-        if self.loss != "nll":
-            return
+        """Bin edges from the training bags' uncensored times (nll); their survival data."""
         times = np.asarray([b.time for b in train_bags], dtype=np.float64)
         events = np.asarray([b.event for b in train_bags])
+        self.train_survival = (times, events.astype(bool))
+        if self.loss != "nll":
+            return
         if not events.any():
             msg = "survival: a training fold has no events (cannot form time bins); use fewer folds."
             raise DataError(msg)
@@ -215,10 +219,13 @@ class SurvivalTask(Task):
         time = np.asarray([b.time for b in bags], dtype=np.float64)
         event = np.asarray([b.event for b in bags], dtype=bool)
         risk = outputs[:, 0]
-        return {
+        out = {
             "c_index": harrell_c_index(time, event, risk),
             "logrank_p": logrank_p(time, event, risk >= threshold),
         }
+        if self.train_survival is not None:
+            out.update(ipcw_metrics(self.train_survival, time, event, risk))
+        return out
 
     def val_row(
         self, val_bags: Sequence[Any], val_outputs: np.ndarray
@@ -245,7 +252,7 @@ class SurvivalTask(Task):
         ]
 
     ci_metrics = ("c_index",)
-    report_metrics = ("c_index", "logrank_p")
+    report_metrics = ("c_index", "uno_c_index", "td_auc", "logrank_p")
 
     def report_sections(
         self,
@@ -294,6 +301,54 @@ def harrell_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> fl
         return math.nan
 
 
+def _structured(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    y = np.empty(len(time), dtype=[("event", bool), ("time", np.float64)])
+    y["event"] = np.asarray(event, dtype=bool)
+    y["time"] = np.asarray(time, dtype=np.float64)
+    return y
+
+
+def ipcw_metrics(
+    train: tuple[np.ndarray, np.ndarray],
+    time: np.ndarray,
+    event: np.ndarray,
+    risk: np.ndarray,
+) -> dict[str, float]:
+    """Uno's c-index and the mean time-dependent AUC (scikit-survival, IPCW).
+
+    The censoring distribution is estimated on the training bags ``train``.
+    ``uno_c_index`` is truncated at ``tau`` = the 80th percentile of the training
+    times; ``td_auc`` is scikit-survival's ``cumulative_dynamic_auc`` mean over the
+    25/50/75% quantiles of the training event times (those inside the test
+    follow-up). NaN where undefined (no events, times outside the range).
+    """
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+
+    out = {"uno_c_index": math.nan, "td_auc": math.nan}
+    event = np.asarray(event, dtype=bool)
+    t_train, e_train = train
+    if len(time) < 2 or not event.any() or not e_train.any():
+        return out
+    y_train, y_test = _structured(t_train, e_train), _structured(time, event)
+    tau = float(np.percentile(t_train, 80))
+    try:
+        out["uno_c_index"] = float(
+            concordance_index_ipcw(y_train, y_test, risk, tau=tau)[0]
+        )
+    except (ValueError, ZeroDivisionError):
+        pass
+    times = np.quantile(t_train[e_train], [0.25, 0.5, 0.75])
+    times = times[(times >= time.min()) & (times < time.max())]
+    if times.size:
+        try:
+            out["td_auc"] = float(
+                cumulative_dynamic_auc(y_train, y_test, risk, times)[1]
+            )
+        except (ValueError, ZeroDivisionError):
+            pass
+    return out
+
+
 def logrank_p(time: np.ndarray, event: np.ndarray, high: np.ndarray) -> float:
     """Log-rank p-value between the high- and low-risk groups (scikit-survival)."""
     from sksurv.compare import compare_survival
@@ -308,4 +363,4 @@ def logrank_p(time: np.ndarray, event: np.ndarray, high: np.ndarray) -> float:
     return float(p)
 
 
-__all__ = ["LOSSES", "SurvivalTask", "harrell_c_index", "logrank_p"]
+__all__ = ["LOSSES", "SurvivalTask", "harrell_c_index", "ipcw_metrics", "logrank_p"]
