@@ -266,7 +266,6 @@ GRIDS = {
     "multiclass": [
         ("base", {}, {}),
         ("e30", {"epochs": 30}, {}),
-        ("e30_monitor_auc", {"epochs": 30, "monitor": "val_auc"}, {}),
     ],
 }
 
@@ -321,13 +320,20 @@ def chosen(dev: dict, kind: str, key: str, metric: str) -> tuple[str, dict, dict
 
 
 def evaluate(args, tmp: Path, dev: dict) -> tuple[dict, dict]:
-    """Each model once on the evaluation cohorts (seeds 0 / 1) with its chosen recipe."""
+    """Each model once on the evaluation cohorts (seeds 0 / 1) with its chosen recipe.
+
+    ``args.models`` (comma-separated keys; ``mc_<head>`` for multi-class) restricts
+    the models run (to run them in several processes and ``--merge`` the files).
+    """
+    wanted = set(args.models.split(",")) if args.models else None
     bags, counts = mnist_bags(args.shared, args.n_bags, 0, "survival")
     surv: dict = {
         "n_bags": len(bags),
         "censored_fraction": float(np.mean([1 - b.event for b in bags])),
     }
     for key, (head, task_opts, miner, grid) in SURVIVAL_MODELS.items():
+        if wanted and key not in wanted:
+            continue
         source = grid if grid not in GRIDS else key
         name, recipe, extra = chosen(dev, "survival", source, "c_index")
         task = {"name": "survival", "options": task_opts | extra}
@@ -341,12 +347,28 @@ def evaluate(args, tmp: Path, dev: dict) -> tuple[dict, dict]:
         "class_counts": np.bincount([b.label for b in bags]).tolist(),
     }
     for head in MULTICLASS_MODELS:
+        if wanted and f"mc_{head}" not in wanted:
+            continue
         name, recipe, extra = chosen(dev, "multiclass", head, "auc")
         task = {"name": "multiclass", "options": {"ordinal": True} | extra}
         res = run_cv(bags, counts, tmp, "mc_" + head, head, task, recipe)
         multi[head] = res | {"recipe_name": name}
         print(head, name, res["metrics"]["auc"], flush=True)
     return surv, multi
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One result file from per-process files (models and cohort facts united)."""
+    merged: dict = {"merged_from": [str(p) for p in paths], "parts": []}
+    for path in paths:
+        part = json.loads(path.read_text())
+        merged["parts"].append({k: part[k] for k in ("argv", "commit")})
+        for key, value in part.items():
+            if key in ("survival_mnist", "multiclass_mnist"):
+                merged.setdefault(key, {}).update(value)
+            elif key not in merged:
+                merged[key] = value
+    out.write_text(json.dumps(merged, indent=2) + "\n")
 
 
 def main() -> None:
@@ -360,6 +382,15 @@ def main() -> None:
         help="Development-cohort sweep: its runs are reused, missing ones run.",
     )
     p.add_argument("--sweep-only", action="store_true", help="Stop after the sweep.")
+    p.add_argument("--no-sweep", action="store_true", help="Use the sweep file as is.")
+    p.add_argument("--models", default=None, help="Evaluate only these models.")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="Merge the model results of these output files into --out and stop.",
+    )
     p.add_argument(
         "--only-grid",
         default=None,
@@ -369,6 +400,9 @@ def main() -> None:
         "--out", type=Path, default=Path("benchmarks/results/task_endpoints.json")
     )
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(1)
     meta = {
         "argv": sys.argv,
@@ -384,7 +418,7 @@ def main() -> None:
         done = {}
         if args.sweep_json.is_file():
             done = json.loads(args.sweep_json.read_text())
-        dev = sweep(args, tmp, meta | done)
+        dev = meta | done if args.no_sweep else sweep(args, tmp, meta | done)
         if args.sweep_only:
             return
         result = meta | {

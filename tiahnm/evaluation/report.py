@@ -177,6 +177,21 @@ def _metric_rows(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
     return rows
 
 
+def _patient_section(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """The patient-level metrics table (``[]`` without patients)."""
+    rows = _metric_rows({"metrics": summary.get("patient_metrics", {})}, keys)
+    if not rows:
+        return []
+    return [
+        "## Patient-level test metrics (mean slide output per patient)",
+        "",
+        "| metric | mean ± std over folds | pooled | 95% CI (pooled) |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _config(out: Path) -> dict[str, Any]:
     path = out / "config.yaml"
     if not path.is_file():
@@ -236,16 +251,7 @@ def write_report(
         *_metric_rows(summary, [*keys, "loss"]),
         "",
     ]
-    patient = _metric_rows({"metrics": summary.get("patient_metrics", {})}, keys)
-    if patient:
-        lines += [
-            "## Patient-level test metrics (mean slide output per patient)",
-            "",
-            "| metric | mean ± std over folds | pooled | 95% CI (pooled) |",
-            "|---|---|---|---|",
-            *patient,
-            "",
-        ]
+    lines += _patient_section(summary, keys)
     ci = summary.get("ci")
     if ci:
         lines += [

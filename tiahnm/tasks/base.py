@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tiahnm.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported when a loss is computed
+    import torch
 
 # Bags, heads and head outputs are typed loosely here: the task layer sits below
 # tiahnm.data / tiahnm.heads (duck-typed: ``Bag`` fields, ``MILHead.loss_terms``).
@@ -88,6 +90,8 @@ class Task:
     # ----- loss ----------------------------------------------------------------
     def criterion(self, logits: torch.Tensor, bags: Sequence[Bag]) -> torch.Tensor:
         """Mean loss of ``[B, C]`` logits of ``bags`` (cross-entropy here)."""
+        import torch
+
         y = torch.tensor([b.label for b in bags], device=logits.device)
         return torch.nn.functional.cross_entropy(logits.float(), y)
 
@@ -113,6 +117,8 @@ class Task:
         self, head: MILHead, outs: Sequence[MILOutput], bags: Sequence[Bag]
     ) -> torch.Tensor | None:
         """The loss coupling the bags of a batch (None for per-bag tasks)."""
+        import torch
+
         if not self.couples_bags:
             return None
         loss: torch.Tensor | None = None
