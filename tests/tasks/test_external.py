@@ -52,7 +52,8 @@ def write_cohort(root: Path, kind: str, n: int, seed: int) -> tuple[Path, Path]:
                 ev = int(t_event <= t_cens)
                 rows.append([sid, f"{min(t_event, t_cens):.5f}", ev, f"P{seed}_{p}"])
             else:
-                rows.append([sid, k, f"P{seed}_{p}"])
+                label = int(k > 0) if kind == "binary" else k
+                rows.append([sid, label, f"P{seed}_{p}"])
     labels = root / "labels.csv"
     with labels.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -232,6 +233,30 @@ def test_multiclass_confusion_report_predict_and_class_scores(
     )
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "hm").glob("*.png"))) >= 2
+
+
+def test_evaluate_binary_cohort_auc_matches_sklearn(tmp_path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    feats, labels = write_cohort(tmp_path / "train", "binary", 24, 4)
+    run_training(from_dict(config(tmp_path, feats, labels, {"name": "binary"})))
+    ext_feats, ext_labels = write_cohort(tmp_path / "ext", "binary", 20, 5)
+    run = {"run": tmp_path / "run", "feats": ext_feats, "labels": ext_labels}
+    code, output = _evaluate(run, tmp_path / "out")
+    assert code == 0, output
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "out/predictions.csv")))
+    y = [int(r["label"]) for r in rows]
+    p = [float(r["probability"]) for r in rows]
+    assert summary["metrics"]["auc"]["value"] == pytest.approx(
+        roc_auc_score(y, p), abs=1e-5
+    )
+    acc = np.mean(
+        [(pi >= summary["threshold"]) == yi for pi, yi in zip(p, y, strict=True)]
+    )
+    assert summary["metrics"]["accuracy"]["value"] == pytest.approx(acc, abs=1e-6)
+    assert len(summary["metrics"]["auc"]["ci95"]) == 2
+    assert "auc" in summary["patient_metrics"]
 
 
 def test_evaluate_bad_cohort_names_the_row(survival_run, tmp_path) -> None:
