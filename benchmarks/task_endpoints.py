@@ -13,9 +13,11 @@ Writes ``benchmarks/results/task_endpoints.json`` with
 * multi-class MNIST-bags (0, 1, 2+ nines: 3 ordinal classes): macro AUC and
   quadratic kappa of AB-MIL vs mean pooling.
 
-Recipes (epochs, lr, alpha, bins, batch, monitor) are chosen per model on a separate
-development cohort (other random bags, never reported), written to
-``benchmarks/results/task_recipe_sweep.json``; the evaluation cohorts are then run once.
+Recipes (epochs, lr, alpha, batch, monitor; :data:`GRIDS`) are chosen per model on a
+separate development cohort (other random bags, never reported), kept in
+``benchmarks/results/task_recipe_sweep.json`` (runs already there are reused); the
+evaluation cohorts are then run once per model with its chosen recipe. ``--models``
+runs a subset (several processes) and ``--merge`` joins their output files.
 
 Usage: ``python benchmarks/task_endpoints.py [--shared ../shared] [--n-bags 200]``
 """
