@@ -110,7 +110,9 @@ def predict(
     best.pt is used and their probabilities averaged (an ensemble, thresholded at the
     mean of the validation-chosen fold thresholds). Slide images are encoded first
     with the encoder options below, which must match those of the training features.
-    Writes predictions.csv (slide_id, probability, prediction, n_patches),
+    Writes predictions.csv (slide_id, probability, prediction, n_patches; with
+    more than 2 classes also p_<k>; survival runs: slide_id, risk, high_risk,
+    n_patches),
     instance_scores.h5 (for `tiahnm heatmap`) and failures.csv; a slide that fails
     is skipped and the exit code is 3.
     """
