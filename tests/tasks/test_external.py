@@ -377,3 +377,28 @@ def test_uno_c_index_and_td_auc_use_the_training_censoring() -> None:
     ref_auc = cumulative_dynamic_auc(y(train), y(test), risk, times)[1]
     assert m["td_auc"] == pytest.approx(ref_auc, abs=1e-12)
     assert 0.6 < m["uno_c_index"] <= 1.0  # risk ranks early events high
+
+
+def test_report_command_keeps_the_survival_sections(survival_run) -> None:
+    from tiahnm.cli import cli
+
+    run = survival_run["run"]
+    (run / "km.png").unlink()
+    res = CliRunner().invoke(cli, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "km.png" in (run / "report.md").read_text() and (run / "km.png").is_file()
+
+
+def test_patient_level_run_stores_scores_per_slide(tmp_path) -> None:
+    feats, labels = write_cohort(tmp_path / "c", "binary", 16, 6)
+    cfg = config(
+        tmp_path, feats, labels, {"name": "binary"}, data={"bag_level": "patient"}
+    )
+    run_training(from_dict(cfg))
+    slides, _ = read_instance_scores(tmp_path / "run/folds/r0_f0/instance_scores.h5")
+    files = {p.stem: p for p in feats.glob("*.h5")}
+    assert slides and all(s.slide_id in files for s in slides)
+    for s in slides:
+        with h5py.File(files[s.slide_id]) as f:
+            np.testing.assert_array_equal(s.coords, f["coords"][()])
+        assert s.meta["patient_id"].startswith("P") and s.meta["source"].endswith(".h5")
