@@ -84,7 +84,7 @@ class TaskConfig(ComponentConfig):
     name: str = _f(
         "auto",
         "Task: auto (binary for 2 classes, else multiclass), binary, multiclass, "
-        "survival (see `tiahnm plugins`).",
+        "survival, regression (see `tiahnm plugins`).",
     )
 
 

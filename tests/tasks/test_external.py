@@ -51,17 +51,18 @@ def write_cohort(root: Path, kind: str, n: int, seed: int) -> tuple[Path, Path]:
             if kind == "survival":
                 ev = int(t_event <= t_cens)
                 rows.append([sid, f"{min(t_event, t_cens):.5f}", ev, f"P{seed}_{p}"])
+            elif kind == "regression":
+                rows.append([sid, f"{2.0 * k + 0.1 * p:.4f}", f"P{seed}_{p}"])
             else:
                 label = int(k > 0) if kind == "binary" else k
                 rows.append([sid, label, f"P{seed}_{p}"])
     labels = root / "labels.csv"
     with labels.open("w", newline="") as fh:
         w = csv.writer(fh)
-        head = (
-            ["slide_id", "time", "event"]
-            if kind == "survival"
-            else ["slide_id", "label"]
-        )
+        head = {
+            "survival": ["slide_id", "time", "event"],
+            "regression": ["slide_id", "target"],
+        }.get(kind, ["slide_id", "label"])
         w.writerow([*head, "patient_id"])
         w.writerows(rows)
     return feats, labels
@@ -402,3 +403,47 @@ def test_patient_level_run_stores_scores_per_slide(tmp_path) -> None:
         with h5py.File(files[s.slide_id]) as f:
             np.testing.assert_array_equal(s.coords, f["coords"][()])
         assert s.meta["patient_id"].startswith("P") and s.meta["source"].endswith(".h5")
+
+
+def test_regression_task_cv_metrics_and_evaluate(tmp_path) -> None:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    feats, labels = write_cohort(tmp_path / "train", "regression", 32, 7)
+    task = {"name": "regression", "options": {"loss": "mse"}}
+    cfg = config(tmp_path, feats, labels, task, train={"epochs": 6})
+    summary = run_training(from_dict(cfg))
+    rows = list(csv.DictReader(open(tmp_path / "run/predictions.csv")))
+    assert {"target", "prediction"} <= set(rows[0]) and len(rows) == 32
+    res = json.loads((tmp_path / "run/folds/r0_f0/result.json").read_text())
+    y = [p["target"] for p in res["predictions"]]
+    pred = [p["prediction"] for p in res["predictions"]]
+    m = res["metrics"]
+    assert m["mae"] == pytest.approx(mean_absolute_error(y, pred), abs=1e-9)
+    assert m["r2"] == pytest.approx(r2_score(y, pred), abs=1e-9)
+    assert m["pearson_r"] == pytest.approx(pearsonr(y, pred)[0], abs=1e-9)
+    assert m["spearman_rho"] == pytest.approx(spearmanr(y, pred)[0], abs=1e-9)
+    assert summary["metrics"]["mae"]["ci95"][0] <= summary["metrics"]["mae"]["pooled"]
+    assert "| r2 |" in (tmp_path / "run/report.md").read_text()
+    ext_feats, ext_labels = write_cohort(tmp_path / "ext", "regression", 12, 8)
+    run = {"run": tmp_path / "run", "feats": ext_feats, "labels": ext_labels}
+    code, output = _evaluate(run, tmp_path / "out")
+    assert code == 0, output
+    out = json.loads((tmp_path / "out/summary.json").read_text())
+    ext = list(csv.DictReader(open(tmp_path / "out/predictions.csv")))
+    yt = [float(r["target"]) for r in ext]
+    pt = [float(r["prediction"]) for r in ext]
+    assert out["metrics"]["mae"]["value"] == pytest.approx(
+        mean_absolute_error(yt, pt), abs=1e-5
+    )
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,target\na,1.5\nb,nan\n")
+    from tiahnm.data.cohort import read_cohort_columns
+
+    with pytest.raises(DataError, match=r"bad.csv, row 3: 'target' = 'nan'"):
+        read_cohort_columns(bad)
+    cfg_mhim = config(tmp_path / "m", feats, labels, task, miner={"name": "mhim"})
+    with pytest.raises(
+        ConfigError, match="miner 'mhim' does not support task 'regression'"
+    ):
+        run_training(from_dict(cfg_mhim))

@@ -30,6 +30,7 @@ class Bag:
             cross-validation keeps a patient's bags in one part of every fold.
         time (float | None): Follow-up time (survival tasks).
         event (int | None): 1 if the event was observed at ``time``, 0 if censored.
+        target (float | None): Continuous target (regression tasks).
     """
 
     slide_id: str
@@ -44,6 +45,7 @@ class Bag:
     patient_id: str | None = None
     time: float | None = None
     event: int | None = None
+    target: float | None = None
 
     @property
     def n_instances(self) -> int:

@@ -34,6 +34,7 @@ class CohortRow:
     patient_id: str | None = None
     time: float | None = None
     event: int | None = None
+    target: float | None = None
 
 
 def read_cohort_columns(
@@ -43,6 +44,7 @@ def read_cohort_columns(
     patient_column: str = "patient_id",
     time_column: str = "time",
     event_column: str = "event",
+    target_column: str = "target",
 ) -> dict[str, CohortRow]:
     """Cohort columns per key (slide id or image name) of a labels CSV.
 
@@ -53,6 +55,7 @@ def read_cohort_columns(
             ``patient_id`` and absent).
         time_column (str): Survival time column (read when present).
         event_column (str): Event column, 0/1 (read when present).
+        target_column (str): Continuous regression target (read when present).
 
     Returns:
         dict[str, CohortRow]: By key; empty columns are None.
@@ -63,6 +66,7 @@ def read_cohort_columns(
         fields = [f.strip() for f in (reader.fieldnames or [])]
         patient = _patient_column(fields, patient_column)
         has_time, has_event = time_column in fields, event_column in fields
+        has_target = target_column in fields
         if has_time != has_event:
             missing = event_column if has_time else time_column
             msg = f"{path}: survival needs both columns; {missing!r} is missing."
@@ -81,7 +85,12 @@ def read_cohort_columns(
             if has_time:
                 time = _time(path, lineno, time_column, row.get(time_column, ""))
                 event = _event(path, lineno, event_column, row.get(event_column, ""))
-            out[key] = CohortRow(lineno, pid, time, event)
+            target = None
+            if has_target:
+                target = _finite(
+                    path, lineno, target_column, row.get(target_column, "")
+                )
+            out[key] = CohortRow(lineno, pid, time, event, target)
     return out
 
 
@@ -106,6 +115,17 @@ def _time(path: Path, lineno: int, column: str, value: str) -> float:
     return time
 
 
+def _finite(path: Path, lineno: int, column: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        msg = f"{path}, row {lineno}: {column!r} = {value!r} must be a finite number."
+        raise DataError(msg)
+    return number
+
+
 def _event(path: Path, lineno: int, column: str, value: str) -> int:
     if value not in ("0", "1", "0.0", "1.0"):
         msg = f"{path}, row {lineno}: {column!r} = {value!r} must be 0 or 1."
@@ -121,6 +141,7 @@ def apply_cohort(
     if row is None:
         return bag
     bag.patient_id, bag.time, bag.event = row.patient_id, row.time, row.event
+    bag.target = row.target
     bag.meta["labels_csv"] = str(path)
     bag.meta["row"] = row.row
     return bag
@@ -133,7 +154,8 @@ def check_patient_labels(bags: Sequence[Bag]) -> None:
         if not b.patient_id:
             continue
         first = seen.setdefault(b.patient_id, b)
-        if (first.label, first.time, first.event) != (b.label, b.time, b.event):
+        facts = (first.label, first.time, first.event, first.target)
+        if facts != (b.label, b.time, b.event, b.target):
             where = b.meta.get("labels_csv", b.source or "data")
             msg = (
                 f"{where}: patient {b.patient_id!r} has conflicting labels: slide "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ def read_labels_csv(
     path: str | Path,
     *,
     classes: list[str] | None = None,
-    label_fallback: str | None = None,
+    label_fallback: str | Sequence[str] | None = None,
     require_all: bool = True,
 ) -> tuple[dict[str, int], dict[str, str], list[str]]:
     """Read ``slide_id,label[,split]``.
@@ -37,8 +38,9 @@ def read_labels_csv(
     Args:
         path (str | Path): The CSV (with a header row).
         classes (list[str] | None): Allowed class names, in index order.
-        label_fallback (str | None): Column used as the label when the CSV has no
-            ``label`` column (the survival event column).
+        label_fallback (str | Sequence[str] | None): Column(s) used as the label when
+            the CSV has no ``label`` column (the survival event column, then the
+            regression target column).
         require_all (bool): Every listed class (``classes``) must have a row
             (False for an external cohort scored with a trained model).
 
@@ -108,15 +110,17 @@ def _integers(values: list[str]) -> list[int] | None:
 
 
 def _read_label_rows(
-    path: Path, label_fallback: str | None = None
+    path: Path, label_fallback: str | Sequence[str] | None = None
 ) -> tuple[dict[str, str], dict[str, str]]:
     """``(slide id -> raw label, slide id -> split)`` of a labels CSV, checked per row."""
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]
         label_col = "label"
-        if "label" not in fields and label_fallback in fields:
-            label_col = label_fallback
+        fallbacks = [label_fallback] if isinstance(label_fallback, str) else []
+        fallbacks = fallbacks or list(label_fallback or [])
+        if "label" not in fields:
+            label_col = next((c for c in fallbacks if c in fields), "label")
         for needed in ("slide_id", label_col):
             if needed not in fields:
                 msg = (
@@ -278,6 +282,8 @@ class H5FeatureFolder:
         time_column (str): Survival time column (read when present).
         event_column (str): Survival event column (0/1); also the label when the
             CSV has no ``label`` column.
+        target_column (str): Regression target column (read when present; the
+            label when the CSV has neither ``label`` nor the event column).
     """
 
     def __init__(
@@ -291,12 +297,14 @@ class H5FeatureFolder:
         patient_column: str = "patient_id",
         time_column: str = "time",
         event_column: str = "event",
+        target_column: str = "target",
     ) -> None:
         self.stream = stream
         self.cohort_columns = {
             "patient_column": patient_column,
             "time_column": time_column,
             "event_column": event_column,
+            "target_column": target_column,
         }
         self.features_dir = Path(features_dir)
         self.labels_csv = Path(labels_csv)
@@ -313,7 +321,10 @@ class H5FeatureFolder:
         labels, splits, names = read_labels_csv(
             self.labels_csv,
             classes=self.classes,
-            label_fallback=self.cohort_columns["event_column"],
+            label_fallback=(
+                self.cohort_columns["event_column"],
+                self.cohort_columns["target_column"],
+            ),
             require_all=self.require_all_classes,
         )
         cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)

@@ -46,6 +46,7 @@ class SlidePatchBags:
             accepted for the default).
         time_column (str): Survival time column (read when present).
         event_column (str): Survival event column (0/1).
+        target_column (str): Regression target column (read when present).
     """
 
     def __init__(
@@ -65,11 +66,13 @@ class SlidePatchBags:
         patient_column: str = "patient_id",
         time_column: str = "time",
         event_column: str = "event",
+        target_column: str = "target",
     ) -> None:
         self.cohort_columns = {
             "patient_column": patient_column,
             "time_column": time_column,
             "event_column": event_column,
+            "target_column": target_column,
         }
         from tiahnm.slides.tiling import TilingConfig
 
@@ -96,7 +99,11 @@ class SlidePatchBags:
         from tiahnm.slides.reader import find_slides, slide_id
 
         labels, _, names = read_labels_csv(
-            self.labels_csv, label_fallback=self.cohort_columns["event_column"]
+            self.labels_csv,
+            label_fallback=(
+                self.cohort_columns["event_column"],
+                self.cohort_columns["target_column"],
+            ),
         )
         cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)
         bags, self.failures = [], []

@@ -68,7 +68,12 @@ class Miner:
     """
 
     name = "none"
-    supported_tasks: tuple[str, ...] = ("binary", "multiclass", "survival")
+    supported_tasks: tuple[str, ...] = (
+        "binary",
+        "multiclass",
+        "survival",
+        "regression",
+    )
 
     def on_fit_start(self, ctx: FitContext) -> None:
         """Called once per round before the first epoch."""

@@ -30,7 +30,7 @@ Bag = Any
 MILHead = Any
 MILOutput = Any
 
-ALL_TASKS = ("binary", "multiclass", "survival")
+ALL_TASKS = ("binary", "multiclass", "survival", "regression")
 
 
 class Task:

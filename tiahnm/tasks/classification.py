@@ -23,6 +23,7 @@ class Target:
     time: float | None = None
     event: int | None = None
     patient_id: str | None = None
+    target: float | None = None
 
 
 def group_outputs(
@@ -41,7 +42,14 @@ def group_outputs(
     for key, idx in order.items():
         first = bags[idx[0]]
         targets.append(
-            Target(key, int(first.label), first.time, first.event, patient_id=key)
+            Target(
+                key,
+                int(first.label),
+                first.time,
+                first.event,
+                patient_id=key,
+                target=first.target,
+            )
         )
         merged.append(outputs[idx].mean(0))
     width = outputs.shape[1] if outputs.ndim == 2 else 0

@@ -9,6 +9,7 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_tasks(register: Register) -> None:
     """Register the built-in tasks."""
     from tiahnm.tasks.classification import BinaryTask, MulticlassTask
+    from tiahnm.tasks.regression import RegressionTask
     from tiahnm.tasks.survival import SurvivalTask
 
     register(
@@ -23,4 +24,9 @@ def tiahnm_register_tasks(register: Register) -> None:
         "survival",
         SurvivalTask,
         description="Censored times: discrete-time NLL or Cox (Breslow/Efron), c-index",
+    )
+    register(
+        "regression",
+        RegressionTask,
+        description="Continuous target: MSE / Huber, MAE, RMSE, R2, Pearson, Spearman",
     )
