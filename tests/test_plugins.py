@@ -812,3 +812,41 @@ def test_register_rejects_misspelled_hook() -> None:
     with pytest.raises(PluginError, match="unknown hooks"):
         pm.register(Typo(), name="typo")
     assert pm.pm.get_plugin("typo") is None
+
+
+class SquaredErrorTask:
+    """A plugin task: squared error of the class-1 probability (binary labels)."""
+
+    def __init__(self) -> None:
+        from tiahnm.tasks.classification import BinaryTask
+
+        class Squared(BinaryTask):
+            name = "squared"
+            calls = 0
+
+            def criterion(self, logits, bags):
+                Squared.calls += 1
+                y = torch.tensor([float(b.label) for b in bags])
+                return ((torch.softmax(logits, -1)[:, 1] - y) ** 2).mean()
+
+        self.cls = Squared
+
+    @hookimpl
+    def tiahnm_register_tasks(self, register) -> None:
+        register("squared", self.cls, description="test task")
+
+
+def test_hook_tiahnm_register_tasks() -> None:
+    from tiahnm.training.loop import fit
+
+    plugin = SquaredErrorTask()
+    pm = fresh_manager((plugin, "test-tasks"))
+    assert {"binary", "multiclass", "survival", "squared"} <= set(pm.get("task"))
+    assert pm.get("task")["survival"].package == "tiahnm"
+    task = pm.get("task").create("squared", key="task.options")
+    head = pm.get("head").create("mean_pool", 8, 2, embed_dim=4)
+    res = fit(
+        head, make_bags(4), [], TrainConfig(epochs=2, progress=False), task=task, seed=0
+    )
+    assert plugin.cls.calls == 8  # the loop's loss came from the task: 4 bags x 2
+    assert len(res.history) == 2

@@ -98,6 +98,23 @@ class DataConfig:
     standardize: bool = _f(
         False, "Standardise features with the mean/std of each fold's training bags."
     )
+    bag_level: Literal["slide", "patient"] = _f(
+        "slide",
+        "slide: one bag per slide (metrics also per patient when the labels CSV has a "
+        "patient column); patient: one bag per patient, its slides' instances "
+        "concatenated.",
+    )
+
+
+@dataclass
+class TaskConfig(ComponentConfig):
+    """What a label is: the loss, metrics, monitor and threshold."""
+
+    name: str = _f(
+        "auto",
+        "Task: auto (binary for 2 classes, else multiclass), binary, multiclass, "
+        "survival, regression (see `tiahnm plugins`).",
+    )
 
 
 @dataclass
@@ -158,8 +175,10 @@ class TrainConfig:
         "Linear learning-rate warm-up over this many epochs (from lr / 10) before "
         "the schedule starts (the cosine schedule spans the remaining epochs).",
     )
-    monitor: Literal["val_loss", "val_auc", "val_acc"] = _f(
-        "val_loss", "Validation metric for early stopping and model selection."
+    monitor: Literal["val_loss", "val_auc", "val_acc", "val_c_index"] = _f(
+        "val_loss",
+        "Validation metric for early stopping and model selection (val_auc: macro "
+        "one-vs-rest AUC when C > 2; val_c_index: survival).",
     )
     patience: int = _f(20, "Stop after this many epochs without improvement.")
     min_epochs: int = _f(0, "Never stop before this epoch.")
@@ -282,6 +301,7 @@ class Config:
         None,
         "Input bags.",
     )
+    task: TaskConfig = _f(None, "The task (label semantics, loss, metrics).")
     head: HeadConfig = _f(None, "The MIL head.")
     miner: ComponentConfig = _f(
         None, "The hard-instance miner (none = plain training)."

@@ -16,6 +16,7 @@ hooks through the ``tiahnm`` entry-point group::
 * encoders: ``factory(**options) -> torch.nn.Module`` giving ``[B, D]`` features
 * bag sources: ``factory(**options) -> tiahnm.data.BagSource``
 * callbacks: ``factory(**options) -> tiahnm.callbacks.Callback``
+* tasks: ``factory(**options) -> tiahnm.tasks.Task``
 
 Unknown option names in a config are reported against the factory's signature.
 """
@@ -102,6 +103,16 @@ def tiahnm_register_callbacks(register: Register) -> None:
     Args:
         register (Register): Call ``register(name, factory)``; the factory takes
             keyword options and returns a :class:`tiahnm.callbacks.Callback`.
+    """
+
+
+@hookspec
+def tiahnm_register_tasks(register: Register) -> None:
+    """Register tasks (label semantics, loss, metrics: binary, survival ...).
+
+    Args:
+        register (Register): Call ``register(name, factory)``; the factory takes
+            keyword options and returns a :class:`tiahnm.tasks.Task`.
     """
 
 

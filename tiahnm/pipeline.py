@@ -526,8 +526,11 @@ def _run_stages(
 
         t0 = time.perf_counter()
         manifest.start("report", report_key, {})
+        from tiahnm.tasks import task_from_spec
+
         summary, folds = load_run(out)
-        result.report = write_report_safely(out, summary, folds)
+        task = task_from_spec(summary.get("task_spec"))
+        result.report = write_report_safely(out, summary, folds, task)
         if not (out / "report.html").is_file():  # run_training writes it
             from tiahnm.evaluation.html_report import write_html_report_safely
 

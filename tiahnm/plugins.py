@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "encoder": "tiahnm_register_encoders",
     "bag_source": "tiahnm_register_bag_sources",
     "callback": "tiahnm_register_callbacks",
+    "task": "tiahnm_register_tasks",
 }
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -44,6 +45,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "tiahnm.data.plugin",
     "tiahnm.encoders.plugin",
     "tiahnm.callbacks.plugin",
+    "tiahnm.tasks.plugin",
 )
 
 

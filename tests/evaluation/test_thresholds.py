@@ -6,6 +6,7 @@ import numpy as np
 
 from tests.evaluation.conftest import train_config, write_features
 from tiahnm.evaluation import fold as fold_module
+from tiahnm.tasks import classification
 from tiahnm.training import cv
 
 
@@ -25,7 +26,7 @@ def test_thresholds_see_only_validation_bags(tmp_path, monkeypatch):
     instance_calls = []  # slide ids whose instance labels the chooser may read
 
     real_predict = cv.predict_with_scores
-    real_choose = cv.choose_threshold
+    real_choose = classification.choose_threshold
     real_instance = fold_module.instance_threshold
 
     def spy_predict(head, bags, device, **kw):
@@ -42,7 +43,7 @@ def test_thresholds_see_only_validation_bags(tmp_path, monkeypatch):
         return real_instance(val_bags, val_scores, rule)
 
     monkeypatch.setattr(cv, "predict_with_scores", spy_predict)
-    monkeypatch.setattr(cv, "choose_threshold", spy_choose)
+    monkeypatch.setattr(classification, "choose_threshold", spy_choose)
     monkeypatch.setattr(fold_module, "instance_threshold", spy_instance)
 
     labels = write_features(tmp_path / "features", n_bags=12)

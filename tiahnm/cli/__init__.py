@@ -335,7 +335,7 @@ def init(path: str, force: bool) -> None:  # noqa: FBT001 - click flag
 
 
 from tiahnm.cli.encoders import encoders  # noqa: E402
-from tiahnm.cli.evaluate import heatmap, predict, report  # noqa: E402
+from tiahnm.cli.evaluate import evaluate, heatmap, predict, report  # noqa: E402
 from tiahnm.cli.extract import extract  # noqa: E402 - needs the helpers above
 from tiahnm.cli.sweep import sweep  # noqa: E402 - needs the helpers above
 
@@ -345,6 +345,7 @@ cli.add_command(predict)
 cli.add_command(heatmap)
 cli.add_command(report)
 cli.add_command(sweep)
+cli.add_command(evaluate)
 
 
 def main() -> None:

@@ -113,7 +113,9 @@ def predict(
     best.pt is used and their probabilities averaged (an ensemble, thresholded at the
     mean of the validation-chosen fold thresholds). Slide images are encoded first
     with the encoder options below, which must match those of the training features.
-    Writes predictions.csv (slide_id, probability, prediction, n_patches),
+    Writes predictions.csv (slide_id, probability, prediction, n_patches; with
+    more than 2 classes also p_<k>; survival runs: slide_id, risk, high_risk,
+    n_patches),
     instance_scores.h5 (for `tiahnm heatmap`) and failures.csv; a slide that fails
     is skipped and the exit code is 3.
     """
@@ -226,6 +228,14 @@ predict.params.extend(copy.copy(_by_name[name]) for name in EXTRACT_OPTIONS)
 )
 @click.option("--limit", type=int, default=None, help="At most this many slides.")
 @click.option(
+    "--class",
+    "class_index",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Draw the instance probability of this class (multi-class runs whose head "
+    "gives per-class instance scores) instead of the default score.",
+)
+@click.option(
     "--geojson", is_flag=True, help="Also write <slide_id>.geojson (level-0 polygons)."
 )
 @click.option(
@@ -247,6 +257,7 @@ def heatmap(
     scale: str,
     limit: int | None,
     annotations: str | None,
+    class_index: int | None,
     geojson: bool,  # noqa: FBT001 - click flag
     store: bool,  # noqa: FBT001 - click flag
     verbose: bool,  # noqa: FBT001 - click flag
@@ -288,6 +299,7 @@ def heatmap(
                 break
             done.add(s.slide_id)
             try:
+                s = _class_view(s, class_index)
                 res = render_heatmap(
                     s,
                     output_path,
@@ -325,6 +337,90 @@ def heatmap(
         sys.exit(EXIT_PARTIAL)
 
 
+def _class_view(slide: Any, class_index: int | None) -> Any:
+    """``slide`` with the scores of class ``class_index`` (unchanged for None)."""
+    from dataclasses import replace
+
+    if class_index is None:
+        return slide
+    cs = slide.class_scores
+    if cs is None or class_index >= cs.shape[1]:
+        have = "none" if cs is None else f"classes 0..{cs.shape[1] - 1}"
+        msg = f"no per-class instance scores for class {class_index} ({have})."
+        raise DataError(msg)
+    return replace(slide, scores=cs[:, class_index])
+
+
+@click.command(name="evaluate", context_settings=CONTEXT_SETTINGS)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Labels CSV of the cohort (as the run's: slide_id, label or time/event, "
+    "optional patient_id).",
+)
+@click.option(
+    "--features-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="The cohort's <slide_id>.h5 feature files (`tiahnm extract` with the "
+    "run's encoder).",
+)
+@click.option(
+    "--output-path",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder: summary.json, report.md, predictions.csv, instance_scores.h5.",
+)
+@click.option("--device", default="auto", show_default=True, help="Device.")
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Bootstrap resamples of the 95% CIs (0: none).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@_guard
+def evaluate(
+    run_dir: str,
+    labels_csv: str,
+    features_dir: str,
+    output_path: str,
+    device: str,
+    bootstrap: int,
+    seed: int,
+) -> None:
+    """Score the trained RUN_DIR (its fold ensemble) on a labelled external cohort.
+
+    Metrics of the run's task (AUC ..., macro AUC and kappa, or c-index) with
+    bootstrap 95% CIs, per slide and, when the labels CSV has patients, per patient;
+    thresholds are the run's validation-chosen ones. Writes summary.json, report.md,
+    predictions.csv and instance_scores.h5 in OUTPUT_PATH.
+    """
+    from tiahnm.evaluation.external import evaluate_cohort
+
+    summary = evaluate_cohort(
+        run_dir,
+        labels_csv,
+        features_dir,
+        output_path,
+        device=device,
+        n_resamples=bootstrap,
+        seed=seed,
+    )
+    for level in ("metrics", "patient_metrics"):
+        for name, m in summary.get(level, {}).items():
+            value = "-" if m.get("value") is None else f"{m['value']:.3f}"
+            ci = m.get("ci95")
+            ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else ""
+            where = "patient" if level == "patient_metrics" else "slide"
+            click.echo(f"{where:8s} {name:20s} {value}{ci_text}")
+    click.echo(f"Report: {output_path}/report.md")
+
+
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_guard
@@ -337,6 +433,7 @@ def report(run_dir: str) -> None:
     """
     from tiahnm.evaluation.html_report import write_html_report
     from tiahnm.evaluation.report import load_run, write_report
+    from tiahnm.tasks import task_from_spec
 
     if (
         not (Path(run_dir) / "summary.json").is_file()
@@ -346,6 +443,8 @@ def report(run_dir: str) -> None:
         return
 
     summary, results = load_run(run_dir)
-    path = write_report(run_dir, summary, results)
+    path = write_report(
+        run_dir, summary, results, task_from_spec(summary.get("task_spec"))
+    )
     click.echo(f"Report: {path}")
     click.echo(f"HTML report: {write_html_report(run_dir)}")

@@ -25,6 +25,12 @@ class Bag:
         split (str | None): ``"train"``, ``"val"`` or ``"test"`` when the source fixes
             the split.
         source (str): File the bag came from, for error messages.
+        meta (dict): Source-specific extras.
+        patient_id (str | None): Patient (case) the slide belongs to, if known;
+            cross-validation keeps a patient's bags in one part of every fold.
+        time (float | None): Follow-up time (survival tasks).
+        event (int | None): 1 if the event was observed at ``time``, 0 if censored.
+        target (float | None): Continuous target (regression tasks).
     """
 
     slide_id: str
@@ -36,6 +42,10 @@ class Bag:
     split: str | None = None
     source: str = ""
     meta: dict[str, object] = field(default_factory=dict)
+    patient_id: str | None = None
+    time: float | None = None
+    event: int | None = None
+    target: float | None = None
 
     @property
     def n_instances(self) -> int:

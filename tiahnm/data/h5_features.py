@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from tiahnm.data.bag import Bag
+from tiahnm.data.cohort import apply_cohort, read_cohort_columns
 from tiahnm.data.uniform import FeatureOrigin, check_uniform, h5_encoder_name
 from tiahnm.errors import DataError
 
@@ -28,7 +30,11 @@ MAX_BYTES_ENV = "TIAHNM_MAX_DATASET_BYTES"
 
 
 def read_labels_csv(
-    path: str | Path, *, classes: list[str] | None = None
+    path: str | Path,
+    *,
+    classes: list[str] | None = None,
+    label_fallback: str | Sequence[str] | None = None,
+    require_all: bool = True,
 ) -> tuple[dict[str, int], dict[str, str], list[str]]:
     """Read ``slide_id,label[,split]``.
 
@@ -38,6 +44,11 @@ def read_labels_csv(
     Args:
         path (str | Path): The CSV (with a header row).
         classes (list[str] | None): Allowed class names, in index order.
+        label_fallback (str | Sequence[str] | None): Column(s) used as the label when
+            the CSV has no ``label`` column (the survival event column, then the
+            regression target column).
+        require_all (bool): Every listed class (``classes``) must have a row
+            (False for an external cohort scored with a trained model).
 
     Returns:
         tuple: ``(labels, splits, classes)``: slide id to class index, slide id to split
@@ -48,7 +59,7 @@ def read_labels_csv(
         msg = f"{path}: labels CSV not found."
         raise DataError(msg)
     try:
-        raw, splits = _read_label_rows(path)
+        raw, splits = _read_label_rows(path, label_fallback)
     except UnicodeDecodeError as exc:
         msg = f"{path}: not a UTF-8 text CSV ({exc})."
         raise DataError(msg) from None
@@ -59,6 +70,7 @@ def read_labels_csv(
         msg = f"{path}: no rows."
         raise DataError(msg)
     values = sorted(set(raw.values()))
+    given = classes is not None
     if classes is None:
         ints = _integers(values)
         if ints is not None:
@@ -82,6 +94,14 @@ def read_labels_csv(
             )
             raise DataError(msg)
         labels[sid] = index[value]
+    if require_all and given:
+        absent = [c for c in classes if c not in set(raw.values())]
+        if absent:
+            msg = (
+                f"{path}: class {absent[0]!r} listed in data.options.classes has no "
+                f"rows (classes without rows: {absent}); remove it from the list."
+            )
+            raise DataError(msg)
     return labels, splits, classes
 
 
@@ -95,12 +115,19 @@ def _integers(values: list[str]) -> list[int] | None:
     return sorted(ints)
 
 
-def _read_label_rows(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+def _read_label_rows(
+    path: Path, label_fallback: str | Sequence[str] | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
     """``(slide id -> raw label, slide id -> split)`` of a labels CSV, checked per row."""
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip() for f in (reader.fieldnames or [])]
-        for needed in ("slide_id", "label"):
+        label_col = "label"
+        fallbacks = [label_fallback] if isinstance(label_fallback, str) else []
+        fallbacks = fallbacks or list(label_fallback or [])
+        if "label" not in fields:
+            label_col = next((c for c in fallbacks if c in fields), "label")
+        for needed in ("slide_id", label_col):
             if needed not in fields:
                 msg = (
                     f"{path}: missing column {needed!r} (columns: {', '.join(fields)})."
@@ -117,10 +144,10 @@ def _read_label_rows(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             if sid in raw:
                 msg = f"{path}, row {lineno}: duplicate slide_id {sid!r}."
                 raise DataError(msg)
-            if not row["label"]:
-                msg = f"{path}, row {lineno}: missing label for {sid!r}."
+            if not row[label_col]:
+                msg = f"{path}, row {lineno}: missing {label_col} for {sid!r}."
                 raise DataError(msg)
-            raw[sid] = row["label"]
+            raw[sid] = row[label_col]
             split = row.get("split", "")
             if split:
                 if split not in SPLITS:
@@ -344,6 +371,13 @@ class H5FeatureFolder:
 
     Slide ids are file names: an id with a path separator, ``..``, or an absolute
     path is refused, so nothing outside ``features_dir`` is read.
+        patient_column (str): Patient column of the CSV (``case_id`` is also
+            accepted for the default); cross-validation groups by it.
+        time_column (str): Survival time column (read when present).
+        event_column (str): Survival event column (0/1); also the label when the
+            CSV has no ``label`` column.
+        target_column (str): Regression target column (read when present; the
+            label when the CSV has neither ``label`` nor the event column).
     """
 
     def __init__(
@@ -355,12 +389,24 @@ class H5FeatureFolder:
         missing: str = "error",
         stream: bool = False,
         max_bytes: int | None = None,
+        patient_column: str = "patient_id",
+        time_column: str = "time",
+        event_column: str = "event",
+        target_column: str = "target",
     ) -> None:
         self.stream = stream
         self.max_bytes = max_bytes
+        self.cohort_columns = {
+            "patient_column": patient_column,
+            "time_column": time_column,
+            "event_column": event_column,
+            "target_column": target_column,
+        }
         self.features_dir = Path(features_dir)
         self.labels_csv = Path(labels_csv)
         self.classes = classes
+        #: Every class of ``classes`` must have a row (off for external cohorts).
+        self.require_all_classes = True
         if missing not in ("error", "skip"):
             msg = f"data.options.missing must be 'error' or 'skip', got {missing!r}."
             raise DataError(msg)
@@ -368,7 +414,16 @@ class H5FeatureFolder:
 
     def load(self) -> list[Bag]:
         """Read every labelled slide's features."""
-        labels, splits, _ = read_labels_csv(self.labels_csv, classes=self.classes)
+        labels, splits, names = read_labels_csv(
+            self.labels_csv,
+            classes=self.classes,
+            label_fallback=(
+                self.cohort_columns["event_column"],
+                self.cohort_columns["target_column"],
+            ),
+            require_all=self.require_all_classes,
+        )
+        cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)
         if not self.features_dir.is_dir():
             msg = f"{self.features_dir}: features folder not found."
             raise DataError(msg)
@@ -402,18 +457,18 @@ class H5FeatureFolder:
                     )
                 else:
                     tensor, meta = mapped, {"storage": "mmap"}
-            bags.append(
-                Bag(
-                    slide_id=sid,
-                    label=label,
-                    features=tensor,
-                    meta=meta,
-                    coords=coords,
-                    instance_labels=arrays.instance_labels,
-                    split=splits.get(sid),
-                    source=str(path),
-                )
+            meta["class_name"] = names[label]
+            bag = Bag(
+                slide_id=sid,
+                label=label,
+                features=tensor,
+                meta=meta,
+                coords=coords,
+                instance_labels=arrays.instance_labels,
+                split=splits.get(sid),
+                source=str(path),
             )
+            bags.append(apply_cohort(bag, cohort, sid, self.labels_csv))
         if skipped:
             logger.warning(
                 "%s: %d slide(s) of %s have no feature file and are skipped "

@@ -97,6 +97,10 @@ class ImagePatchBags:
             negative image without a file has only negative patches.
         min_overlap (float): A patch is positive when at least this fraction of it
             is inside the positive region.
+        patient_column (str): Patient column (``case_id`` also accepted for the
+            default); cross-validation groups by it.
+        time_column (str): Survival time column (read when present).
+        event_column (str): Survival event column (0/1).
     """
 
     def __init__(
@@ -114,7 +118,15 @@ class ImagePatchBags:
         max_mean_intensity: float = 255.0,
         instance_labels: str | None = None,
         min_overlap: float = 0.5,
+        patient_column: str = "patient_id",
+        time_column: str = "time",
+        event_column: str = "event",
     ) -> None:
+        self.cohort_columns = {
+            "patient_column": patient_column,
+            "time_column": time_column,
+            "event_column": event_column,
+        }
         if patch_size < 1 or (stride is not None and stride < 1):
             msg = f"data.options: patch_size and stride must be >= 1, got {patch_size}, {stride}."
             raise DataError(msg)
@@ -183,12 +195,17 @@ class ImagePatchBags:
 
     def load(self) -> list[Bag]:
         """Read, tile and filter every listed image (in CSV order)."""
+        from tiahnm.data.cohort import apply_cohort, read_cohort_columns
+
+        cohort = read_cohort_columns(
+            self.labels_csv, key_column=self.image_column, **self.cohort_columns
+        )
         bags, dropped = [], []
         for name, label in self._rows():
             bag = self._bag(name, label)
             n_dropped = int(bag.meta["n_dropped"])
             dropped.append((bag.slide_id, n_dropped, bag.n_instances + n_dropped))
-            bags.append(bag)
+            bags.append(apply_cohort(bag, cohort, name, self.labels_csv))
         log_dropped("image_patches", dropped, "white background")
         return bags
 

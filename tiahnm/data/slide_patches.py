@@ -59,6 +59,11 @@ class SlidePatchBags:
             (evaluation only); a negative slide without a file has only negatives.
         min_overlap (float): A patch is positive when at least this fraction of its
             level-0 footprint is inside the positive region.
+        patient_column (str): Patient column of the labels CSV (``case_id`` also
+            accepted for the default).
+        time_column (str): Survival time column (read when present).
+        event_column (str): Survival event column (0/1).
+        target_column (str): Regression target column (read when present).
     """
 
     def __init__(
@@ -77,7 +82,17 @@ class SlidePatchBags:
         max_patches: int | None = None,
         instance_labels: str | None = None,
         min_overlap: float = 0.5,
+        patient_column: str = "patient_id",
+        time_column: str = "time",
+        event_column: str = "event",
+        target_column: str = "target",
     ) -> None:
+        self.cohort_columns = {
+            "patient_column": patient_column,
+            "time_column": time_column,
+            "event_column": event_column,
+            "target_column": target_column,
+        }
         from tiahnm.slides.tiling import TilingConfig
 
         self.slides = [slides] if isinstance(slides, str) else list(slides)
@@ -101,9 +116,17 @@ class SlidePatchBags:
 
     def load(self) -> list[Bag]:
         """Tile and read every labelled slide; unreadable ones are skipped."""
+        from tiahnm.data.cohort import apply_cohort, read_cohort_columns
         from tiahnm.slides.reader import find_slides, slide_id
 
-        labels, _, _ = read_labels_csv(self.labels_csv)
+        labels, _, names = read_labels_csv(
+            self.labels_csv,
+            label_fallback=(
+                self.cohort_columns["event_column"],
+                self.cohort_columns["target_column"],
+            ),
+        )
+        cohort = read_cohort_columns(self.labels_csv, **self.cohort_columns)
         bags, self.failures = [], []
         tissue, capped = [], []
         for path in find_slides(self.slides):
@@ -112,15 +135,17 @@ class SlidePatchBags:
                 logger.warning("%s: no label in %s; skipped.", path, self.labels_csv)
                 continue
             try:
-                bags.append(self._bag(path, sid, labels[sid]))
-                meta = bags[-1].meta
+                bag = self._bag(path, sid, labels[sid])
+                bag.meta["class_name"] = names[labels[sid]]
+                bags.append(apply_cohort(bag, cohort, sid, self.labels_csv))
+                meta = bag.meta
                 tissue.append(
                     (sid, meta["n_grid"] - meta["n_tissue_patches"], meta["n_grid"])
                 )
                 capped.append(
                     (
                         sid,
-                        meta["n_tissue_patches"] - bags[-1].n_instances,
+                        meta["n_tissue_patches"] - bag.n_instances,
                         meta["n_tissue_patches"],
                     )
                 )

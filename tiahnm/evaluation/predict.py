@@ -62,6 +62,8 @@ class LoadedHead:
         instance_threshold (float): Instance threshold (0.5 unless chosen).
         mean (torch.Tensor | None): Feature mean of its training bags (if used).
         std (torch.Tensor | None): Feature std of its training bags (if used).
+        task_spec (dict | None): The task it was trained for (``name``, ``options``;
+            None in checkpoints from before tasks: binary / multiclass).
     """
 
     path: Path
@@ -72,6 +74,7 @@ class LoadedHead:
     instance_threshold: float = 0.5
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    task_spec: dict[str, Any] | None = None
 
 
 def checkpoint_paths(checkpoint: str | Path) -> list[Path]:
@@ -163,26 +166,44 @@ def load_heads(checkpoint: str | Path, device: torch.device) -> list[LoadedHead]
                 instance_threshold=float(ckpt.get("instance_threshold", 0.5)),
                 mean=None if norm.get("mean") is None else norm["mean"].to(device),
                 std=None if norm.get("std") is None else norm["std"].to(device),
+                task_spec=ckpt.get("task_spec"),
             )
         )
     _check_one_run(checkpoint, runs)
-    shapes = {(h.in_dim, h.n_classes) for h in heads}
+    shapes = {(h.in_dim, h.n_classes, repr(h.task_spec)) for h in heads}
     if len(shapes) > 1:
-        msg = f"{checkpoint}: heads differ in (in_dim, n_classes): {sorted(shapes)}."
+        msg = f"{checkpoint}: heads differ in (in_dim, n_classes, task): {sorted(shapes)}."
         raise DataError(msg)
     return heads
 
 
+def heads_task(heads: Sequence[LoadedHead]) -> Any:
+    """The :class:`~tiahnm.tasks.Task` the heads were trained for."""
+    from tiahnm.tasks import task_from_spec
+
+    return task_from_spec(heads[0].task_spec, heads[0].n_classes)
+
+
 def ensemble_predict(
-    heads: Sequence[LoadedHead], features: torch.Tensor, device: torch.device
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean class probabilities ``[C]`` and mean instance scores ``[N]`` (or None).
+    heads: Sequence[LoadedHead],
+    features: torch.Tensor,
+    device: torch.device,
+    task: Any = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Mean task outputs ``[W]``, instance scores ``[N]`` and class scores ``[N, C]``.
+
+    The outputs are the task's per-bag row (class probabilities; ``[risk, logits]``
+    for survival) averaged over the heads. Class scores (per-class instance
+    probabilities) come only for a task with ``per_class_instance_scores`` (C > 2).
 
     Raises:
         DataError: The features do not have the width the heads expect.
     """
     import torch
 
+    from tiahnm.evaluation.fold import class_instance_scores
+
+    task = task or heads_task(heads)
     width = int(features.shape[1])
     if width != heads[0].in_dim:
         msg = (
@@ -190,19 +211,30 @@ def ensemble_predict(
             "(extract with the encoder the head was trained on)."
         )
         raise DataError(msg)
-    probs, scores = [], []
+    outputs, scores, per_class = [], [], []
     with torch.inference_mode():
         x0 = features.to(device)
         for h in heads:
             x = x0 if h.mean is None else (x0 - h.mean) / h.std
             out = h.head(x)
-            probs.append(out.bag_probabilities().float().cpu().numpy())
+            outputs.append(task.outputs(out).float().cpu().numpy())
             try:
                 scores.append(h.head.instance_scores(out).float().cpu().numpy())
             except (ValueError, NotImplementedError):
                 scores = None  # type: ignore[assignment]
+            if task.per_class_instance_scores and per_class is not None:
+                one = class_instance_scores(h.head, [_FeatureBag(x)])
+                per_class = None if one is None else [*per_class, one[0]]
     mean_scores = None if not scores else np.mean(np.stack(scores), axis=0)
-    return np.mean(np.stack(probs), axis=0), mean_scores
+    mean_class = None if not per_class else np.mean(np.stack(per_class), axis=0)
+    return np.mean(np.stack(outputs), axis=0), mean_scores, mean_class
+
+
+@dataclass
+class _FeatureBag:
+    """Just the features (what :func:`class_instance_scores` reads)."""
+
+    features: torch.Tensor
 
 
 @dataclass
@@ -211,16 +243,19 @@ class Prediction:
 
     Attributes:
         slide_id (str): Slide id.
-        probability (float): Positive-class probability (max class probability for
-            multi-class heads).
-        prediction (int): Class at the stored threshold.
+        probability (float): The task's slide score: positive-class probability (max
+            class probability for multi-class heads; the risk for survival).
+        prediction (int): Class at the stored threshold (1 = high risk for survival).
         n_patches (int): Patches in the bag.
+        columns (dict): The task's ``predictions.csv`` columns
+            (:meth:`~tiahnm.tasks.Task.output_columns`).
     """
 
     slide_id: str
     probability: float
     prediction: int
     n_patches: int
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -385,7 +420,7 @@ def predict_slides(
     predictions: list[Prediction] = []
     scored: list[SlideScores] = []
     seen: dict[str, Path] = {}
-    binary = heads[0].n_classes == 2
+    task = heads_task(heads)
     for path in h5s:
         sid = slide_id(path)
         try:
@@ -400,8 +435,8 @@ def predict_slides(
                 logger.warning(
                     "%s: features differ from the training features: %s.", sid, diff
                 )
-            probs, scores = ensemble_predict(
-                heads, torch.from_numpy(arrays.features), dev
+            outputs, scores, class_scores = ensemble_predict(
+                heads, torch.from_numpy(arrays.features), dev, task
             )
         except Exception as exc:  # one bad slide must not stop the others
             error = (
@@ -413,11 +448,14 @@ def predict_slides(
             failures.append((str(path), error))
             notify(str(path), "failed", error)
             continue
-        p = float(probs[1] if binary else probs.max())
-        pred = int(p >= threshold) if binary else int(probs.argmax())
+        cols = task.output_columns(outputs, threshold)
+        p = float(task.score(outputs.reshape(1, -1))[0])
+        pred = int(task.predicted_labels(outputs.reshape(1, -1), threshold)[0])
         n = int(arrays.features.shape[0])
-        predictions.append(Prediction(sid, p, pred, n))
-        notify(sid, "done", f"p = {p:.3f}, prediction {pred}, {n} patches")
+        predictions.append(Prediction(sid, p, pred, n, cols))
+        notify(
+            sid, "done", f"{task.score_name} {p:.3f}, prediction {pred}, {n} patches"
+        )
         if scores is not None:
             from tiahnm.evaluation.scores import feature_file_meta
 
@@ -430,19 +468,17 @@ def predict_slides(
                     probability=p,
                     prediction=pred,
                     meta=feature_file_meta(path),
+                    class_scores=class_scores,
                 )
             )
 
-    with atomic_open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "probability", "prediction", "n_patches"])
-        for r in predictions:
-            w.writerow([r.slide_id, f"{r.probability:.6f}", r.prediction, r.n_patches])
+    write_prediction_rows(out / "predictions.csv", predictions)
     write_failures(out / "failures.csv", failures)
     write_instance_scores(
         out / SCORES_FILE,
         scored,
         {
+            "slide_score": task.score_name,
             "score_kind": heads[0].head.default_eval_score,
             "head": type(heads[0].head).__name__,
             "threshold": threshold,
@@ -465,6 +501,7 @@ def predict_slides(
         {
             "checkpoints": result.checkpoints,
             "ensemble": len(heads) > 1,
+            "task": task.spec(),
             "threshold": threshold,
             "instance_threshold": inst_threshold,
             "n_predicted": len(predictions),
@@ -497,6 +534,32 @@ def _attr_text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def write_prediction_rows(path: str | Path, predictions: Sequence[Prediction]) -> Path:
+    """``predictions.csv``: slide_id, the task's columns, n_patches (atomic).
+
+    Binary heads: ``slide_id, probability, prediction, n_patches``; multi-class adds
+    ``p_<k>``; survival has ``risk, high_risk`` instead.
+    """
+    columns: list[str] = []
+    for r in predictions:
+        columns += [k for k in r.columns if k not in columns]
+    if not predictions:
+        columns = ["probability", "prediction"]
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", *columns, "n_patches"])
+        for r in predictions:
+            values = [r.columns.get(k, "") for k in columns]
+            w.writerow(
+                [
+                    r.slide_id,
+                    *[f"{v:.6f}" if isinstance(v, float) else v for v in values],
+                    r.n_patches,
+                ]
+            )
+    return Path(path)
+
+
 def write_failures(path: str | Path, failures: Sequence[tuple[str, str]]) -> Path:
     """``slide,error`` rows (header only when none failed), written atomically."""
     buf = io.StringIO()
@@ -514,6 +577,7 @@ __all__ = [
     "Prediction",
     "checkpoint_paths",
     "ensemble_predict",
+    "heads_task",
     "load_heads",
     "predict_slides",
     "training_feature_attrs",

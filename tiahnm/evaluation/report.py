@@ -38,6 +38,11 @@ NAMES = {
     "instance_auc": "instance AUC",
     "instance_ap": "instance average precision",
     "instance_f1": "instance F1",
+    "c_index": "c-index (Harrell)",
+    "uno_c_index": "c-index (Uno, IPCW)",
+    "td_auc": "time-dependent AUC (mean)",
+    "logrank_p": "log-rank p (risk groups)",
+    "kappa": "Cohen's kappa",
 }
 #: Heatmap images shown inline in the report (the rest are linked).
 MAX_INLINE_HEATMAPS = 12
@@ -177,6 +182,21 @@ def _metric_rows(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
     return rows
 
 
+def _patient_section(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """The patient-level metrics table (``[]`` without patients)."""
+    rows = _metric_rows({"metrics": summary.get("patient_metrics", {})}, keys)
+    if not rows:
+        return []
+    return [
+        "## Patient-level test metrics (mean slide output per patient)",
+        "",
+        "| metric | mean ± std over folds | pooled | 95% CI (pooled) |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _config(out: Path) -> dict[str, Any]:
     path = out / "config.yaml"
     if not path.is_file():
@@ -195,6 +215,7 @@ def write_report(
     output_dir: str | Path,
     summary: dict[str, Any],
     results: Sequence[dict[str, Any]],
+    task: Any = None,
 ) -> Path:
     """Write ``report.md``, ``roc.png`` and ``confusion.png`` in ``output_dir``.
 
@@ -202,6 +223,8 @@ def write_report(
         output_dir (str | Path): The run folder.
         summary (dict): ``summary.json`` content.
         results (Sequence[dict]): Fold results (``result.json`` content).
+        task (Task | None): Its ``report_metrics`` and ``report_sections`` (survival
+            curves, per-class tables); default the binary report.
 
     Returns:
         Path: ``report.md``.
@@ -209,7 +232,9 @@ def write_report(
     out = Path(output_dir)
     cfg = _config(out)
     ev = cfg.get("evaluation", {}) or {}
-    pooled = pooled_predictions(results)
+    keys = list(METRICS) if task is None else list(task.report_metrics)
+    with_probs = all("probability" in p for r in results for p in r["predictions"])
+    pooled = pooled_predictions(results) if with_probs else {}
     roc = plot_roc(pooled, out / "roc.png")
     cm = plot_confusion(pooled, out / "confusion.png", class_names_from_config(cfg))
     losses = ", ".join(summary.get("losses", [])) or "none"
@@ -227,9 +252,10 @@ def write_report(
         "",
         "| metric | mean ± std over folds | pooled | 95% CI (pooled) |",
         "|---|---|---|---|",
-        *_metric_rows(summary, [*METRICS, "loss"]),
+        *_metric_rows(summary, [*keys, "loss"]),
         "",
     ]
+    lines += _patient_section(summary, keys)
     ci = summary.get("ci")
     if ci:
         lines += [
@@ -260,6 +286,8 @@ def write_report(
                 "![Confusion matrix at the validation-chosen thresholds](confusion.png)",
                 "",
             ]
+    if task is not None:
+        lines += task.report_sections(out, results, summary)
     lines += [
         "## Folds",
         "",
@@ -304,10 +332,11 @@ def write_report_safely(
     output_dir: str | Path,
     summary: dict[str, Any],
     results: Sequence[dict[str, Any]],
+    task: Any = None,
 ) -> Path | None:
     """:func:`write_report`, warning instead of failing (the run itself is done)."""
     try:
-        return write_report(output_dir, summary, results)
+        return write_report(output_dir, summary, results, task)
     except Exception as exc:
         msg = f"could not write the run report ({type(exc).__name__}: {exc})."
         logger.debug("report failed", exc_info=True)

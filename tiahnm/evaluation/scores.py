@@ -6,8 +6,13 @@ the ``slide_id`` attribute holds the id itself) with
 * ``scores``: ``[N]`` float32, the head's ``default_eval_score`` per patch;
 * ``coords``: ``[N, 2]`` int64 top-left corners in level-0 pixels, when known;
 * ``instance_labels``: ``[N]`` int8, when the bag has patch labels;
-* attributes ``slide_id``, ``label`` (-1 when unknown), ``probability``,
-  ``prediction``, and when the bag came from a feature file written by ``tiahnm
+* ``class_scores``: ``[N, C]`` float32 per-class instance probabilities, for heads
+  with more than 2 classes that give them (``tiahnm heatmap --class K``);
+* attributes ``slide_id``, ``label`` (-1 when unknown; the event for survival),
+  ``probability`` (the task's slide score: positive-class or top-class
+  probability, or the risk for survival; file attribute ``slide_score`` names it),
+  ``prediction`` (class, or 1 for the high-risk group), ``patient_id`` for slides
+  of a patient-level bag (each of its slides is stored on its own), and when the bag came from a feature file written by ``tiahnm
   extract``: ``source`` (that file), ``slide_path``, ``level0_dimensions``,
   ``patch_size_level0``, ``level0_mpp``.
 
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +52,8 @@ class SlideScores:
         probability (float): Slide probability (positive class; max for multi-class).
         prediction (int): Slide prediction at the stored threshold.
         meta (dict): ``source``, ``slide_path``, ``level0_dimensions``,
-            ``patch_size_level0``, ``level0_mpp`` when known.
+            ``patch_size_level0``, ``level0_mpp``, ``patient_id`` when known.
+        class_scores (np.ndarray | None): ``[N, C]`` per-class instance scores.
     """
 
     slide_id: str
@@ -58,6 +64,7 @@ class SlideScores:
     probability: float = float("nan")
     prediction: int = -1
     meta: dict[str, Any] = field(default_factory=dict)
+    class_scores: np.ndarray | None = None
 
 
 def _group_name(slide_id: str) -> str:
@@ -121,33 +128,80 @@ def scores_from_bags(
     threshold: float,
     *,
     with_labels: bool = True,
+    task: Any = None,
+    class_scores: Sequence[np.ndarray] | None = None,
 ) -> list[SlideScores]:
     """:class:`SlideScores` of predicted bags.
+
+    A patient-level bag (``meta["slide_ids"]``, ``meta["instance_slide"]``) gives one
+    entry per slide, each with its own instances and coordinates, so heatmaps are
+    drawn per slide.
 
     Args:
         bags (Sequence[Bag]): The bags.
         scores (Sequence[np.ndarray]): Their instance scores.
-        probs (np.ndarray): ``[n, C]`` slide probabilities.
-        threshold (float): Slide threshold (binary).
+        probs (np.ndarray): ``[n, C]`` slide outputs of the task.
+        threshold (float): Slide threshold (binary) or risk-group cut (survival).
         with_labels (bool): Keep the bags' labels (False for unlabelled slides).
+        task (Task | None): Gives the slide score and decision (default: binary or
+            multiclass by the width of ``probs``).
+        class_scores (Sequence[np.ndarray] | None): ``[N, C]`` per bag.
     """
+    if task is None:
+        from tiahnm.tasks import default_task
+
+        task = default_task(probs.shape[1] if probs.ndim == 2 else 2)
+    slide_score = task.score(probs) if len(bags) else np.zeros(0)
+    decision = task.predicted_labels(probs, threshold) if len(bags) else slide_score
     out = []
-    binary = probs.shape[1] == 2 if probs.ndim == 2 else True
     for i, (bag, s) in enumerate(zip(bags, scores, strict=True)):
-        p = float(probs[i, 1] if binary else probs[i].max())
-        pred = int(p >= threshold) if binary else int(probs[i].argmax())
+        entry = SlideScores(
+            slide_id=bag.slide_id,
+            scores=np.asarray(s, dtype=np.float32).reshape(-1),
+            coords=None if bag.coords is None else np.asarray(bag.coords),
+            instance_labels=None
+            if bag.instance_labels is None
+            else np.asarray(bag.instance_labels),
+            label=task.target(bag) if with_labels else -1,
+            probability=float(slide_score[i]),
+            prediction=int(decision[i]),
+            meta={**feature_file_meta(bag.source), **_patch_meta(bag.meta)},
+            class_scores=None if class_scores is None else class_scores[i],
+        )
+        out.extend(split_patient_entry(entry, bag.meta))
+    return out
+
+
+def split_patient_entry(
+    entry: SlideScores, meta: Mapping[str, Any]
+) -> list[SlideScores]:
+    """One entry per slide of a patient-level bag (``[entry]`` for a slide bag)."""
+    ids = meta.get("slide_ids")
+    which = meta.get("instance_slide")
+    if not ids or which is None:
+        return [entry]
+    which = np.asarray(which)
+    sources = list(meta.get("slide_sources") or [None] * len(ids))
+    out = []
+    for j, sid in enumerate(ids):
+        keep = which == j
+
+        def part(a: np.ndarray | None, keep: np.ndarray = keep) -> np.ndarray | None:
+            return None if a is None else np.asarray(a)[keep]
+
         out.append(
-            SlideScores(
-                slide_id=bag.slide_id,
-                scores=np.asarray(s, dtype=np.float32).reshape(-1),
-                coords=None if bag.coords is None else np.asarray(bag.coords),
-                instance_labels=None
-                if bag.instance_labels is None
-                else np.asarray(bag.instance_labels),
-                label=int(bag.label) if with_labels else -1,
-                probability=p,
-                prediction=pred,
-                meta={**feature_file_meta(bag.source), **_patch_meta(bag.meta)},
+            replace(
+                entry,
+                slide_id=str(sid),
+                scores=entry.scores[keep],
+                coords=part(entry.coords),
+                instance_labels=part(entry.instance_labels),
+                class_scores=part(entry.class_scores),
+                meta={
+                    **feature_file_meta(sources[j]),
+                    **_patch_meta(meta),
+                    "patient_id": entry.slide_id,
+                },
             )
         )
     return out
@@ -172,6 +226,8 @@ def write_instance_scores(
                 _dataset(g, "coords", np.asarray(s.coords, dtype=np.int64))
             if s.instance_labels is not None:
                 _dataset(g, "instance_labels", np.asarray(s.instance_labels, np.int8))
+            if s.class_scores is not None:
+                _dataset(g, "class_scores", np.asarray(s.class_scores, np.float32))
             g.attrs["slide_id"] = s.slide_id
             g.attrs["label"] = int(s.label)
             g.attrs["probability"] = float(s.probability)
@@ -233,6 +289,7 @@ def read_instance_scores(
                     "level0_dimensions",
                     "patch_size_level0",
                     "level0_mpp",
+                    "patient_id",
                 )
                 slides.append(
                     SlideScores(
@@ -246,6 +303,9 @@ def read_instance_scores(
                         probability=float(a.get("probability", float("nan"))),
                         prediction=int(a.get("prediction", -1)),
                         meta={k: a[k] for k in meta_keys if a.get(k) not in (None, "")},
+                        class_scores=np.asarray(g["class_scores"][()], np.float32)
+                        if "class_scores" in g
+                        else None,
                     )
                 )
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -173,14 +173,31 @@ class MILHead(nn.Module):
         msg = f"{type(self).__name__} does not support padded batches."
         raise NotImplementedError(msg)
 
+    def loss_terms(self, out: MILOutput) -> list[tuple[float, torch.Tensor]]:
+        """The ``(weight, [1, C] logits)`` streams the task's criterion trains.
+
+        Task-agnostic: the task (:mod:`tiahnm.tasks`) applies its own criterion
+        (cross-entropy, survival NLL, Cox ...) to each stream and adds
+        ``out.aux_losses``. One stream, the bag logits, by default.
+        """
+        return [(1.0, out.bag_logits)]
+
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
-        """The head's own training loss: bag cross-entropy plus its auxiliary losses.
+        """Cross-entropy of :meth:`loss_terms` plus the auxiliary losses.
+
+        The training loop takes its loss from the task; this is the classification
+        loss for direct use.
 
         Args:
             out (MILOutput): Output of :meth:`forward`.
             label (torch.Tensor): ``[1]`` long bag label.
         """
-        loss = F.cross_entropy(out.bag_logits.float(), label.view(1))
+        loss: torch.Tensor | None = None
+        for weight, logits in self.loss_terms(out):
+            term = F.cross_entropy(logits.float(), label.view(1))
+            term = term if weight == 1.0 else weight * term
+            loss = term if loss is None else loss + term
+        assert loss is not None
         for value in out.aux_losses.values():
             loss = loss + value
         return loss

@@ -229,12 +229,9 @@ class CLAM(MILHead):
             aux_losses=aux,
         )
 
-    def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
-        """``bag_weight * CE(bag) + (1 - bag_weight) * instance loss``."""
-        loss = self.bag_weight * F.cross_entropy(out.bag_logits.float(), label.view(1))
-        for value in out.aux_losses.values():
-            loss = loss + value
-        return loss
+    def loss_terms(self, out: MILOutput) -> list[tuple[float, torch.Tensor]]:
+        """``bag_weight`` x the bag logits (the instance loss is an aux loss)."""
+        return [(self.bag_weight, out.bag_logits)]
 
 
 class CLAMSB(CLAM):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tiahnm.errors import ConfigError
@@ -121,12 +120,9 @@ class DSMIL(MILHead):
             return c[top].unsqueeze(0)
         return c.max(dim=0).values.unsqueeze(0)
 
-    def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
-        """``bag_weight * CE(bag) + (1 - bag_weight) * CE(max instance)``."""
-        y = label.view(1)
-        bag = F.cross_entropy(out.extras["bag_stream_logits"].float(), y)
-        inst = F.cross_entropy(out.extras["max_instance_logits"].float(), y)
-        loss = self.bag_weight * bag + (1.0 - self.bag_weight) * inst
-        for value in out.aux_losses.values():
-            loss = loss + value
-        return loss
+    def loss_terms(self, out: MILOutput) -> list[tuple[float, torch.Tensor]]:
+        """``bag_weight`` x bag stream, ``1 - bag_weight`` x max-instance stream."""
+        return [
+            (self.bag_weight, out.extras["bag_stream_logits"]),
+            (1.0 - self.bag_weight, out.extras["max_instance_logits"]),
+        ]

@@ -176,6 +176,10 @@ class EncoderMIL(MILHead):
         """The encoder's parameters, then the inner head's projection."""
         return [*self.encoder.parameters(), *self.head.projection_parameters()]
 
+    def loss_terms(self, out: MILOutput) -> list[tuple[float, torch.Tensor]]:
+        """The inner head's loss streams."""
+        return self.head.loss_terms(out)
+
     def instance_scores(
         self, out: MILOutput, kind: str | None = None, *, target: int = 1
     ) -> torch.Tensor:

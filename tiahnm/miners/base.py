@@ -72,9 +72,20 @@ class Miner:
     :meth:`record_mined` with the instances (any miner, a plugin's too); each ``kind``
     becomes one gallery. The loop writes :meth:`mined_records` to the fold's
     ``mined.json``.
+
+    Class attributes:
+        name (str): The registered name.
+        supported_tasks (tuple[str, ...]): Tasks (:mod:`tiahnm.tasks`) the miner
+            works with; another task is a config error naming both before training.
     """
 
     name = "none"
+    supported_tasks: tuple[str, ...] = (
+        "binary",
+        "multiclass",
+        "survival",
+        "regression",
+    )
 
     def record_mined(
         self,

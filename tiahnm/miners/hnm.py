@@ -217,6 +217,8 @@ class HNMMiner(Miner):
     """
 
     name = "hnm"
+    #: Hard negatives are instances of negative (label 0) bags: binary only.
+    supported_tasks = ("binary",)
 
     def __init__(
         self,

@@ -312,6 +312,8 @@ class Li2019Miner(Miner):
     """
 
     name = "li2019"
+    #: Hard-negative bags are built from false positives of class 0: binary only.
+    supported_tasks = ("binary",)
 
     def __init__(
         self,

@@ -325,6 +325,8 @@ class MHIMMiner(Miner):
     """
 
     name = "mhim"
+    #: Masking needs only instance scores: every task (MHIM-MIL v2 trains survival).
+    supported_tasks = ("binary", "multiclass", "survival")
 
     def __init__(
         self,

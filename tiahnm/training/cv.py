@@ -16,10 +16,8 @@ Writes, in ``config.output_dir``:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -33,10 +31,17 @@ import torch
 from tiahnm.callbacks.base import CallbackRunner, build_callbacks
 from tiahnm.config import Config, save_config
 from tiahnm.data.bag import Bag
+from tiahnm.data.cohort import check_patient_labels, patient_bags
 from tiahnm.errors import DataError, TrainingDivergedError
 from tiahnm.evaluation.fold import evaluate_fold_instances, predict_with_scores
 from tiahnm.evaluation.metrics import INSTANCE_METRICS, add_confidence_intervals
 from tiahnm.plugins import ensure_options_mapping, get_registry
+from tiahnm.tasks import Task, build_task, check_miner, default_task
+from tiahnm.tasks.evaluate import (
+    fold_patient_metrics,
+    task_confidence_intervals,
+    write_predictions_csv,
+)
 from tiahnm.training.checkpoint import save_checkpoint
 from tiahnm.training.device import resolve_device
 from tiahnm.training.distributed import (
@@ -54,15 +59,16 @@ from tiahnm.training.guards import (
     watch_divergence,
 )
 from tiahnm.training.loop import fit
-from tiahnm.training.metrics import METRICS, aggregate, binary_metrics, choose_threshold
+from tiahnm.training.metrics import METRICS, aggregate
 from tiahnm.training.splits import (
     Fold,
+    check_grouping,
     fixed_split,
     kfold_splits,
     read_split_file,
     write_split_file,
 )
-from tiahnm.utils.io import atomic_open, write_json
+from tiahnm.utils.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +92,33 @@ def load_bags(config: Config) -> list[Bag]:
     return bags
 
 
-def make_folds(config: Config, bags: Sequence[Bag]) -> list[Fold]:
-    """Folds from the data's split column, a split file, or stratified k-fold CV."""
+def make_folds(
+    config: Config, bags: Sequence[Bag], task: Task | None = None
+) -> list[Fold]:
+    """Folds from the data's split column, a split file, or stratified k-fold CV.
+
+    With patients (``Bag.patient_id``) the generated folds are grouped by patient,
+    and every fold, also of a split file or split column, is checked: a patient in
+    two of train/val/test is a DataError naming the patient and fold.
+    """
+    groups = [b.patient_id for b in bags]
     if config.cv.split_file:
-        return read_split_file(config.cv.split_file, [b.slide_id for b in bags])
+        folds = read_split_file(config.cv.split_file, [b.slide_id for b in bags])
+        check_grouping(folds, groups, where=str(config.cv.split_file))
+        return folds
     splits = [b.split for b in bags]
     if config.cv.use_source_split and all(s is not None for s in splits):
-        return fixed_split(splits)
+        folds = fixed_split(splits)
+        check_grouping(folds, groups, where="the data's split column")
+        return folds
+    labels = task.stratify_labels(bags) if task is not None else [b.label for b in bags]
     return kfold_splits(
-        [b.label for b in bags],
+        labels,
         folds=config.cv.folds,
         repeats=config.cv.repeats,
         val_fraction=config.cv.val_fraction,
         seed=config.seed,
+        groups=groups if any(groups) else None,
     )
 
 
@@ -174,41 +194,16 @@ def build_losses(config: Config) -> list[tuple[Any, float]]:
     return out
 
 
-def _fold_metrics(
-    labels: list[int], probs: np.ndarray, threshold: float
-) -> dict[str, float]:
-    if probs.shape[1] == 2:
-        return binary_metrics(labels, probs[:, 1], threshold)
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        f1_score,
-        roc_auc_score,
-    )
-
-    pred = probs.argmax(1)
-    try:
-        auc = float(roc_auc_score(labels, probs, multi_class="ovr"))
-    except ValueError:
-        auc = math.nan
-    return {
-        "auc": auc,
-        "accuracy": float(accuracy_score(labels, pred)),
-        "f1": float(f1_score(labels, pred, average="macro")),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-    }
-
-
 def _val_metrics(
-    labels: list[int], probs: np.ndarray, threshold: float, loss: float
+    task: Task, val: Sequence[Bag], probs: np.ndarray, threshold: float, loss: float
 ) -> dict[str, float]:
     """Metrics of the validation bags under the selected state (empty without any).
 
     What ``tiahnm sweep`` ranks trials by: it never looks at test metrics.
     """
-    if not labels:
+    if not val:
         return {}
-    return {**_fold_metrics(labels, probs, threshold), "loss": loss}
+    return {**task.metrics(val, probs, threshold), "loss": loss}
 
 
 def _progress(config: Config, dctx: DistContext = SINGLE) -> bool:
@@ -229,8 +224,12 @@ def run_fold(
     device: torch.device,
     dctx: DistContext = SINGLE,
     callbacks: CallbackRunner | None = None,
+    task: Task | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one fold; returns (and writes) its result.
+
+    ``n_classes`` is the number of head outputs; ``task`` (default: binary or
+    multiclass) gives the loss, threshold, metrics and prediction rows.
 
     Under ``torchrun`` every rank trains (data parallel); rank 0 alone evaluates and
     writes, and the other ranks read its ``result.json``. ``callbacks`` get the
@@ -245,6 +244,7 @@ def run_fold(
     if dctx.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
     seed = config.seed + 1000 * fold.repeat + fold.fold
+    task = task or default_task(n_classes)
     torch.manual_seed(seed)
     norm = None
     if config.data.standardize:
@@ -290,6 +290,7 @@ def run_fold(
                 checkpoint_dir=fold_dir,
                 on_epoch_end=watch_divergence(fold.name, on_epoch_end),
                 dist_ctx=dctx,
+                task=task,
             )
         except TrainingDivergedError as exc:
             raise diverged(fold.name, fold_dir, exc) from None
@@ -313,6 +314,7 @@ def run_fold(
                 seed,
                 device,
                 dctx,
+                task,
             )
         barrier(dctx)
         return json.loads(result_path.read_text())
@@ -322,13 +324,10 @@ def run_fold(
         device,
         amp=dtype,
         want_scores=True,  # instance threshold and the heatmaps' validation scale
+        task=task,
     )
-    threshold = 0.5
-    if n_classes == 2 and val:
-        threshold = choose_threshold(
-            [b.label for b in val], val_probs[:, 1], config.evaluation.threshold
-        )
-    val_metrics = _val_metrics([b.label for b in val], val_probs, threshold, val_loss)
+    threshold = task.threshold(val, val_probs, config.evaluation.threshold)
+    val_metrics = _val_metrics(task, val, val_probs, threshold, val_loss)
     best_epoch = res.best_epoch
     if config.cv.refit and val:
         # The epoch count was chosen on validation; the final model also learns from
@@ -343,13 +342,13 @@ def run_fold(
             seed,
             device,
             dctx,
+            task,
         )
     fit_seconds = time.perf_counter() - t0
     test_probs, test_loss, inst_scores = predict_with_scores(
-        head, test, device, amp=dtype
+        head, test, device, amp=dtype, task=task
     )
-    labels = [b.label for b in test]
-    metrics = _fold_metrics(labels, test_probs, threshold)
+    metrics = task.metrics(test, test_probs, threshold)
     metrics["loss"] = test_loss
     inst = evaluate_fold_instances(
         val=val,
@@ -361,6 +360,7 @@ def run_fold(
         rule=config.evaluation.instance_threshold,
         fold_dir=fold_dir,
         head=head,
+        task=task,
     )
     metrics.update(inst.metrics)
     save_checkpoint(
@@ -374,6 +374,8 @@ def run_fold(
             "instance_threshold": inst.threshold,
             "instance_score": head.default_eval_score,
             "normalisation": norm,
+            "task": task.describe(),
+            "task_spec": task.spec(),
             "best_epoch": best_epoch,
             "refit": bool(config.cv.refit and val),
             "run": run_fingerprint(config),
@@ -396,21 +398,13 @@ def run_fold(
         "seconds_per_epoch": res.seconds_per_epoch,
         "metrics": metrics,
         "val_metrics": val_metrics,
-        "predictions": [
-            {
-                "slide_id": b.slide_id,
-                "label": b.label,
-                "probability": float(
-                    test_probs[i, 1] if n_classes == 2 else test_probs[i].max()
-                ),
-                "prediction": int(test_probs[i, 1] >= threshold)
-                if n_classes == 2
-                else int(test_probs[i].argmax()),
-            }
-            for i, b in enumerate(test)
-        ],
+        "predictions": _prediction_rows(task, test, test_probs, threshold),
         "history": res.history,
     }
+    result.update(task.fold_extras(test, test_probs, threshold))
+    patient = fold_patient_metrics(task, test, test_probs, threshold)
+    if patient:
+        result["patient_metrics"] = patient
     write_json(result_path, result)
     (fold_dir / "last.pt").unlink(missing_ok=True)
     (fold_dir / "refit" / "last.pt").unlink(missing_ok=True)
@@ -428,6 +422,7 @@ def _refit(
     seed: int,
     device: torch.device,
     dctx: DistContext,
+    task: Task | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Retrain a fresh head on ``bags`` for ``best_epoch + 1`` epochs (same seed)."""
     torch.manual_seed(seed)
@@ -443,6 +438,7 @@ def _refit(
         seed=seed,
         checkpoint_dir=fold_dir / "refit",
         dist_ctx=dctx,
+        task=task,
     )
     head.load_state_dict(res.best_state)
     return head, res
@@ -484,13 +480,25 @@ def _run_training(
     bags = list(bags) if bags is not None else load_bags(config)
     check_classes(bags, config.data.source)
     n_classes = max(2, max(b.label for b in bags) + 1)
-    folds = make_folds(config, bags)
+    task = build_task(config.task.name, config.task.options, n_classes)
+    task.check_monitor(config.train.monitor)
+    task.check_bags(bags)
+    _check_class_names(task, bags, config)
+    check_patient_labels(bags)
+    if config.data.bag_level == "patient":
+        bags = patient_bags(bags)
+    n_outputs = task.n_outputs(n_classes)
+    folds = make_folds(config, bags, task)
+    task.check_folds(bags, folds)
     if dctx.is_main:
         write_split_file(out / "splits.csv", folds, [b.slide_id for b in bags])
     device = local_device(resolve_device(config.train.device), dctx)
     # Builds every component once before training, so a bad name or option fails fast.
-    build_head(config, int(bags[0].features.shape[1]), n_classes)
-    build_miner(config, folds[0])  # fold placeholders filled as in the folds
+    task.check_head(
+        build_head(config, int(bags[0].features.shape[1]), n_outputs), config.head.name
+    )
+    # fold placeholders filled as in the folds; a miner without this task: error
+    check_miner(task, build_miner(config, folds[0]), config.miner.name)
     build_losses(config)
     callbacks = build_callbacks(
         config.callbacks if dctx.is_main else [], out, config.to_dict()
@@ -507,41 +515,37 @@ def _run_training(
                 bags,
                 fold,
                 out / "folds" / fold.name,
-                n_classes=n_classes,
+                n_classes=n_outputs,
                 device=device,
                 dctx=dctx,
                 callbacks=callbacks,
+                task=task,
             )
         )
         callbacks.fold_end(results[-1])
-    summary = add_confidence_intervals(
-        summarise(results, config),
-        results,
-        n_resamples=config.evaluation.bootstrap,
-        seed=config.seed,
-    )
+    summary = summarise(results, config)
+    summary["task"] = task.describe()
+    summary["task_spec"] = task.spec()
+    if task.ci_metrics is None:
+        add_confidence_intervals(
+            summary, results, n_resamples=config.evaluation.bootstrap, seed=config.seed
+        )
+    else:
+        task_confidence_intervals(
+            task,
+            summary,
+            results,
+            n_resamples=config.evaluation.bootstrap,
+            seed=config.seed,
+        )
     if not dctx.is_main:
         return summary
     write_json(out / "summary.json", summary)
-    with atomic_open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "repeat", "fold", "label", "probability", "prediction"])
-        for r in results:
-            for p in r["predictions"]:
-                w.writerow(
-                    [
-                        p["slide_id"],
-                        r["repeat"],
-                        r["fold"],
-                        p["label"],
-                        f"{p['probability']:.6f}",
-                        p["prediction"],
-                    ]
-                )
+    write_predictions_csv(out / "predictions.csv", results)
     if config.evaluation.report:
         from tiahnm.evaluation.report import write_report_safely
 
-        write_report_safely(out, summary, results)
+        write_report_safely(out, summary, results, task)
         from tiahnm.evaluation.html_report import write_html_report_safely
 
         write_html_report_safely(out)
@@ -549,16 +553,55 @@ def _run_training(
     return summary
 
 
+def _check_class_names(task: Task, bags: Sequence[Bag], config: Config) -> None:
+    """The task's check of the data's class names (``meta["class_name"]``)."""
+    names: dict[int, str] = {}
+    for b in bags:
+        if b.meta.get("class_name") is not None:
+            names.setdefault(int(b.label), str(b.meta["class_name"]))
+    if names:
+        where = bags[0].meta.get("labels_csv") or f"data source {config.data.source!r}"
+        task.check_class_names([names[k] for k in sorted(names)], str(where))
+
+
+def _prediction_rows(
+    task: Task, bags: Sequence[Bag], probs: np.ndarray, threshold: float
+) -> list[dict[str, Any]]:
+    """The task's prediction rows, with ``patient_id`` when the bags have one."""
+    rows = task.prediction_rows(bags, probs, threshold)
+    if any(b.patient_id for b in bags):
+        for row, b in zip(rows, bags, strict=True):
+            row["patient_id"] = b.patient_id or ""
+    return rows
+
+
+def _metric_keys(rows: Sequence[dict[str, float]]) -> list[str]:
+    """The binary and instance metrics first, then any other metric of the task."""
+    keys = [*METRICS, *INSTANCE_METRICS]
+    for row in rows:
+        keys += [k for k in row if k not in keys and k != "loss"]
+    return keys
+
+
 def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, Any]:
     """Aggregate fold results: over folds, and over repeats (mean of each repeat)."""
-    keys = [*METRICS, *INSTANCE_METRICS]
     rows = [r["metrics"] for r in results]
+    val_rows = [r.get("val_metrics", {}) for r in results]
+    keys = _metric_keys(rows)
     repeats = sorted({r["repeat"] for r in results})
     repeat_rows = []
     for rep in repeats:
         agg = aggregate([r["metrics"] for r in results if r["repeat"] == rep], keys)
         repeat_rows.append({k: v["mean"] for k, v in agg.items()})
-    return {
+    patient_rows = [r["patient_metrics"] for r in results if r.get("patient_metrics")]
+    extra = {}
+    if patient_rows:
+        extra["patient_metrics"] = {
+            k: v
+            for k, v in aggregate(patient_rows, _metric_keys(patient_rows)).items()
+            if v["n"]
+        }
+    return extra | {
         "head": config.head.name,
         "miner": config.miner.name,
         "losses": [loss.name for loss in config.losses],
@@ -570,9 +613,7 @@ def summarise(results: Sequence[dict[str, Any]], config: Config) -> dict[str, An
         # validation bags at the selected epoch (what `tiahnm sweep` ranks by)
         "val_metrics": {
             k: v
-            for k, v in aggregate(
-                [r.get("val_metrics", {}) for r in results], [*METRICS, "loss"]
-            ).items()
+            for k, v in aggregate(val_rows, [*_metric_keys(val_rows), "loss"]).items()
             if v["n"]
         },
         "seconds_per_epoch": float(

@@ -37,7 +37,6 @@ from tiahnm.training.distributed import (
     unshard,
 )
 from tiahnm.training.feeding import iter_features, pin_bags
-from tiahnm.training.metrics import binary_metrics
 from tiahnm.training.precision import head_precision
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.data.bag import Bag
     from tiahnm.heads.base import MILHead
     from tiahnm.losses.base import BatchLoss
+    from tiahnm.tasks.base import Task
 
 
 @dataclass
@@ -105,8 +105,12 @@ def predict(
     instance_scores: bool = False,
     dist_ctx: DistContext = SINGLE,
     prefetch: int = 0,
+    task: Task | None = None,
 ) -> tuple[np.ndarray, float, list[np.ndarray] | None]:
     """Deterministic forward over ``bags``.
+
+    ``task`` (default: binary / multiclass by ``head.n_classes``) gives each bag's
+    output row (class probabilities, or ``[risk, logits...]`` for survival) and loss.
 
     With a multi-process ``dist_ctx`` every rank predicts its shard of ``bags`` and
     the results are gathered in the original order on every rank (a collective
@@ -115,6 +119,7 @@ def predict(
     Returns:
         tuple: ``(probs [n, C], mean loss, instance scores per bag or None)``.
     """
+    task = task or _default_task(head)
     was_training = head.training
     head.eval()
     mine = shard(bags, dist_ctx)
@@ -122,11 +127,10 @@ def predict(
     for bag, x in zip(
         mine, iter_features(mine, device, prefetch=prefetch), strict=True
     ):
-        y = torch.tensor([bag.label], device=device)
         with autocast(device, amp):
             out = head(x)
-            losses.append(head.loss(out, y).float())
-        probs.append(out.bag_probabilities())
+            losses.append(task.bag_loss(head, out, bag).float())
+        probs.append(task.outputs(out))
         if instance_scores:
             scores.append(head.instance_scores(out).float().cpu().numpy())
     head.train(was_training)
@@ -145,22 +149,16 @@ def predict(
         return np.zeros((0, head.n_classes)), math.nan, None
     p = torch.stack([v.cpu() for v in probs]).numpy().astype(np.float64)
     loss = float(torch.stack([v.cpu() for v in losses]).mean())
+    coupled = task.eval_loss(p, bags)
+    if coupled is not None:
+        loss = coupled
     return p, loss, (scores if instance_scores else None)
 
 
-def _score(
-    metric: str, val_loss: float, val_probs: np.ndarray, labels: list[int]
-) -> tuple[float, float]:
-    """Higher is better: (primary, tie-break by lower loss)."""
-    if metric == "val_loss":
-        return (-val_loss, 0.0)
-    p = val_probs[:, 1] if val_probs.shape[1] == 2 else val_probs.max(1)
-    m = binary_metrics(labels, p) if val_probs.shape[1] == 2 else {}
-    key = "auc" if metric == "val_auc" else "accuracy"
-    value = m.get(key, math.nan)
-    if math.isnan(value):
-        value = -math.inf
-    return (value, -val_loss)
+def _default_task(head: MILHead) -> Task:
+    from tiahnm.tasks import default_task
+
+    return default_task(head.n_classes)
 
 
 def _check_cfg(cfg: TrainConfig) -> None:
@@ -203,6 +201,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     dist_ctx: DistContext | None = None,
+    task: Task | None = None,
 ) -> FitResult:
     """Train ``head`` with the shared loop; return the best (validation) state.
 
@@ -223,6 +222,8 @@ def fit(
         on_epoch_end (Callable | None): Called with each epoch's history row.
         dist_ctx (DistContext | None): Multi-process context (default: the joined
             process group, if any).
+        task (Task | None): Loss, outputs and monitor (default: binary or
+            multiclass by ``head.n_classes``); fitted on ``train_bags`` here.
 
     Returns:
         FitResult: Best state dict, its epoch and the history (the same on every rank).
@@ -230,6 +231,8 @@ def fit(
     _check_cfg(cfg)
     dctx = dist_ctx if dist_ctx is not None else current()
     miner = miner or Miner()
+    task = task or _default_task(head)
+    task.fit(train_bags)
     device = device or torch.device("cpu")
     head.to(device)
     train_bags = list(train_bags)
@@ -261,7 +264,6 @@ def fit(
         for item in resume.get("added_bags", []):
             train_bags.append(_bag_from_dict(item))
 
-    val_labels = [b.label for b in val_bags]
     epoch_seconds: list[float] = []
     compiled = False
     while round_idx < cfg.rounds:
@@ -330,6 +332,8 @@ def fit(
             steps = group_steps(
                 list(miner.batches(ctx, train_bags, generator)), cfg.batch_size
             )
+            if task.couples_bags:  # one loss over the bags of a step (Cox)
+                steps = [[[b for batch in g for b in batch]] for g in steps]
             mine = [shard(group, dctx) for group in steps]
             feats = iter_features(
                 [bag for part in mine for batch in part for bag in batch],
@@ -348,12 +352,21 @@ def fit(
                 if batched and part:  # one padded forward; plain batches are 1 bag
                     bags = [bag for batch in part for bag in batch]
                     xs = [next(feats) for _ in bags]
-                    loss = _padded_loss(head, bags, xs, device, dtype) * len(part)
+                    loss = _padded_loss(head, bags, xs, device, dtype, task) * len(part)
                     loss_sum += _backward(scaler, loss, scale)
                 elif not batched:
                     for batch in part:
                         loss = _batch_loss(
-                            head, miner, ctx, batch, feats, losses, device, dtype, step
+                            head,
+                            miner,
+                            ctx,
+                            batch,
+                            feats,
+                            losses,
+                            device,
+                            dtype,
+                            step,
+                            task,
                         )
                         loss_sum += _backward(scaler, loss, scale)
                 if step_start is not None and _nonfinite_step(loss_sum, dctx):
@@ -392,14 +405,12 @@ def fit(
                     amp=dtype,
                     dist_ctx=dctx,
                     prefetch=cfg.prefetch,
+                    task=task,
                 )
                 _check_finite("validation loss", val_loss, epoch)
-                score = _score(cfg.monitor, val_loss, val_probs, val_labels)
+                score = task.monitor_score(cfg.monitor, val_loss, val_probs, val_bags)
                 row["val_loss"] = val_loss
-                if val_probs.shape[1] == 2:
-                    vm = binary_metrics(val_labels, val_probs[:, 1])
-                    row["val_auc"] = vm["auc"]
-                    row["val_acc"] = vm["accuracy"]
+                row.update(task.val_row(val_bags, val_probs))
             else:
                 score = (float(epoch), 0.0)
             if score > best["score"]:
@@ -545,8 +556,13 @@ def _batch_loss(
     device: torch.device,
     dtype: torch.dtype | None,
     step: int,
+    task: Task,
 ) -> torch.Tensor:
-    """Loss of one miner batch: mean bag loss (+ miner extras) plus the batch losses."""
+    """Loss of one miner batch: mean bag loss (+ miner extras) plus the batch losses.
+
+    The bag loss comes from ``task``; a task coupling the bags (Cox) adds its loss
+    over the whole batch.
+    """
     outs, labels, bag_losses = [], [], []
     with autocast(device, dtype):
         for bag in batch:
@@ -554,13 +570,16 @@ def _batch_loss(
             y = torch.tensor([bag.label], device=device)
             ctx.bag = bag
             out, extra = miner.forward(ctx, x, y, step)
-            bag_loss = head.loss(out, y)
+            bag_loss = task.bag_loss(head, out, bag)
             for value in extra.values():
                 bag_loss = bag_loss + value
             bag_losses.append(bag_loss)
             outs.append(out)
             labels.append(bag.label)
         loss = torch.stack(bag_losses).mean()
+        coupled = task.batch_loss(head, outs, batch)
+        if coupled is not None:
+            loss = loss + coupled
         for loss_fn, weight in losses:
             value = loss_fn(head, outs, labels)
             if value is not None:
@@ -587,15 +606,15 @@ def _padded_loss(
     xs: Sequence[torch.Tensor],
     device: torch.device,
     dtype: torch.dtype | None,
+    task: Task,
 ) -> torch.Tensor:
-    """Mean bag cross-entropy of ``bags`` from one padded ``[B, N_max, D]`` forward."""
+    """Task loss of ``bags`` from one padded ``[B, N_max, D]`` forward."""
     lengths = torch.tensor([x.shape[0] for x in xs], device=device)
     x = torch.nn.utils.rnn.pad_sequence(list(xs), batch_first=True)
     mask = torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None]
-    y = torch.tensor([b.label for b in bags], device=device)
     with autocast(device, dtype):
         logits = head.forward_padded(x, mask)
-    return torch.nn.functional.cross_entropy(logits.float(), y)
+    return task.criterion(logits.float(), bags)
 
 
 def _backward(

@@ -50,13 +50,29 @@ def _holdout(
 
 
 def kfold_splits(
-    labels: Sequence[int], *, folds: int, repeats: int, val_fraction: float, seed: int
+    labels: Sequence[int],
+    *,
+    folds: int,
+    repeats: int,
+    val_fraction: float,
+    seed: int,
+    groups: Sequence[str | None] | None = None,
 ) -> list[Fold]:
     """Repeated stratified k-fold; each training part keeps a stratified validation set.
 
     The test fold never contributes to training, validation, early stopping or
-    thresholds.
+    thresholds. With ``groups`` (patient ids; None for a bag of its own) the folds
+    and the validation hold-out are grouped: see :func:`grouped_kfold_splits`.
     """
+    if groups is not None and any(g for g in groups):
+        return grouped_kfold_splits(
+            labels,
+            groups,
+            folds=folds,
+            repeats=repeats,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
     from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(labels)
@@ -83,6 +99,86 @@ def kfold_splits(
                 )
             )
     return out
+
+
+def _group_keys(groups: Sequence[str | None]) -> np.ndarray:
+    """Patient of each bag; a bag without one is its own group."""
+    return np.asarray(
+        [f"patient:{g}" if g else f"bag:{i}" for i, g in enumerate(groups)]
+    )
+
+
+def grouped_kfold_splits(
+    labels: Sequence[int],
+    groups: Sequence[str | None],
+    *,
+    folds: int,
+    repeats: int,
+    val_fraction: float,
+    seed: int,
+) -> list[Fold]:
+    """Repeated stratified *group* k-fold: a patient sits in one part of each fold.
+
+    Test folds come from scikit-learn's ``StratifiedGroupKFold``; the validation
+    hold-out is drawn among the training part's patients, stratified by the
+    patient's label. Every fold is checked with :func:`check_grouping`.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(labels)
+    keys = _group_keys(groups)
+    uniq, first = np.unique(keys, return_index=True)
+    counts = np.bincount(y[first])
+    if counts[counts > 0].min() < folds:
+        msg = (
+            f"cv.folds={folds} but the smallest class has only "
+            f"{counts[counts > 0].min()} patients; lower cv.folds."
+        )
+        raise DataError(msg)
+    out = []
+    for r in range(repeats):
+        sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + r)
+        rng = np.random.default_rng(seed * 1000 + r)
+        for k, (train_idx, test_idx) in enumerate(
+            sgkf.split(np.zeros(len(y)), y, keys)
+        ):
+            # hold out whole patients: stratified over the patients' first bags
+            heads = np.asarray(
+                [i for i in train_idx if first[np.searchsorted(uniq, keys[i])] == i]
+            )
+            _, val_heads = _holdout(heads, y, val_fraction, rng)
+            val_keys = set(keys[val_heads].tolist())
+            in_val = np.asarray([keys[i] in val_keys for i in train_idx], dtype=bool)
+            out.append(
+                Fold(
+                    r,
+                    k,
+                    tuple(train_idx[~in_val].tolist()),
+                    tuple(train_idx[in_val].tolist()),
+                    tuple(test_idx.tolist()),
+                )
+            )
+    check_grouping(out, groups, where="generated folds")
+    return out
+
+
+def check_grouping(
+    folds: Sequence[Fold], groups: Sequence[str | None], *, where: str
+) -> None:
+    """DataError naming the patient and fold when a patient sits in two parts."""
+    for f in folds:
+        parts = {
+            name: {groups[i] for i in idx if groups[i]}
+            for name, idx in (("train", f.train), ("val", f.val), ("test", f.test))
+        }
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = sorted(parts[a] & parts[b])
+            if shared:
+                msg = (
+                    f"{where}: fold {f.name} puts patient {shared[0]!r} in both "
+                    f"{a} and {b} ({len(shared)} patient(s) shared)."
+                )
+                raise DataError(msg)
 
 
 def fixed_split(splits: Sequence[str | None]) -> list[Fold]:
