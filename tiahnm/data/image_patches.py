@@ -197,11 +197,12 @@ class ImagePatchBags:
         """Read, tile and filter every listed image (in CSV order)."""
         from tiahnm.data.cohort import apply_cohort, read_cohort_columns
 
+        rows = self._rows()  # checks the labels CSV first (errors name file and row)
         cohort = read_cohort_columns(
             self.labels_csv, key_column=self.image_column, **self.cohort_columns
         )
         bags, dropped = [], []
-        for name, label in self._rows():
+        for name, label in rows:
             bag = self._bag(name, label)
             n_dropped = int(bag.meta["n_dropped"])
             dropped.append((bag.slide_id, n_dropped, bag.n_instances + n_dropped))
