@@ -284,8 +284,11 @@ def sweep(args, tmp: Path, done: dict) -> dict:
     only = set(args.only_grid.split(",")) if args.only_grid else None
 
     def save() -> None:
-        args.sweep_json.parent.mkdir(parents=True, exist_ok=True)
-        args.sweep_json.write_text(json.dumps(out, indent=2) + "\n")
+        from tiahnm.utils.provenance import write_result
+
+        write_result(
+            args.sweep_json, {k: v for k, v in out.items() if k != "provenance"}
+        )
 
     bags, counts = mnist_bags(args.shared, args.n_bags, 100, "survival")
     for key, (head, task_opts, miner, grid) in SURVIVAL_MODELS.items():
@@ -364,13 +367,20 @@ def merge(paths: list[Path], out: Path) -> None:
     merged: dict = {"merged_from": [str(p) for p in paths], "parts": []}
     for path in paths:
         part = json.loads(path.read_text())
-        merged["parts"].append({k: part[k] for k in ("argv", "commit")})
+        stamp = part.get("provenance", {})
+        merged["parts"].append(
+            {k: part.get(k, stamp.get(k)) for k in ("argv", "commit")}
+        )
         for key, value in part.items():
+            if key == "provenance":
+                continue
             if key in ("survival_mnist", "multiclass_mnist"):
                 merged.setdefault(key, {}).update(value)
             elif key not in merged:
                 merged[key] = value
-    out.write_text(json.dumps(merged, indent=2) + "\n")
+    from tiahnm.utils.provenance import write_result
+
+    write_result(out, merged)
 
 
 def main() -> None:
@@ -430,7 +440,9 @@ def main() -> None:
         }
         result["survival_mnist"], result["multiclass_mnist"] = evaluate(args, tmp, dev)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    from tiahnm.utils.provenance import write_result
+
+    write_result(args.out, result)
     print(json.dumps(result["reference"], indent=2))
     print(json.dumps(result["leakage"], indent=2))
 

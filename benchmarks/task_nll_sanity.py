@@ -90,7 +90,9 @@ def main() -> None:
         c, w = fit_and_score(kind, x, t, e, bins, train, test)
         result[kind] = {"test_c_index": c, "coefficients": w}
     out = Path("benchmarks/results/task_nll_sanity.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from tiahnm.utils.provenance import write_result
+
+    write_result(out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -388,6 +388,9 @@ def test_report_command_keeps_the_survival_sections(survival_run) -> None:
     res = CliRunner().invoke(cli, ["report", str(run)])
     assert res.exit_code == 0, res.output
     assert "km.png" in (run / "report.md").read_text() and (run / "km.png").is_file()
+    page = (run / "report.html").read_text()
+    assert "report_files/km.png" in page and (run / "report_files" / "km.png").is_file()
+    assert "roc.png" not in page  # no class probability to draw a ROC from
 
 
 def test_patient_level_run_stores_scores_per_slide(tmp_path) -> None:

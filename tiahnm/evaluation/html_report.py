@@ -358,7 +358,13 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
         )
         return f"<table>{head}{''.join(rows)}</table>"
 
-    pooled = pooled_predictions(results)
+    from tiahnm.tasks import task_from_spec
+
+    spec = summary.get("task_spec")
+    keys = list(task_from_spec(spec).report_metrics) if spec else list(METRICS)
+    # survival and regression rows have no class probability: no ROC/PR/calibration
+    with_probs = all("probability" in p for r in results for p in r["predictions"])
+    pooled = pooled_predictions(results) if with_probs else {}
     positive = _name(1, ctx.class_names)
     plots = [
         ("roc.png", plot_roc, "ROC"),
@@ -367,7 +373,14 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
         ("confusion.png", plot_confusion, "Confusion matrix"),
     ]
     figs = []
-    for name, fn, alt in plots:
+    km = ctx.out / "km.png"  # written with report.md by survival tasks
+    if km.is_file():
+        shutil.copyfile(km, ctx.files / km.name)
+        figs.append(
+            f'<figure><img src="{FILES}/{km.name}" alt="Kaplan-Meier curves of the '
+            'risk groups"></figure>'
+        )
+    for name, fn, alt in plots if with_probs else []:
         path = ctx.files / name
         if fn is None:
             made = plot_calibration(pooled, path, positive=positive)
@@ -396,7 +409,7 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
     return (
         '<section id="metrics"><h2>Slide-level test metrics</h2>'
         + (f"<p>Classes: {classes}.</p>" if classes else "")
-        + table([*METRICS, "loss"])
+        + table([*keys, "loss"])
         + f"<p class='note'>Epoch and decision threshold chosen on each fold's "
         f"validation slides only. {ci_note}</p>"
         + (
@@ -406,8 +419,6 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
             else ""
         )
         + f"<div class='figs'>{''.join(figs)}</div>"
-        + "<p class='note'>Kaplan-Meier curves: tiahnm has no survival task yet, so "
-        "there are none to draw.</p>"
         + "<h3>Folds</h3><table><tr><th>repeat</th><th>fold</th><th>best epoch</th>"
         "<th>threshold</th><th>AUC</th><th>accuracy</th><th>n test</th></tr>"
         + folds

@@ -38,6 +38,8 @@ class Task:
 
     Class attributes:
         name (str): The registered name.
+        classifies (bool): Bag labels are classes (binary, multiclass); a data set
+            of one class is then refused before training.
         couples_bags (bool): True when the loss is defined over a set of bags (Cox
             partial likelihood): the loop then forwards the bags of an optimiser
             step as one batch and adds :meth:`batch_loss`.
@@ -46,6 +48,8 @@ class Task:
     """
 
     name = "task"
+    #: Labels are classes (at least two must be present to train).
+    classifies = True
     couples_bags = False
     monitors: tuple[str, ...] = ("val_loss", "val_auc", "val_acc")
     primary_metric = "auc"

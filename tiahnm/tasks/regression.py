@@ -30,6 +30,7 @@ class RegressionTask(Task):
     """
 
     name = "regression"
+    classifies = False
     monitors = ("val_loss",)
     primary_metric = "r2"
     score_name = "prediction"

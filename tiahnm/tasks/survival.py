@@ -45,6 +45,7 @@ class SurvivalTask(Task):
     """
 
     name = "survival"
+    classifies = False
     monitors = ("val_loss", "val_c_index")
     primary_metric = "c_index"
 

@@ -478,9 +478,10 @@ def _run_training(
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     bags = list(bags) if bags is not None else load_bags(config)
-    check_classes(bags, config.data.source)
     n_classes = max(2, max(b.label for b in bags) + 1)
     task = build_task(config.task.name, config.task.options, n_classes)
+    if task.classifies:  # survival labels are events: the task checks those
+        check_classes(bags, config.data.source)
     task.check_monitor(config.train.monitor)
     task.check_bags(bags)
     _check_class_names(task, bags, config)
