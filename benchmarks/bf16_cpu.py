@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from loop_overhead import build, make_bags  # noqa: E402
 
+from tiahnm.utils.provenance import cpu_model  # noqa: E402
+
 PRECISIONS = ("fp32", "bf16")
 TILE = ROOT.parent / "shared" / "data" / "slides" / "tiatoolbox_target_image.png"
 
@@ -81,7 +83,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             "numpy": np.__version__,
         },
         "hardware": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_unit": cpu_bf16_support(),
@@ -91,16 +93,6 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "argv": [sys.executable, *sys.argv],
         "command": "python " + " ".join(sys.argv),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def interleave(

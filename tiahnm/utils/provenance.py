@@ -69,7 +69,8 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
     return versions
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -91,7 +92,7 @@ def hardware() -> dict[str, Any]:
     return {
         "torch_build": torch.__version__,
         "cuda": torch.version.cuda,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpus": gpus,
@@ -139,4 +140,11 @@ def write_result(
     return out
 
 
-__all__ = ["git_commit", "hardware", "package_versions", "provenance", "write_result"]
+__all__ = [
+    "cpu_model",
+    "git_commit",
+    "hardware",
+    "package_versions",
+    "provenance",
+    "write_result",
+]
