@@ -122,3 +122,16 @@ def test_feature_norm_none_passes_raw_features_and_one_instance_bags_train():
     assert single.feature_bn.weight.grad is not None
     with pytest.raises(ConfigError, match="feature_norm"):
         head(feature_norm="layer")
+
+
+def test_models_saved_before_feature_norm_load_with_none_only():
+    old = head(feature_norm="none").state_dict()
+    del old["stats_set"]  # the buffers of a model saved before feature_norm
+    h = head(feature_norm="none")
+    h.load_state_dict(old)
+    assert not bool(h.stats_set)  # identity statistics: never set
+    old["feature_std"] = torch.full_like(old["feature_std"], 2.0)  # set by hnm
+    h.load_state_dict(old)
+    assert bool(h.stats_set)
+    with pytest.raises(RuntimeError, match="feature_norm: none"):
+        head().load_state_dict(old)

@@ -120,6 +120,7 @@ class EncoderMIL(MILHead):
         # set by set_feature_stats: the stored statistics replace feature_bn
         self.register_buffer("stats_set", torch.zeros((), dtype=torch.bool))
         self._eval_cache: dict[tuple, tuple] | None = None
+        self._register_load_state_dict_pre_hook(_legacy_state, with_module=True)
 
     def enable_eval_cache(self, *, enabled: bool = True) -> None:
         """Reuse encoder features of unchanged bags in eval mode (see class doc).
@@ -214,6 +215,31 @@ class EncoderMIL(MILHead):
     ) -> torch.Tensor:
         """The inner head's instance scores."""
         return self.head.instance_scores(out, kind, target=target)
+
+
+def _legacy_state(
+    module: EncoderMIL,
+    state_dict: dict[str, Any],
+    prefix: str,
+    _metadata: Any,
+    _strict: bool,  # noqa: FBT001 (torch calls the hook positionally)
+    _missing: list[str],
+    _unexpected: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load models saved before ``feature_norm`` (no ``stats_set`` buffer)."""
+    if prefix + "stats_set" in state_dict or prefix + "feature_mean" not in state_dict:
+        return
+    mean, std = state_dict[prefix + "feature_mean"], state_dict[prefix + "feature_std"]
+    state_dict[prefix + "stats_set"] = torch.tensor(
+        bool((mean != 0).any() or (std != 1).any())
+    )
+    if isinstance(module.feature_bn, torch.nn.BatchNorm1d):
+        error_msgs.append(
+            "this model was saved before head.options.feature_norm existed (its "
+            "encoder features are not batch-normalised); load it with "
+            "head.options.feature_norm: none"
+        )
 
 
 def _square(in_dim: int) -> tuple[int, int, int]:
