@@ -69,6 +69,8 @@ def trivial_baseline(run_dir: Path) -> dict[str, Any]:
     )
     y = np.asarray([b.label for b in bags])
     folds = read_split_file(run_dir / "splits.csv", [b.slide_id for b in bags])
+    done = {p.parent.name for p in (run_dir / "folds").glob("*/result.json")}
+    folds = [f for f in folds if f.name in done]  # the run's finished folds only
     accs, aucs = [], []
     for f in folds:
         tr, va, te = list(f.train), list(f.val), list(f.test)
@@ -149,10 +151,15 @@ def main() -> None:
         ).read_text()
         if not same:
             raise SystemExit(f"{a} and {b} ran on different splits")
-        ra, rb = results[a]["folds"], results[b]["folds"]
+        fa = {r["fold"]: r for r in results[a]["folds"]}
+        fb = {r["fold"]: r for r in results[b]["folds"]}
+        common = sorted(set(fa) & set(fb))
         pairs[f"{b} vs {a}"] = {
-            k: wilcoxon_p([r[k] for r in rb], [r[k] for r in ra])
-            for k in ("auc", "accuracy")
+            "folds": common,
+            **{
+                k: wilcoxon_p([fb[f][k] for f in common], [fa[f][k] for f in common])
+                for k in ("auc", "accuracy")
+            },
         }
     for name, r in results.items():
         base = r["trivial_baseline"]
