@@ -25,9 +25,13 @@ variants ``plain``, ``adaptive`` (eq. 2, lambda 2), ``sb``, ``mb``, ``fmb``
 rate, AUC.
 
 ``stability``: end to end (``encoder_mil``: ``small_cnn`` + gated attention on the
-28 px digits of MNIST-bags), the loop defaults (``e2e_plain``) against learning-rate
-warm-up (3 epochs) with gradient clipping (norm 1.0) (``e2e_stable``); a fold
-"collapses" when its best validation epoch is 0-2 or its test AUC is below 0.6.
+28 px digits of MNIST-bags, or on 32 px patches of the real UCSB images with
+``--dataset ucsb_images``), the loop defaults with the raw encoder features
+(``e2e_plain``, ``feature_norm: none``: the behaviour before issue 18) against
+learning-rate warm-up (3 epochs) with gradient clipping (norm 1.0) (``e2e_stable``,
+also raw features) and against ``feature_norm: batch`` (``e2e_featnorm``, the
+default since issue 18); a fold "collapses" when its best validation epoch is 0-2
+or its test AUC is below 0.6.
 
 Per variant the JSON holds per-fold bag AUC, accuracy, FPR, instance AUC, best epoch
 and best round, the mean and std over folds, and the Wilcoxon signed-rank p-value
