@@ -25,9 +25,13 @@ variants ``plain``, ``adaptive`` (eq. 2, lambda 2), ``sb``, ``mb``, ``fmb``
 rate, AUC.
 
 ``stability``: end to end (``encoder_mil``: ``small_cnn`` + gated attention on the
-28 px digits of MNIST-bags), the loop defaults (``e2e_plain``) against learning-rate
-warm-up (3 epochs) with gradient clipping (norm 1.0) (``e2e_stable``); a fold
-"collapses" when its best validation epoch is 0-2 or its test AUC is below 0.6.
+28 px digits of MNIST-bags, or on 32 px patches of the real UCSB images with
+``--dataset ucsb_images``), the loop defaults with the raw encoder features
+(``e2e_plain``, ``feature_norm: none``: the behaviour before issue 18) against
+learning-rate warm-up (3 epochs) with gradient clipping (norm 1.0) (``e2e_stable``,
+also raw features) and against ``feature_norm: batch`` (``e2e_featnorm``, the
+default since issue 18); a fold "collapses" when its best validation epoch is 0-2
+or its test AUC is below 0.6.
 
 Per variant the JSON holds per-fold bag AUC, accuracy, FPR, instance AUC, best epoch
 and best round, the mean and std over folds, and the Wilcoxon signed-rank p-value
@@ -64,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 STUDIES = {
     "mhim": ("plain", "mhim_nowarm", "mhim", "mhim_init", "li2019"),
     "li2019": ("plain", "adaptive", "sb", "mb", "fmb", "fmb_oof"),
-    "stability": ("e2e_plain", "e2e_stable"),
+    "stability": ("e2e_plain", "e2e_stable", "e2e_featnorm"),
 }
 FOLD_KEYS = ("auc", "accuracy", "fpr", "instance_auc")
 
@@ -87,6 +91,10 @@ def mnist_options(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
 
 def data_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     """The ``data`` section (UCSB bags are passed in, features precomputed)."""
+    if dataset == "ucsb_images":  # the real images, end to end
+        root = str(args.data_dir / "ucsb-breast-tma")
+        opts = {"root": root, "image_column": "image", "label_column": "malignant"}
+        return {"source": "image_patches", "options": {**opts, "patch_size": 32}}
     if dataset == "ucsb":
         root = str(args.data_dir / "ucsb-breast-tma")
         return {
@@ -127,14 +135,17 @@ def config_for(
     head = {"name": "abmil_gated", "options": head_options}
     extra: dict[str, Any] = {}
     if variant.startswith("e2e"):
+        shape = [3, 32, 32] if dataset == "ucsb_images" else [1, 28, 28]
         head = {
             "name": "encoder_mil",
             "options": {
-                "image_shape": [1, 28, 28],
+                "image_shape": shape,
                 "encoder": "small_cnn",
                 "encoder_options": {"out_dim": 64, "width": 16},
                 "head": "abmil_gated",
                 "head_options": {"embed_dim": 64, "attn_dim": 32, "dropout": 0.0},
+                # e2e_featnorm: the default since issue 18 (BatchNorm1d on features)
+                "feature_norm": "batch" if variant == "e2e_featnorm" else "none",
             },
         }
         if variant == "e2e_stable":
@@ -157,7 +168,7 @@ def config_for(
             "progress": False,
             **extra,
         },
-        "cv": {"folds": 4, "repeats": args.repeats, "val_fraction": 0.2},
+        "cv": {"folds": args.folds, "repeats": args.repeats, "val_fraction": 0.2},
         "evaluation": {"bootstrap": 0, "report": False},
     }
 
@@ -350,11 +361,12 @@ def main() -> None:
     p.add_argument("--study", choices=tuple(STUDIES), default="mhim")
     p.add_argument(
         "--dataset",
-        choices=("ucsb", "mnist10", "mnist50", "mnist_hard"),
+        choices=("ucsb", "ucsb_images", "mnist10", "mnist50", "mnist_hard"),
         default="mnist10",
     )
     p.add_argument("--variants", nargs="*")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--folds", type=int, default=4)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--n-bags", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -112,3 +112,11 @@ def test_configuration_reference_is_current():
     assert doc.read_text() == reference_markdown(), (
         "run: python -m tiahnm.config > docs/configuration.md"
     )
+
+
+def test_refit_with_rounds_is_a_config_error() -> None:
+    """cv.refit retrains for one epoch count: with rounds > 1 it is refused, named."""
+    with pytest.raises(ConfigError, match=r"cv\.refit.*train\.rounds > 1"):
+        from_dict({"train": {"rounds": 2}, "cv": {"refit": True}})
+    assert from_dict({"train": {"rounds": 2}, "cv": {"refit": False}}).train.rounds == 2
+    assert from_dict({"train": {"rounds": 1}, "cv": {"refit": True}}).cv.refit

@@ -250,7 +250,8 @@ class CVConfig:
         False,
         "After choosing the epoch on validation, retrain on training + validation bags "
         "for that many epochs (same seed) and evaluate that model; the threshold still "
-        "comes from the validation predictions of the first model.",
+        "comes from the validation predictions of the first model. Not with "
+        "train.rounds > 1 (a config error).",
     )
     use_source_split: bool = _f(
         True, "Use the train/val/test split column of the data when it has one."
@@ -460,6 +461,13 @@ def _check_values(config: Config) -> None:
         (
             config.train.grad_clip is None or config.train.grad_clip > 0,
             "train.grad_clip must be > 0 (or null: no clipping)",
+        ),
+        (
+            not (config.cv.refit and config.train.rounds > 1),
+            "cv.refit cannot be combined with train.rounds > 1 (the refit would "
+            "retrain every round for the kept round's epoch count, without the "
+            "validation bags that chose the round); set cv.refit: false, the kept "
+            "model is then the best on validation over all rounds",
         ),
         (config.cv.folds >= 2, "cv.folds must be >= 2"),
         (config.cv.repeats >= 1, "cv.repeats must be >= 1"),

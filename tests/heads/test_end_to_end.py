@@ -78,3 +78,60 @@ def test_eval_cache_reuses_features_only_while_nothing_changed():
         uncached(x)
         uncached(x)
     assert uncached._eval_cache is None
+
+
+def _inner_input(h, x):
+    """The features the inner head receives for bag ``x``."""
+    seen = []
+    hook = h.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    h(x)
+    hook.remove()
+    return seen[0].detach()
+
+
+def test_feature_norm_standardises_encoder_features_over_the_bag():
+    x = torch.rand(7, 784)
+    h = head().train()
+    raw = h.encoder(x.reshape(7, 1, 28, 28)).detach()
+    got = _inner_input(h, x)
+    # training: each feature standardised over the bag's instances (biased var)
+    want = (raw - raw.mean(0)) / torch.sqrt(raw.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # eval: the running statistics (one update of momentum 0.1 from 0 / 1) of the
+    # training-mode features, applied to the eval-mode encoder output
+    h.eval()
+    mean = 0.1 * raw.mean(0)
+    var = 0.9 + 0.1 * raw.var(0, unbiased=True)
+    raw_eval = h.encoder(x.reshape(7, 1, 28, 28)).detach()
+    want = (raw_eval - mean) / torch.sqrt(var + 1e-5)
+    torch.testing.assert_close(_inner_input(h, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_feature_norm_none_passes_raw_features_and_one_instance_bags_train():
+    x = torch.rand(4, 784)
+    h = head(feature_norm="none").train()
+    raw = h.encoder(x.reshape(4, 1, 28, 28)).detach()
+    torch.testing.assert_close(_inner_input(h, x), raw)
+    single = head().train()  # a one-instance bag: running stats, no error
+    one = x[:1]
+    raw1 = single.encoder(one.reshape(1, 1, 28, 28)).detach()
+    torch.testing.assert_close(
+        _inner_input(single, one), raw1 / torch.sqrt(torch.tensor(1 + 1e-5))
+    )
+    single.loss(single(one), torch.tensor([1])).backward()
+    assert single.feature_bn.weight.grad is not None
+    with pytest.raises(ConfigError, match="feature_norm"):
+        head(feature_norm="layer")
+
+
+def test_models_saved_before_feature_norm_load_with_none_only():
+    old = head(feature_norm="none").state_dict()
+    del old["stats_set"]  # the buffers of a model saved before feature_norm
+    h = head(feature_norm="none")
+    h.load_state_dict(old)
+    assert not bool(h.stats_set)  # identity statistics: never set
+    old["feature_std"] = torch.full_like(old["feature_std"], 2.0)  # set by hnm
+    h.load_state_dict(old)
+    assert bool(h.stats_set)
+    with pytest.raises(RuntimeError, match="feature_norm: none"):
+        head().load_state_dict(old)

@@ -27,7 +27,8 @@ class EncoderMIL(MILHead):
     ``feature_std`` (identity until set with :meth:`set_feature_stats`): a miner that
     trains the inner head on extracted features (``hnm``) standardises them with
     training-set statistics and stores those here, so validation, test and a saved
-    model see the features the head was trained on.
+    model see the features the head was trained on. Once set, they replace the
+    ``feature_norm`` BatchNorm (a miner's own standardisation is never applied twice).
 
     With :meth:`enable_eval_cache` (the ``hnm`` miner turns it on: its encoder is
     frozen during MIL rounds), the encoder features of a whole bag computed in eval
@@ -47,6 +48,14 @@ class EncoderMIL(MILHead):
         head (str): Registered MIL head on the encoder's features.
         head_options (Mapping | None): Options of that head.
         freeze_encoder (bool): Keep the encoder fixed (features only).
+        feature_norm (str): ``batch`` (default): a ``BatchNorm1d`` over the
+            instances of the bag standardises each encoder feature before the inner
+            head (running statistics in eval mode); ``none``: the raw encoder
+            features (the behaviour before issue 18; use it to load models saved
+            then). Without it a randomly initialised ``small_cnn`` gives features
+            that vary little between instances (std about a quarter of their mean)
+            and end-to-end training stays at the prior (training loss 0.693; see
+            docs/benchmarks.md, issue 18).
     """
 
     encodes_images = True
@@ -63,6 +72,7 @@ class EncoderMIL(MILHead):
         head: str = "abmil_gated",
         head_options: Mapping[str, Any] | None = None,
         freeze_encoder: bool = False,
+        feature_norm: str = "batch",
     ) -> None:
         torch.nn.Module.__init__(self)
         shape = tuple(image_shape) if image_shape is not None else _square(in_dim)
@@ -97,9 +107,23 @@ class EncoderMIL(MILHead):
         self.default_eval_score = self.head.default_eval_score
         self.needs_label_in_forward = self.head.needs_label_in_forward
         self.feature_dim = int(info.out_dim)
+        if feature_norm not in ("batch", "none"):
+            msg = (
+                f"head.options.feature_norm must be 'batch' or 'none', not "
+                f"{feature_norm!r}."
+            )
+            raise ConfigError(msg)
+        self.feature_bn: torch.nn.Module = (
+            torch.nn.BatchNorm1d(info.out_dim)
+            if feature_norm == "batch"
+            else torch.nn.Identity()
+        )
         self.register_buffer("feature_mean", torch.zeros(info.out_dim))
         self.register_buffer("feature_std", torch.ones(info.out_dim))
+        # set by set_feature_stats: the stored statistics replace feature_bn
+        self.register_buffer("stats_set", torch.zeros((), dtype=torch.bool))
         self._eval_cache: dict[tuple, tuple] | None = None
+        self._register_load_state_dict_pre_hook(_legacy_state, with_module=True)
 
     def enable_eval_cache(self, *, enabled: bool = True) -> None:
         """Reuse encoder features of unchanged bags in eval mode (see class doc).
@@ -137,11 +161,21 @@ class EncoderMIL(MILHead):
         self._eval_cache[key] = (version, x, x._version, feats)
         return feats
 
+    def _feature_norm(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feature_bn``; a one-instance batch in training uses the running stats."""
+        bn = self.feature_bn
+        if isinstance(bn, torch.nn.BatchNorm1d) and bn.training and len(feats) < 2:
+            return torch.nn.functional.batch_norm(
+                feats, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps
+            )
+        return bn(feats)
+
     @torch.no_grad()
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise encoder features as ``(f - mean) / std`` before the head."""
         self.feature_mean.copy_(mean.reshape(-1))
         self.feature_std.copy_(std.reshape(-1))
+        self.stats_set.fill_(1)
 
     def normalize_features(self, feats: torch.Tensor) -> torch.Tensor:
         """Apply the stored statistics to encoder output ``[N, D]`` (its device, dtype)."""
@@ -160,7 +194,10 @@ class EncoderMIL(MILHead):
             x = x[0]
         if keep_idx is not None:
             x = x.index_select(0, keep_idx)
-        feats = self.normalize_features(self._encode_bag(x))
+        feats = self._encode_bag(x)
+        if not bool(self.stats_set):
+            feats = self._feature_norm(feats)
+        feats = self.normalize_features(feats)
         return self.head(feats, extra_tokens=extra_tokens, label=label)
 
     def loss(self, out: MILOutput, label: torch.Tensor) -> torch.Tensor:
@@ -185,6 +222,31 @@ class EncoderMIL(MILHead):
     ) -> torch.Tensor:
         """The inner head's instance scores."""
         return self.head.instance_scores(out, kind, target=target)
+
+
+def _legacy_state(
+    module: EncoderMIL,
+    state_dict: dict[str, Any],
+    prefix: str,
+    _metadata: Any,
+    _strict: bool,  # noqa: FBT001 (torch calls the hook positionally)
+    _missing: list[str],
+    _unexpected: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load models saved before ``feature_norm`` (no ``stats_set`` buffer)."""
+    if prefix + "stats_set" in state_dict or prefix + "feature_mean" not in state_dict:
+        return
+    mean, std = state_dict[prefix + "feature_mean"], state_dict[prefix + "feature_std"]
+    state_dict[prefix + "stats_set"] = torch.tensor(
+        bool((mean != 0).any() or (std != 1).any())
+    )
+    if isinstance(module.feature_bn, torch.nn.BatchNorm1d):
+        error_msgs.append(
+            "this model was saved before head.options.feature_norm existed (its "
+            "encoder features are not batch-normalised); load it with "
+            "head.options.feature_norm: none"
+        )
 
 
 def _square(in_dim: int) -> tuple[int, int, int]:
