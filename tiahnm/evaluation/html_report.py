@@ -334,22 +334,15 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
     """Metric tables with CIs, the curves and the per-fold table."""
     from tiahnm.evaluation.curves import plot_calibration, plot_pr
     from tiahnm.evaluation.metrics import INSTANCE_METRICS, pooled_predictions
-    from tiahnm.evaluation.report import NAMES, _fmt, plot_confusion, plot_roc
+    from tiahnm.evaluation.report import _fmt, metric_cells, plot_confusion, plot_roc
     from tiahnm.training.metrics import METRICS
 
     def table(keys: list[str]) -> str:
-        rows = []
-        for key in keys:
-            m = summary.get("metrics", {}).get(key)
-            if not m:
-                continue
-            ci = m.get("ci95")
-            ci_text = f"{_fmt(ci[0])} to {_fmt(ci[1])}" if ci else "-"
-            rows.append(
-                f"<tr><td>{html.escape(NAMES.get(key, key))}</td>"
-                f"<td>{_fmt(m.get('mean'))} ± {_fmt(m.get('std'))}</td>"
-                f"<td>{_fmt(m.get('pooled'))}</td><td>{ci_text}</td></tr>"
-            )
+        rows = [
+            f"<tr><td>{html.escape(name)}</td><td>{spread}</td><td>{pooled}</td>"
+            f"<td>{ci}</td></tr>"
+            for name, spread, pooled, ci in metric_cells(summary, keys, "{} to {}")
+        ]
         if not rows:
             return ""
         head = (

@@ -167,19 +167,36 @@ def plot_confusion(
     return _save(fig, Path(path))
 
 
-def _metric_rows(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    rows = []
+def metric_cells(
+    summary: dict[str, Any], keys: Sequence[str], ci_format: str = "[{}, {}]"
+) -> list[tuple[str, str, str, str]]:
+    """``(name, mean ± std, pooled, 95% CI)`` of each metric of ``keys`` the run has.
+
+    Shared by ``report.md`` and ``report.html``; ``ci_format`` joins the two bounds.
+    """
+    cells = []
     for key in keys:
         m = summary.get("metrics", {}).get(key)
         if not m:
             continue
         ci = m.get("ci95")
-        ci_text = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
-        rows.append(
-            f"| {NAMES.get(key, key)} | {_fmt(m.get('mean'))} ± {_fmt(m.get('std'))} "
-            f"| {_fmt(m.get('pooled'))} | {ci_text} |"
+        ci_text = ci_format.format(_fmt(ci[0]), _fmt(ci[1])) if ci else "-"
+        cells.append(
+            (
+                NAMES.get(key, key),
+                f"{_fmt(m.get('mean'))} ± {_fmt(m.get('std'))}",
+                _fmt(m.get("pooled")),
+                ci_text,
+            )
         )
-    return rows
+    return cells
+
+
+def _metric_rows(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    return [
+        f"| {name} | {spread} | {pooled} | {ci} |"
+        for name, spread, pooled, ci in metric_cells(summary, keys)
+    ]
 
 
 def _patient_section(summary: dict[str, Any], keys: Sequence[str]) -> list[str]:
