@@ -355,9 +355,8 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
 
     spec = summary.get("task_spec")
     keys = list(task_from_spec(spec).report_metrics) if spec else list(METRICS)
-    # survival and regression rows have no class probability: no ROC/PR/calibration
-    with_probs = all("probability" in p for r in results for p in r["predictions"])
-    pooled = pooled_predictions(results) if with_probs else {}
+    # {} for survival and regression rows (no class probability): no ROC/PR/calibration
+    pooled = pooled_predictions(results)
     positive = _name(1, ctx.class_names)
     plots = [
         ("roc.png", plot_roc, "ROC"),
@@ -373,7 +372,7 @@ def _metrics_html(ctx: _Context, summary: dict[str, Any], results: list) -> str:
             f'<figure><img src="{FILES}/{km.name}" alt="Kaplan-Meier curves of the '
             'risk groups"></figure>'
         )
-    for name, fn, alt in plots if with_probs else []:
+    for name, fn, alt in plots if pooled else []:
         path = ctx.files / name
         if fn is None:
             made = plot_calibration(pooled, path, positive=positive)

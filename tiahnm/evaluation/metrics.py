@@ -118,8 +118,11 @@ def pooled_predictions(
 
     Returns:
         dict[int, dict[str, np.ndarray]]: Per repeat, ``slide_id``, ``label``,
-        ``probability`` and ``prediction`` arrays sorted by slide id.
+        ``probability`` and ``prediction`` arrays sorted by slide id; ``{}`` when the
+        rows hold no class probability (survival risks, regression values).
     """
+    if not all("probability" in p for r in results for p in r["predictions"]):
+        return {}
     rows: dict[int, list[dict[str, Any]]] = {}
     for r in results:
         rows.setdefault(int(r["repeat"]), []).extend(r["predictions"])
@@ -204,6 +207,8 @@ def confidence_intervals(
     if n_resamples <= 0 or not results:
         return {}
     pooled = pooled_predictions(results)
+    if not pooled:
+        return {}
     labels = np.concatenate([p["label"] for p in pooled.values()])
     if labels.size == 0 or labels.max() > 1:
         return {}

@@ -250,8 +250,7 @@ def write_report(
     cfg = _config(out)
     ev = cfg.get("evaluation", {}) or {}
     keys = list(METRICS) if task is None else list(task.report_metrics)
-    with_probs = all("probability" in p for r in results for p in r["predictions"])
-    pooled = pooled_predictions(results) if with_probs else {}
+    pooled = pooled_predictions(results)
     roc = plot_roc(pooled, out / "roc.png")
     cm = plot_confusion(pooled, out / "confusion.png", class_names_from_config(cfg))
     losses = ", ".join(summary.get("losses", [])) or "none"
