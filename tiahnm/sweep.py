@@ -492,7 +492,15 @@ def run_worker(job: _Job, echo: Callable[[str], None] | None = None) -> int:
     ran = 0
     if job.spec.method == "grid":
         while ran < job.n_trials and _has_waiting(study):
-            study.optimize(objective, n_trials=1, catch=())
+            try:
+                study.optimize(objective, n_trials=1, catch=())
+            except ValueError as exc:
+                # Seen (rarely) with two launches on one SQLite storage: the trial was
+                # told COMPLETE by the other launch first. Its run is the same (one
+                # locked folder per point, ranked once), so nothing is lost.
+                if "Cannot tell a COMPLETE trial" not in str(exc):
+                    raise
+                say("[sweep] another launch finished this trial first")
             ran += 1
         return ran
     stop = MaxTrialsCallback(job.spec.n_trials or 0, states=(TrialState.COMPLETE,))
