@@ -292,26 +292,72 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{(out / 'sweep.db').resolve()}"
 
 
+def _sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None: another database)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return None if parsed.database == ":memory:" else Path(parsed.database)
+
+
+def _storage_class() -> type:
+    """``RDBStorage`` whose trial-state changes hold a file lock beside the database.
+
+    Optuna pops a queued trial by reading it as WAITING and then setting it RUNNING.
+    Its ``SELECT ... FOR UPDATE`` is a no-op on SQLite, and the read runs outside a
+    write transaction, so two processes could both pop one trial (seen in CI: both
+    workers ran grid point 0 and point 1 was left to the launching process). The
+    lock makes read-check-write one step for every process of this machine, which
+    is where a SQLite file lives; server databases lock the row themselves.
+    """
+    import optuna
+
+    class LockedSQLiteStorage(optuna.storages.RDBStorage):
+        lock_path: Path
+
+        def set_trial_state_values(self, trial_id, state, values=None):  # type: ignore[no-untyped-def]
+            with self.lock_path.open("a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    return super().set_trial_state_values(trial_id, state, values)
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+    return LockedSQLiteStorage
+
+
 def make_storage(url: str) -> Any:
-    """Optuna's database storage with heartbeats (a killed trial is retried)."""
+    """Optuna's database storage with heartbeats (a killed trial is retried).
+
+    A SQLite storage is a :func:`_storage_class` storage: one trial is popped by one
+    process only.
+    """
     import optuna
 
     kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    storage_class: type = optuna.storages.RDBStorage
+    db = _sqlite_path(url)
+    if db is not None:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+        storage_class = _storage_class()
     from sqlalchemy.exc import SQLAlchemyError
 
     for attempt in range(5):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental"
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = storage_class(
                     url,
                     heartbeat_interval=_HEARTBEAT_S,
                     grace_period=_GRACE_S,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
                     **kwargs,
                 )
+                if db is not None:
+                    storage.lock_path = db.with_name(db.name + ".lock")
+                return storage
         except SQLAlchemyError:
             # two launches creating the same new database at once: the loser retries
             if attempt == 4:
@@ -492,15 +538,7 @@ def run_worker(job: _Job, echo: Callable[[str], None] | None = None) -> int:
     ran = 0
     if job.spec.method == "grid":
         while ran < job.n_trials and _has_waiting(study):
-            try:
-                study.optimize(objective, n_trials=1, catch=())
-            except ValueError as exc:
-                # Seen (rarely) with two launches on one SQLite storage: the trial was
-                # told COMPLETE by the other launch first. Its run is the same (one
-                # locked folder per point, ranked once), so nothing is lost.
-                if "Cannot tell a COMPLETE trial" not in str(exc):
-                    raise
-                say("[sweep] another launch finished this trial first")
+            study.optimize(objective, n_trials=1, catch=())
             ran += 1
         return ran
     stop = MaxTrialsCallback(job.spec.n_trials or 0, states=(TrialState.COMPLETE,))

@@ -324,3 +324,36 @@ def test_two_launches_sharing_a_storage_split_the_grid(tmp_path, fake, monkeypat
     assert sorted(pipeline.calls) == sorted(table) or set(pipeline.calls) == set(table)
     assert summaries[-1]["best"]["params"] == {"train.lr": 0.004}
     assert not (tmp_path / "out" / "sweep.db").exists()  # the given storage only
+
+
+def test_one_queued_trial_is_popped_by_one_storage_only(tmp_path):
+    """Eight storages on one SQLite file set one WAITING trial RUNNING at once:
+    exactly one wins, every time. (Optuna's plain RDBStorage lets several win on
+    SQLite, where ``FOR UPDATE`` is a no-op: 13 of 20 rounds here; in CI two sweep
+    workers ran the same grid point.)"""
+    import threading
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from tiahnm.sweep import make_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for rep in range(10):
+        url = f"sqlite:///{tmp_path / f's{rep}.db'}"
+        study = optuna.create_study(study_name="s", storage=make_storage(url))
+        study.enqueue_trial({"x": 1})
+        trial_id = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
+        storages = [make_storage(url) for _ in range(8)]
+        barrier, wins = threading.Barrier(len(storages)), []
+
+        def pop(storage):
+            barrier.wait()
+            wins.append(storage.set_trial_state_values(trial_id, TrialState.RUNNING))
+
+        threads = [threading.Thread(target=pop, args=(s,)) for s in storages]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wins.count(True) == 1, (rep, wins)
