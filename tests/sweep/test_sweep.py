@@ -347,7 +347,7 @@ def test_one_queued_trial_is_popped_by_one_storage_only(tmp_path):
         storages = [make_storage(url) for _ in range(8)]
         barrier, wins = threading.Barrier(len(storages)), []
 
-        def pop(storage):
+        def pop(storage, barrier=barrier, wins=wins, trial_id=trial_id):
             barrier.wait()
             wins.append(storage.set_trial_state_values(trial_id, TrialState.RUNNING))
 
