@@ -33,6 +33,11 @@ also raw features) and against ``feature_norm: batch`` (``e2e_featnorm``, the
 default since issue 18); a fold "collapses" when its best validation epoch is 0-2
 or its test AUC is below 0.6.
 
+``e2e_mining``: the mining comparison end to end (the ``e2e_featnorm`` model above
+as ``plain``), on identical folds: ``e2e_mhim`` (``mhim`` out of the box),
+``e2e_mhim_init`` (``teacher_init`` = the same fold's ``e2e_featnorm`` model) and
+``e2e_li2019`` (FMB, 2 rounds, selection over rounds on validation).
+
 Per variant the JSON holds per-fold bag AUC, accuracy, FPR, instance AUC, best epoch
 and best round, the mean and std over folds, and the Wilcoxon signed-rank p-value
 (scipy, two-sided) of the per-fold differences against ``plain``.
@@ -43,6 +48,7 @@ Usage::
     python benchmarks/hard_mining_compare.py --study mhim --dataset ucsb
     python benchmarks/hard_mining_compare.py --study li2019 --dataset mnist_hard
     python benchmarks/hard_mining_compare.py --study stability --dataset mnist10
+    python benchmarks/hard_mining_compare.py --study e2e_mining --dataset ucsb_images
     python benchmarks/hard_mining_compare.py --report
 """
 
@@ -69,8 +75,10 @@ STUDIES = {
     "mhim": ("plain", "mhim_nowarm", "mhim", "mhim_init", "li2019"),
     "li2019": ("plain", "adaptive", "sb", "mb", "fmb", "fmb_oof"),
     "stability": ("e2e_plain", "e2e_stable", "e2e_featnorm"),
+    "e2e_mining": ("e2e_featnorm", "e2e_mhim", "e2e_mhim_init", "e2e_li2019"),
 }
 FOLD_KEYS = ("auc", "accuracy", "fpr", "instance_auc")
+_RAW_FEATURES = ("e2e_plain", "e2e_stable")  # feature_norm: none (before issue 18)
 
 
 def mnist_options(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
@@ -107,6 +115,11 @@ def data_section(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
 
 def miner_for(variant: str, run_root: Path) -> tuple[dict[str, Any], int, bool]:
     """(miner section, rounds, adaptive weighting) of a variant."""
+    if variant in ("e2e_mhim", "e2e_li2019"):
+        return miner_for(variant[len("e2e_") :], run_root)
+    if variant == "e2e_mhim_init":  # teacher: the same fold's end-to-end plain model
+        init = str(run_root / "e2e_featnorm/folds/{fold_name}/best.pt")
+        return {"name": "mhim", "options": {"teacher_init": init}}, 1, False
     if variant.startswith("mhim"):
         options: dict[str, Any] = {}
         if variant == "mhim_nowarm":
@@ -144,8 +157,8 @@ def config_for(
                 "encoder_options": {"out_dim": 64, "width": 16},
                 "head": "abmil_gated",
                 "head_options": {"embed_dim": 64, "attn_dim": 32, "dropout": 0.0},
-                # e2e_featnorm: the default since issue 18 (BatchNorm1d on features)
-                "feature_norm": "batch" if variant == "e2e_featnorm" else "none",
+                # feature_norm batch: the default since issue 18 (BatchNorm1d)
+                "feature_norm": "none" if variant in _RAW_FEATURES else "batch",
             },
         }
         if variant == "e2e_stable":
