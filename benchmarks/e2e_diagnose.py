@@ -90,7 +90,7 @@ def config(variant: str, args: argparse.Namespace) -> Any:
 
 def build(variant: str, cfg: Any, in_dim: int) -> nn.Module:
     """The head of a variant (seeded)."""
-    from tiahnm.training.cv import build_head
+    from tiahnm.crossval import build_head
 
     torch.manual_seed(0)
     head = build_head(cfg, in_dim, 2)
@@ -106,7 +106,7 @@ def build(variant: str, cfg: Any, in_dim: int) -> nn.Module:
 
 def main() -> None:
     """Train every variant on the same split and write the JSON."""
-    from tiahnm.training.cv import load_bags
+    from tiahnm.crossval import load_bags
     from tiahnm.training.loop import fit
     from tiahnm.utils.provenance import provenance, write_result
 

@@ -55,7 +55,7 @@ def trivial_baseline(run_dir: Path) -> dict[str, Any]:
     from sklearn.preprocessing import StandardScaler
 
     from tiahnm.config import load_config
-    from tiahnm.training.cv import load_bags
+    from tiahnm.crossval import load_bags
     from tiahnm.training.splits import read_split_file
 
     bags = load_bags(load_config(run_dir / "config.yaml"))

@@ -90,7 +90,7 @@ def _forward_rate(extractor, batch, dtype, batch_size: int) -> tuple[float, obje
     """Patches/s of preprocessing + forward on in-memory patches, and the features."""
     import torch
 
-    from tiahnm.training.device import autocast
+    from tiahnm.runtime.device import autocast
 
     prep, module, out = extractor.encoder.preprocessing, extractor.module, []
     t0 = time.perf_counter()
@@ -404,7 +404,7 @@ def _write_vit(args: argparse.Namespace, vit: dict, import_s: float) -> None:
     import tiatoolbox
     import torch
 
-    from tiahnm.training.precision import cpu_bf16_support
+    from tiahnm.runtime.precision import cpu_bf16_support
 
     result = {
         "benchmark": "ViT preset extraction, fp32 vs CPU bf16 autocast",

@@ -162,7 +162,7 @@ def interleaved_fit(
 
 def reference_amp_epoch(head, bags, opt, device, dtype) -> float:
     """Minimal loop under autocast ``dtype``: forward, loss, backward, Adam, per bag."""
-    from tiahnm.training.device import autocast
+    from tiahnm.runtime.device import autocast
 
     head.train()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
@@ -199,7 +199,7 @@ def _one_epoch(head, bags, device, miner=None, **cfg) -> Callable[[], Any]:
 
 def loop_overhead(s: dict, device: torch.device) -> list[dict]:
     """Shared loop with AMP vs a minimal AMP loop, per head."""
-    from tiahnm.training.device import amp_dtype
+    from tiahnm.runtime.device import amp_dtype
 
     dtype = amp_dtype(device, "auto")
     bags = make_bags(s["n_bags"], s["n_instances"], s["dim"])
@@ -294,9 +294,9 @@ class Patches(torch.utils.data.Dataset):
 def extraction(s: dict, device: torch.device) -> list[dict]:
     """``Extractor.encode`` vs the forward-only limit, per ViT."""
     from tiahnm.encoders.base import pool_output
+    from tiahnm.runtime.device import autocast
     from tiahnm.slides.extract import ExtractConfig, Extractor
     from tiahnm.slides.tiling import TilingConfig
-    from tiahnm.training.device import autocast
 
     data = Patches(s["n_patches"], s["patch"])
     rows = []
@@ -405,7 +405,7 @@ def compile_compare(s: dict, device: torch.device, backend: str) -> list[dict]:
 
 def ddp_worker(args: argparse.Namespace) -> None:
     """One torchrun rank: time epochs of the shared loop, rank 0 writes the JSON."""
-    from tiahnm.training.distributed import init_distributed, local_device
+    from tiahnm.runtime.distributed import init_distributed, local_device
     from tiahnm.training.loop import fit
 
     s = SIZES["dry" if args.dry_run else "full"]

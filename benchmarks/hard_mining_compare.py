@@ -204,7 +204,7 @@ def load_bags(args: argparse.Namespace, dataset: str) -> list | None:
 def run(args: argparse.Namespace) -> None:
     """Train every variant of the study on the dataset (finished runs are kept)."""
     from tiahnm.config import from_dict
-    from tiahnm.training.cv import run_training
+    from tiahnm.crossval import run_training
 
     torch.set_num_threads(1)
     bags = load_bags(args, args.dataset)

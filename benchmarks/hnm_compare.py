@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tiahnm.config import from_dict  # noqa: E402
+from tiahnm.crossval import run_training  # noqa: E402
 from tiahnm.plugins import get_registry  # noqa: E402
-from tiahnm.training.cv import run_training  # noqa: E402
 from tiahnm.utils.provenance import write_result  # noqa: E402
 
 VARIANTS = ("dsmil", "dsmil_mirank", "hnm_5", "hnm_100", "dsmil_e2e")

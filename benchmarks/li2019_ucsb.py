@@ -221,7 +221,7 @@ def main() -> None:
     args = p.parse_args()
     if not args.report:
         from tiahnm.config import from_dict
-        from tiahnm.training.cv import run_training
+        from tiahnm.crossval import run_training
 
         torch.set_num_threads(1)
         bags = load_bags(args)

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from tiahnm.config import from_dict
+from tiahnm.crossval import run_training
 from tiahnm.data.bag import Bag
 from tiahnm.data.mnist_bags import read_mnist_csv
 from tiahnm.tasks.classification import multiclass_metrics
 from tiahnm.tasks.survival import harrell_c_index
 from tiahnm.tasks.survival_losses import cox_partial_log_likelihood, discrete_time_nll
-from tiahnm.training.cv import run_training
 from tiahnm.training.splits import kfold_splits
 
 

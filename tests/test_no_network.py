@@ -39,9 +39,9 @@ def test_blocking_works(no_network):
 
 
 def test_training_and_extraction_offline(no_network, tmp_path):
+    from tiahnm.crossval import run_training
     from tiahnm.slides.extract import ExtractConfig, extract_features
     from tiahnm.slides.tiling import TilingConfig
-    from tiahnm.training.cv import run_training
 
     csv = tmp_path / "bags.csv"
     write_mil_csv(csv, make_bags(12, dim=4))

@@ -280,7 +280,7 @@ def test_hook_tiahnm_register_encoders() -> None:
 
 
 def test_hook_tiahnm_register_bag_sources(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tiahnm.training.cv import load_bags
+    from tiahnm.crossval import load_bags
 
     monkeypatch.setenv("TIAHNM_DISABLE_PLUGIN_AUTOLOAD", "1")
     get_plugin_manager().register(BagSourcePlugin(), name="test-bag-sources")
@@ -399,7 +399,7 @@ def test_unknown_name_lists_registered_names() -> None:
 def test_unknown_name_in_config_is_a_plugin_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tiahnm.training.cv import build_miner
+    from tiahnm.crossval import build_miner
 
     monkeypatch.setenv("TIAHNM_DISABLE_PLUGIN_AUTOLOAD", "1")
     with pytest.raises(
@@ -526,7 +526,7 @@ def test_create_accepts_anything_with_var_keyword() -> None:
 
 
 def test_config_options_are_checked_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tiahnm.training.cv import build_head, build_losses
+    from tiahnm.crossval import build_head, build_losses
 
     monkeypatch.setenv("TIAHNM_DISABLE_PLUGIN_AUTOLOAD", "1")
     config = from_dict({"head": {"name": "abmil", "options": {"hidden": 3}}})

@@ -141,7 +141,7 @@ def test_resuming_a_checkpoint_of_other_settings_is_an_error_line(tmp_path):
     assert code == 0
     # a last.pt of a mean_pool head, then the same fold resumed by an abmil head
     (out / "folds" / "r0_f0" / "result.json").unlink()
-    from tiahnm.training.checkpoint import save_checkpoint
+    from tiahnm.runtime.checkpoint import save_checkpoint
 
     head = MeanPoolingMIL(4, 2, embed_dim=8)
     save_checkpoint(
@@ -398,7 +398,7 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 def test_an_unexpected_exception_is_one_line(tmp_path, monkeypatch):
-    import tiahnm.training.cv as cv
+    import tiahnm.crossval as cv
 
     def boom(*a, **k):
         raise TypeError("unexpected")

@@ -20,7 +20,7 @@ _LAZY = {
     "BatchLoss": "tiahnm.losses.base",
     "Config": "tiahnm.config",
     "load_config": "tiahnm.config",
-    "run_training": "tiahnm.training.cv",
+    "run_training": "tiahnm.crossval",
     "get_registry": "tiahnm.plugins",
     "get_plugin_manager": "tiahnm.plugins",
     "hookimpl": "tiahnm.hookspecs",

@@ -6,7 +6,7 @@ Stages:
    features of every slide (:mod:`tiahnm.slides.extract`; a slide already done with
    the same settings is skipped inside the stage too);
 2. ``train``: the head + miner + losses under cross-validation, with the slide- and
-   patch-level evaluation of every fold (:func:`tiahnm.training.cv.run_training`; a
+   patch-level evaluation of every fold (:func:`tiahnm.crossval.run_training`; a
    finished fold is skipped, an interrupted one resumes from its last epoch);
 3. ``heatmaps`` (when ``evaluation.heatmaps`` is not 0): instance-score heatmaps of
    test slides, with the annotated regions outlined when there are annotations;
@@ -143,7 +143,7 @@ class StageManifest:
 
 
 def _is_main_process() -> bool:
-    from tiahnm.training.distributed import env_context
+    from tiahnm.runtime.distributed import env_context
 
     return env_context().is_main
 
@@ -468,7 +468,7 @@ def _run_stages(
         result.summary = summary
         record(StageOutcome("train", "skipped", detail=str(summary_path)))
     else:
-        from tiahnm.training.cv import run_training
+        from tiahnm.crossval import run_training
 
         _check_same_training(manifest, train_key, settings, out)
         t0 = time.perf_counter()

@@ -18,9 +18,9 @@ from tests.callbacks.helpers import (
 )
 from tiahnm.callbacks.base import CallbackError
 from tiahnm.cli import cli
+from tiahnm.crossval import run_training
 from tiahnm.errors import ConfigError
 from tiahnm.plugins import get_plugin_manager, get_registry
-from tiahnm.training.cv import run_training
 
 ROW_KEYS = ("train_loss", "val_loss", "val_auc")
 

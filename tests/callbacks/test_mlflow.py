@@ -21,8 +21,8 @@ from tests.callbacks.helpers import (
     fold_results,
     tiny_config,
 )
+from tiahnm.crossval import run_training
 from tiahnm.plugins import get_plugin_manager
-from tiahnm.training.cv import run_training
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180

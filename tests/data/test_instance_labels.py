@@ -10,10 +10,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tiahnm.config import from_dict
+from tiahnm.crossval import run_training
 from tiahnm.data.image_patches import ImagePatchBags
 from tiahnm.errors import DataError
 from tiahnm.plugins import get_registry
-from tiahnm.training.cv import run_training
 
 P = 16
 

@@ -77,7 +77,7 @@ def train_config(root: Path, features: Path, labels: Path, **evaluation):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     """Train once per session: 16 bags, 2 folds, 3 epochs."""
-    from tiahnm.training.cv import run_training
+    from tiahnm.crossval import run_training
 
     root = tmp_path_factory.mktemp("evalrun")
     features = root / "features"

@@ -5,9 +5,9 @@ import csv
 import numpy as np
 
 from tests.evaluation.conftest import train_config, write_features
+from tiahnm import crossval as cv
 from tiahnm.evaluation import fold as fold_module
 from tiahnm.tasks import classification
-from tiahnm.training import cv
 
 
 def read_splits(path):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tests.synthetic import make_bags, write_mil_csv
 from tiahnm.config import TrainConfig, from_dict
+from tiahnm.crossval import run_training
 from tiahnm.data.bag import Bag
 from tiahnm.errors import ConfigError
 from tiahnm.heads.abmil import ABMIL, AttentionPool, GatedABMIL
@@ -31,7 +32,6 @@ from tiahnm.miners.li2019 import (
     stratified_folds,
 )
 from tiahnm.plugins import get_plugin_manager, get_registry
-from tiahnm.training.cv import run_training
 from tiahnm.training.loop import fit
 
 CPU = torch.device("cpu")

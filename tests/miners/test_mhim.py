@@ -28,7 +28,7 @@ from tiahnm.miners.mhim_masking import (
 )
 from tiahnm.miners.recycle import GlobalRecycleNetwork
 from tiahnm.plugins import get_registry
-from tiahnm.training.checkpoint import save_checkpoint
+from tiahnm.runtime.checkpoint import save_checkpoint
 from tiahnm.training.loop import fit
 
 CPU = torch.device("cpu")

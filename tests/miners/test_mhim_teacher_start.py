@@ -14,7 +14,7 @@ from tiahnm.heads.abmil import ABMIL
 from tiahnm.heads.end_to_end import EncoderMIL
 from tiahnm.miners.base import FitContext
 from tiahnm.miners.mhim import MHIMMiner
-from tiahnm.training.checkpoint import save_checkpoint
+from tiahnm.runtime.checkpoint import save_checkpoint
 from tiahnm.training.loop import fit
 
 CPU = torch.device("cpu")

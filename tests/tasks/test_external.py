@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 
 from tiahnm.config import from_dict
+from tiahnm.crossval import run_training
 from tiahnm.data.bag import Bag
 from tiahnm.data.cohort import patient_bags
 from tiahnm.errors import ConfigError, DataError
 from tiahnm.evaluation.scores import read_instance_scores, scores_from_bags
 from tiahnm.tasks.survival import harrell_c_index
-from tiahnm.training.cv import run_training
 
 GRID, PATCH = 4, 32
 

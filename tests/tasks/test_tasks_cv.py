@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tiahnm.config import from_dict
+from tiahnm.crossval import make_folds, run_training
 from tiahnm.data.bag import Bag
 from tiahnm.data.cohort import check_patient_labels, read_cohort_columns
 from tiahnm.errors import ConfigError, DataError
-from tiahnm.training.cv import make_folds, run_training
 from tiahnm.training.splits import check_grouping, kfold_splits
 
 

@@ -26,16 +26,10 @@ if str(REPO) not in sys.path:  # when torchrun runs this file as a script
 
 from tests.synthetic import make_bags  # noqa: E402
 from tiahnm.config import TrainConfig, from_dict  # noqa: E402
+from tiahnm.crossval import run_training  # noqa: E402
 from tiahnm.heads.abmil import ABMIL  # noqa: E402
 from tiahnm.miners.mhim import MHIMMiner  # noqa: E402
-from tiahnm.training.cv import run_training  # noqa: E402
-from tiahnm.training.distributed import (  # noqa: E402
-    DistContext,
-    all_reduce_gradients,
-    env_context,
-    shard,
-    unshard,
-)
+from tiahnm.runtime.distributed import env_context  # noqa: E402
 from tiahnm.training.loop import fit, predict  # noqa: E402
 
 TOL = 1e-5
@@ -183,39 +177,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_shard_and_unshard_round_trip():
-    items = list(range(7))
-    parts = [shard(items, DistContext(r, 3)) for r in range(3)]
-    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
-    assert unshard(parts, 7) == items
-    assert shard(items, DistContext()) == items
-
-
-def test_env_context_reads_torchrun_variables(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert env_context() == DistContext(rank=3, world_size=4, local_rank=1)
-    monkeypatch.setenv("RANK", "4")
-    with pytest.raises(ValueError, match=r"RANK=4 and WORLD_SIZE=4 are inconsistent"):
-        env_context()
-    monkeypatch.setenv("RANK", "x")
-    with pytest.raises(ValueError, match=r"RANK='x' is not an integer"):
-        env_context()
-
-
-def test_all_reduce_gradients_is_a_no_op_in_one_process():
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.tensor([1.0, 2.0, 3.0])
-    all_reduce_gradients([p], DistContext())
-    assert p.grad.tolist() == [1.0, 2.0, 3.0]
-
-
 def _worker_main() -> None:
     out, data_csv = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     os.environ["TIAHNM_NO_PROGRESS"] = "1"
-    from tiahnm.training.distributed import init_distributed
+    from tiahnm.runtime.distributed import init_distributed
 
     ctx = init_distributed("cpu")
     assert ctx == env_context()

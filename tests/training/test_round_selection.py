@@ -10,12 +10,12 @@ import torch
 
 from tests.synthetic import make_bags, write_mil_csv
 from tiahnm.config import TrainConfig, from_dict
+from tiahnm.crossval import build_head, run_training
 from tiahnm.errors import ConfigError
 from tiahnm.heads.abmil import ABMIL
 from tiahnm.heads.end_to_end import EncoderMIL
 from tiahnm.heads.pooling import MeanPoolingMIL
 from tiahnm.miners.base import Miner
-from tiahnm.training.cv import build_head, run_training
 from tiahnm.training.loop import fit, make_scheduler
 
 

@@ -103,7 +103,7 @@ def _load(
 
 
 def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
-    from tiahnm.training.distributed import env_context
+    from tiahnm.runtime.distributed import env_context
 
     if not env_context().is_main:  # under torchrun only rank 0 reports
         return
@@ -267,7 +267,7 @@ def train(
             "give a CONFIG, --mil-csv, or --features-dir with --labels-csv."
         )
     cfg = _load(config, overrides, **values)
-    from tiahnm.training.cv import run_training
+    from tiahnm.crossval import run_training
     from tiahnm.validate import validate_config
 
     validate_config(cfg, warn=lambda w: click.echo(f"Warning: {w}", err=True))

@@ -2,7 +2,7 @@
 
 * :mod:`tiahnm.evaluation.metrics`: slide metrics for many resamples at once, the
   bootstrap CI of the pooled test predictions, instance metrics and thresholds;
-* :mod:`tiahnm.evaluation.fold`: what :mod:`tiahnm.training.cv` runs per fold;
+* :mod:`tiahnm.evaluation.fold`: what :mod:`tiahnm.crossval` runs per fold;
 * :mod:`tiahnm.evaluation.scores`: per-slide instance scores on disk;
 * :mod:`tiahnm.evaluation.report`: ``report.md`` with ROC and confusion-matrix plots;
 * :mod:`tiahnm.evaluation.heatmap`: heatmap PNGs, GeoJSON and TIAToolbox stores;

@@ -140,11 +140,11 @@ def evaluate_cohort(
         DataError: Unusable run, labels or features (naming the file and row).
     """
     from tiahnm.evaluation.predict import heads_task, load_heads
-    from tiahnm.slides.extract import resolve_device
+    from tiahnm.runtime.device import resolve_device
     from tiahnm.tasks.classification import group_outputs
 
     out = Path(output_dir)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     heads = load_heads(run_dir, dev)
     if Path(run_dir).is_file():
         msg = f"{run_dir}: give the training run folder (its config.yaml is needed)."

@@ -1,4 +1,4 @@
-"""The evaluation steps of one cross-validation fold (called by ``training.cv``)."""
+"""The evaluation steps of one cross-validation fold (called by ``tiahnm.crossval``)."""
 
 from __future__ import annotations
 

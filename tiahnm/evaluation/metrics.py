@@ -225,7 +225,7 @@ def add_confidence_intervals(
     """Add ``metrics.<name>.pooled`` and ``.ci95`` (and ``ci``) to a run summary.
 
     Args:
-        summary (dict): The summary of :func:`tiahnm.training.cv.summarise`
+        summary (dict): The summary of :func:`tiahnm.crossval.summarise`
             (changed in place).
         results (Sequence[dict]): The fold results.
         n_resamples (int): Bootstrap resamples (0: no CI).

@@ -127,7 +127,7 @@ def load_heads(checkpoint: str | Path, device: torch.device) -> list[LoadedHead]
             of a run disagree on feature width or classes.
     """
     from tiahnm.plugins import get_registry
-    from tiahnm.training.checkpoint import load_checkpoint
+    from tiahnm.runtime.checkpoint import load_checkpoint
 
     heads = []
     runs: list[tuple[Path, str]] = []

@@ -1,6 +1,6 @@
 """The run report: ``report.md`` with the metrics table, ROC and confusion matrix.
 
-Written at the end of :func:`tiahnm.training.cv.run_training` (``evaluation.report``)
+Written at the end of :func:`tiahnm.crossval.run_training` (``evaluation.report``)
 and by ``tiahnm report RUN_DIR``. Plots use matplotlib's Agg canvas directly (no
 pyplot, no global backend switch). Heatmap PNGs found in ``RUN_DIR/heatmaps/`` (e.g.
 from ``tiahnm heatmap RUN_DIR --output-path RUN_DIR/heatmaps``) are linked.

@@ -580,7 +580,7 @@ class MHIMMiner(Miner):
         )
 
     def _load_teacher(self, teacher: MILHead, head: MILHead) -> None:
-        from tiahnm.training.checkpoint import load_checkpoint
+        from tiahnm.runtime.checkpoint import load_checkpoint
 
         path = Path(str(self.teacher_init))
         try:

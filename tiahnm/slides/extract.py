@@ -60,7 +60,7 @@ class ExtractConfig:
         amp (str): ``auto`` (bf16 if supported, else fp16, on GPU), ``bf16``,
             ``fp16`` or ``off``.
         cpu_precision (str): On CPU: ``fp32``, ``bf16`` or ``auto``
-            (:mod:`tiahnm.training.precision`; the guard probes a synthetic batch).
+            (:mod:`tiahnm.runtime.precision`; the guard probes a synthetic batch).
         mpp (float | None): Level-0 mpp for slides without resolution metadata.
         power (float | None): Objective power for slides without it.
         seed (int): Seed of the encoder's random initialisation.
@@ -100,7 +100,7 @@ class ExtractConfig:
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             msg = f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}."
             raise ConfigError(msg)
-        from tiahnm.training.precision import check_cpu_precision
+        from tiahnm.runtime.precision import check_cpu_precision
 
         check_cpu_precision(self.cpu_precision, CPU_PRECISION_KEY)
         for name in ("mpp", "power"):
@@ -205,23 +205,6 @@ class ExtractSummary:
         }
 
 
-def resolve_device(name: str) -> Any:
-    """``auto``: CUDA when available, else CPU; other names are checked."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        msg = f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:0 ...)."
-        raise ConfigError(msg) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        msg = f"--device {name}: CUDA is not available here; use auto or cpu."
-        raise ConfigError(msg)
-    return device
-
-
 def resolve_workers(num_workers: int | None, device: Any) -> int:
     """``num_workers``, or for None: 0 on CPU, ``min(8, cpu_count - 1)`` otherwise."""
     if num_workers is not None:
@@ -232,7 +215,7 @@ def resolve_workers(num_workers: int | None, device: Any) -> int:
 
 
 def _precision(device: Any, amp: str) -> tuple[Any, str]:
-    from tiahnm.training.device import amp_dtype
+    from tiahnm.runtime.device import amp_dtype
 
     dtype = amp_dtype(device, amp)
     name = {None: "fp32"}.get(dtype) or str(dtype).removeprefix("torch.").replace(
@@ -297,9 +280,10 @@ class Extractor:
 
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        from tiahnm.training.distributed import current, local_device
+        from tiahnm.runtime.device import resolve_device
+        from tiahnm.runtime.distributed import current, local_device
 
-        self.device = local_device(resolve_device(cfg.device), current())
+        self.device = local_device(resolve_device(cfg.device, "--device"), current())
         self.num_workers = resolve_workers(cfg.num_workers, self.device)
         self.amp_dtype, precision = _precision(self.device, cfg.amp)
         self.encoder = build_encoder(
@@ -324,7 +308,7 @@ class Extractor:
         import torch
 
         from tiahnm.encoders.base import pool_output
-        from tiahnm.training.precision import resolve
+        from tiahnm.runtime.precision import resolve
 
         size = self.cfg.tiling.patch_size
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -383,8 +367,8 @@ class Extractor:
         from torch.utils.data import DataLoader
 
         from tiahnm.encoders.base import pool_output
+        from tiahnm.runtime.device import autocast
         from tiahnm.slides.dataset import threaded_batches
-        from tiahnm.training.device import autocast
 
         n, dim = len(dataset), self.encoder.out_dim
         out = np.empty((n, dim), dtype=np.float32)
@@ -727,7 +711,7 @@ def extract_features(
             f"(suffixes: {', '.join(cfg.suffixes)})."
         )
         raise DataError(msg)
-    from tiahnm.training.distributed import (
+    from tiahnm.runtime.distributed import (
         init_distributed,
     )
 
@@ -749,7 +733,7 @@ def _extract_locked(
     on_result: Callable[[SlideResult], None] | None,
 ) -> ExtractSummary:
     """:func:`extract_features` once the folder is locked."""
-    from tiahnm.training.distributed import all_gather_objects, barrier
+    from tiahnm.runtime.distributed import all_gather_objects, barrier
     from tiahnm.utils.io import write_json
 
     if dctx.is_main:  # not while another rank may be writing its first file

@@ -1,1 +1,1 @@
-"""The shared training loop, cross-validation and metrics."""
+"""The shared training loop, its feeding, guards, metrics and splits."""

@@ -4,7 +4,7 @@ One bag per forward pass (heads take ``[N, D]``); a miner batch is whatever the
 miner's :meth:`~tiahnm.miners.Miner.batches` yields, and an optimiser step takes
 ``cfg.batch_size`` miner batches (1 by default: one step per miner batch). Under
 ``torchrun`` the miner batches of a step are dealt round robin to the processes and
-the gradients averaged (:mod:`tiahnm.training.distributed`), which gives the same
+the gradients averaged (:mod:`tiahnm.runtime.distributed`), which gives the same
 update as one process taking the whole step. Model selection and early stopping use
 the validation bags only.
 """
@@ -23,9 +23,9 @@ import torch
 
 from tiahnm.errors import ConfigError, DataError, TrainingDivergedError
 from tiahnm.miners.base import FitContext, Miner
-from tiahnm.training.checkpoint import load_checkpoint, save_checkpoint
-from tiahnm.training.device import amp_dtype, autocast
-from tiahnm.training.distributed import (
+from tiahnm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from tiahnm.runtime.device import amp_dtype, autocast
+from tiahnm.runtime.distributed import (
     SINGLE,
     DistContext,
     all_gather_objects,

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,20 @@ from tiahnm.errors import DataError, TrainingDivergedError
 from tiahnm.evaluation.fold import evaluate_fold_instances, predict_with_scores
 from tiahnm.evaluation.metrics import INSTANCE_METRICS, add_confidence_intervals
 from tiahnm.plugins import ensure_options_mapping, get_registry
-from tiahnm.tasks import Task, build_task, check_miner, default_task
-from tiahnm.tasks.evaluate import (
-    fold_patient_metrics,
-    task_confidence_intervals,
-    write_predictions_csv,
-)
-from tiahnm.training.checkpoint import save_checkpoint
-from tiahnm.training.device import resolve_device
-from tiahnm.training.distributed import (
+from tiahnm.runtime.checkpoint import save_checkpoint
+from tiahnm.runtime.device import resolve_device
+from tiahnm.runtime.distributed import (
     SINGLE,
     DistContext,
     barrier,
     init_distributed,
     local_device,
+)
+from tiahnm.tasks import Task, build_task, check_miner, default_task
+from tiahnm.tasks.evaluate import (
+    fold_patient_metrics,
+    task_confidence_intervals,
+    write_predictions_csv,
 )
 from tiahnm.training.guards import (
     check_classes,
@@ -214,6 +214,36 @@ def _progress(config: Config, dctx: DistContext = SINGLE) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _FoldRun:
+    """What every step of one fold shares.
+
+    Attributes:
+        config (Config): The run config.
+        fold (Fold): The fold.
+        fold_dir (Path): Its folder.
+        n_classes (int): Head outputs.
+        device (torch.device): Where it trains.
+        dctx (DistContext): The process group (or one process).
+        task (Task): Loss, threshold, metrics and prediction rows.
+        seed (int): The fold's seed.
+    """
+
+    config: Config
+    fold: Fold
+    fold_dir: Path
+    n_classes: int
+    device: torch.device
+    dctx: DistContext
+    task: Task
+    seed: int
+
+    @property
+    def result_path(self) -> Path:
+        """``result.json``: the fold is done when it exists."""
+        return self.fold_dir / "result.json"
+
+
 def run_fold(
     config: Config,
     bags: Sequence[Bag],
@@ -235,36 +265,64 @@ def run_fold(
     writes, and the other ranks read its ``result.json``. ``callbacks`` get the
     fit-start, epoch-end and fit-end events.
     """
-    result_path = fold_dir / "result.json"
-    if dctx.is_main:
-        read_json_result(result_path)  # a damaged result is moved aside, recomputed
-    barrier(dctx)  # rank 0 may have just written the previous fold or this one
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
+    run = _FoldRun(
+        config,
+        fold,
+        fold_dir,
+        n_classes,
+        device,
+        dctx,
+        task or default_task(n_classes),
+        config.seed + 1000 * fold.repeat + fold.fold,
+    )
+    done = _finished_result(run)
+    if done is not None:
+        return done
     if dctx.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
-    seed = config.seed + 1000 * fold.repeat + fold.fold
-    task = task or default_task(n_classes)
-    torch.manual_seed(seed)
+    torch.manual_seed(run.seed)
     norm = None
     if config.data.standardize:
         bags, mean, std = _standardise(bags, fold.train)
         norm = {"mean": mean, "std": std}
-    in_dim = int(bags[0].features.shape[1])
-    head = build_head(config, in_dim, n_classes)
+    t0 = time.perf_counter()
+    head, res = _train(run, bags, callbacks)
+    if not dctx.is_main:
+        return _follow_main(run, bags, res.best_epoch)
+    return _evaluate(run, bags, head, res, norm, t0)
+
+
+def _finished_result(run: _FoldRun) -> dict[str, Any] | None:
+    """The result of a fold done before (by an earlier run or by rank 0), or None."""
+    if run.dctx.is_main:
+        read_json_result(run.result_path)  # a damaged result is moved aside, recomputed
+    barrier(run.dctx)  # rank 0 may have just written the previous fold or this one
+    if run.result_path.is_file():
+        return json.loads(run.result_path.read_text())
+    return None
+
+
+def _train(
+    run: _FoldRun, bags: Sequence[Bag], callbacks: CallbackRunner | None
+) -> tuple[torch.nn.Module, Any]:
+    """Build and train the fold's head (progress bar, callbacks, divergence guard).
+
+    Returns the head with its best state loaded, and the fit result; rank 0 writes
+    the miner's ``mined.json``.
+    """
+    config, fold = run.config, run.fold
+    head = build_head(config, int(bags[0].features.shape[1]), run.n_classes)
     miner = build_miner(config, fold)
     losses = build_losses(config)
     train = [bags[i] for i in fold.train]
     val = [bags[i] for i in fold.val]
-    test = [bags[i] for i in fold.test]
-    t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
     with tqdm(
         total=config.train.epochs * config.train.rounds,
         desc=fold.name,
         leave=False,
-        disable=not _progress(config, dctx),
+        disable=not _progress(config, run.dctx),
     ) as bar:
 
         def on_epoch_end(row: dict[str, float]) -> None:
@@ -285,102 +343,72 @@ def run_fold(
                 config.train,
                 miner=miner,
                 losses=losses,
-                device=device,
-                seed=seed,
-                checkpoint_dir=fold_dir,
+                device=run.device,
+                seed=run.seed,
+                checkpoint_dir=run.fold_dir,
                 on_epoch_end=watch_divergence(fold.name, on_epoch_end),
-                dist_ctx=dctx,
-                task=task,
+                dist_ctx=run.dctx,
+                task=run.task,
             )
         except TrainingDivergedError as exc:
-            raise diverged(fold.name, fold_dir, exc) from None
+            raise diverged(fold.name, run.fold_dir, exc) from None
     if callbacks:
         callbacks.fit_end(res.history)
     head.load_state_dict(res.best_state)
-    if dctx.is_main and (mined := miner.mined_records()):
+    if run.dctx.is_main and (mined := miner.mined_records()):
         write_json(
-            fold_dir / "mined.json", {"miner": config.miner.name, "records": mined}
+            run.fold_dir / "mined.json",
+            {"miner": config.miner.name, "records": mined},
         )
+    return head, res
+
+
+def _follow_main(run: _FoldRun, bags: Sequence[Bag], best_epoch: int) -> dict[str, Any]:
+    """A rank other than 0: join the refit, then read the result rank 0 wrote."""
+    val = [bags[i] for i in run.fold.val]
+    if run.config.cv.refit and val:
+        _refit(run, [bags[i] for i in run.fold.train] + val, best_epoch)
+    barrier(run.dctx)
+    return json.loads(run.result_path.read_text())
+
+
+def _evaluate(
+    run: _FoldRun,
+    bags: Sequence[Bag],
+    head: torch.nn.Module,
+    res: Any,
+    norm: dict[str, torch.Tensor] | None,
+    t0: float,
+) -> dict[str, Any]:
+    """Rank 0: thresholds on validation, refit, test metrics; write the fold's files.
+
+    ``t0`` is when training started (the result's ``seconds`` span fit and refit).
+    """
+    config, fold, task = run.config, run.fold, run.task
+    train = [bags[i] for i in fold.train]
+    val = [bags[i] for i in fold.val]
+    test = [bags[i] for i in fold.test]
     dtype = res.autocast_dtype
-    if not dctx.is_main:
-        if config.cv.refit and val:
-            _refit(
-                config,
-                train + val,
-                n_classes,
-                fold,
-                fold_dir,
-                res.best_epoch,
-                seed,
-                device,
-                dctx,
-                task,
-            )
-        barrier(dctx)
-        return json.loads(result_path.read_text())
-    val_probs, val_loss, val_scores = predict_with_scores(
-        head,
-        val,
-        device,
-        amp=dtype,
-        want_scores=True,  # instance threshold and the heatmaps' validation scale
-        task=task,
-    )
-    threshold = task.threshold(val, val_probs, config.evaluation.threshold)
-    val_metrics = _val_metrics(task, val, val_probs, threshold, val_loss)
+    threshold, val_metrics, val_scores = _validate(run, head, val, dtype)
     best_epoch = res.best_epoch
     if config.cv.refit and val:
         # The epoch count was chosen on validation; the final model also learns from
         # the validation bags. Nothing here looks at the test fold.
-        head, res = _refit(
-            config,
-            train + val,
-            n_classes,
-            fold,
-            fold_dir,
-            best_epoch,
-            seed,
-            device,
-            dctx,
-            task,
-        )
+        head, res = _refit(run, train + val, best_epoch)
     fit_seconds = time.perf_counter() - t0
-    test_probs, test_loss, inst_scores = predict_with_scores(
-        head, test, device, amp=dtype, task=task
+    test_probs, metrics, inst = _test(
+        run, head, test, val, val_scores, threshold, dtype
     )
-    metrics = task.metrics(test, test_probs, threshold)
-    metrics["loss"] = test_loss
-    inst = evaluate_fold_instances(
-        val=val,
-        val_scores=val_scores,
-        test=test,
-        test_scores=inst_scores,
-        test_probs=test_probs,
+    _save_best(
+        run,
+        head,
+        res.best_state,
+        in_dim=int(bags[0].features.shape[1]),
+        norm=norm,
         threshold=threshold,
-        rule=config.evaluation.instance_threshold,
-        fold_dir=fold_dir,
-        head=head,
-        task=task,
-    )
-    metrics.update(inst.metrics)
-    save_checkpoint(
-        {
-            "head": config.head.name,
-            "head_options": dict(config.head.options),
-            "in_dim": in_dim,
-            "n_classes": n_classes,
-            "state_dict": res.best_state,
-            "threshold": threshold,
-            "instance_threshold": inst.threshold,
-            "instance_score": head.default_eval_score,
-            "normalisation": norm,
-            "task": task.describe(),
-            "task_spec": task.spec(),
-            "best_epoch": best_epoch,
-            "refit": bool(config.cv.refit and val),
-            "run": run_fingerprint(config),
-        },
-        fold_dir / "best.pt",
+        instance_threshold=inst.threshold,
+        best_epoch=best_epoch,
+        refit=bool(config.cv.refit and val),
     )
     result = {
         "repeat": fold.repeat,
@@ -405,40 +433,124 @@ def run_fold(
     patient = fold_patient_metrics(task, test, test_probs, threshold)
     if patient:
         result["patient_metrics"] = patient
-    write_json(result_path, result)
-    (fold_dir / "last.pt").unlink(missing_ok=True)
-    (fold_dir / "refit" / "last.pt").unlink(missing_ok=True)
-    barrier(dctx)
+    _write_result(run, result)
     return result
 
 
-def _refit(
-    config: Config,
-    bags: list[Bag],
-    n_classes: int,
-    fold: Fold,
-    fold_dir: Path,
+def _validate(
+    run: _FoldRun, head: torch.nn.Module, val: list[Bag], dtype: torch.dtype | None
+) -> tuple[float, dict[str, float], Any]:
+    """The slide threshold, validation metrics and instance scores of ``val``."""
+    val_probs, val_loss, val_scores = predict_with_scores(
+        head,
+        val,
+        run.device,
+        amp=dtype,
+        want_scores=True,  # instance threshold and the heatmaps' validation scale
+        task=run.task,
+    )
+    threshold = run.task.threshold(val, val_probs, run.config.evaluation.threshold)
+    val_metrics = _val_metrics(run.task, val, val_probs, threshold, val_loss)
+    return threshold, val_metrics, val_scores
+
+
+def _test(
+    run: _FoldRun,
+    head: torch.nn.Module,
+    test: list[Bag],
+    val: list[Bag],
+    val_scores: Any,
+    threshold: float,
+    dtype: torch.dtype | None,
+) -> tuple[np.ndarray, dict[str, float], Any]:
+    """Test probabilities, slide and instance metrics (the instance threshold on val).
+
+    Returns ``(test_probs, metrics, instance evaluation)``; the instance scores go to
+    the fold's ``instance_scores.h5``.
+    """
+    test_probs, test_loss, inst_scores = predict_with_scores(
+        head, test, run.device, amp=dtype, task=run.task
+    )
+    metrics = run.task.metrics(test, test_probs, threshold)
+    metrics["loss"] = test_loss
+    inst = evaluate_fold_instances(
+        val=val,
+        val_scores=val_scores,
+        test=test,
+        test_scores=inst_scores,
+        test_probs=test_probs,
+        threshold=threshold,
+        rule=run.config.evaluation.instance_threshold,
+        fold_dir=run.fold_dir,
+        head=head,
+        task=run.task,
+    )
+    metrics.update(inst.metrics)
+    return test_probs, metrics, inst
+
+
+def _save_best(
+    run: _FoldRun,
+    head: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    in_dim: int,
+    norm: dict[str, torch.Tensor] | None,
+    threshold: float,
+    instance_threshold: float,
     best_epoch: int,
-    seed: int,
-    device: torch.device,
-    dctx: DistContext,
-    task: Task | None = None,
+    refit: bool,
+) -> None:
+    """``best.pt``: the selected (or refit) head with what prediction needs."""
+    config = run.config
+    save_checkpoint(
+        {
+            "head": config.head.name,
+            "head_options": dict(config.head.options),
+            "in_dim": in_dim,
+            "n_classes": run.n_classes,
+            "state_dict": state,
+            "threshold": threshold,
+            "instance_threshold": instance_threshold,
+            "instance_score": head.default_eval_score,
+            "normalisation": norm,
+            "task": run.task.describe(),
+            "task_spec": run.task.spec(),
+            "best_epoch": best_epoch,
+            "refit": refit,
+            "run": run_fingerprint(config),
+        },
+        run.fold_dir / "best.pt",
+    )
+
+
+def _write_result(run: _FoldRun, result: dict[str, Any]) -> None:
+    """Write ``result.json`` (the fold is done), drop the resume checkpoints."""
+    write_json(run.result_path, result)
+    (run.fold_dir / "last.pt").unlink(missing_ok=True)
+    (run.fold_dir / "refit" / "last.pt").unlink(missing_ok=True)
+    barrier(run.dctx)
+
+
+def _refit(
+    run: _FoldRun, bags: list[Bag], best_epoch: int
 ) -> tuple[torch.nn.Module, Any]:
     """Retrain a fresh head on ``bags`` for ``best_epoch + 1`` epochs (same seed)."""
-    torch.manual_seed(seed)
-    head = build_head(config, int(bags[0].features.shape[1]), n_classes)
+    config = run.config
+    torch.manual_seed(run.seed)
+    head = build_head(config, int(bags[0].features.shape[1]), run.n_classes)
     res = fit(
         head,
         bags,
         [],
         replace(config.train, epochs=best_epoch + 1),
-        miner=build_miner(config, fold),
+        miner=build_miner(config, run.fold),
         losses=build_losses(config),
-        device=device,
-        seed=seed,
-        checkpoint_dir=fold_dir / "refit",
-        dist_ctx=dctx,
-        task=task,
+        device=run.device,
+        seed=run.seed,
+        checkpoint_dir=run.fold_dir / "refit",
+        dist_ctx=run.dctx,
+        task=run.task,
     )
     head.load_state_dict(res.best_state)
     return head, res
@@ -448,7 +560,7 @@ def run_training(
     config: Config, *, bags: Sequence[Bag] | None = None
 ) -> dict[str, Any]:
     """:func:`_run_training` holding the output folder's write lock (rank 0)."""
-    from tiahnm.training.distributed import env_context
+    from tiahnm.runtime.distributed import env_context
     from tiahnm.utils.lock import folder_lock
 
     with folder_lock(config.output_dir, enabled=env_context().is_main):

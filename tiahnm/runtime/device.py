@@ -1,4 +1,4 @@
-"""Device and mixed-precision selection."""
+"""Device and mixed-precision (autocast) selection."""
 
 from __future__ import annotations
 
@@ -10,19 +10,25 @@ import torch
 from tiahnm.errors import ConfigError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` gives CUDA when available, else CPU; other names are checked."""
+def resolve_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    """``auto`` gives CUDA when available, else CPU; other names are checked.
+
+    Args:
+        name (str): ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+        key (str): The setting's name in messages (``train.device``, ``--device``).
+
+    Raises:
+        ConfigError: Not a device name, or CUDA asked for where there is none.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        msg = f"train.device: {name!r} is not a device name (auto, cpu, cuda, cuda:0 ...)."
+        msg = f"{key}: {name!r} is not a device name (auto, cpu, cuda, cuda:0 ...)."
         raise ConfigError(msg) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        msg = (
-            f"train.device is {name!r} but CUDA is not available here; use auto or cpu."
-        )
+        msg = f"{key} is {name!r} but CUDA is not available here; use auto or cpu."
         raise ConfigError(msg)
     return device
 

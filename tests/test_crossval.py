@@ -5,10 +5,10 @@ import pytest
 
 from tests.synthetic import make_bags, write_mil_csv
 from tiahnm.config import from_dict
+from tiahnm.crossval import run_training
 from tiahnm.hookspecs import hookimpl
 from tiahnm.miners.base import Miner
 from tiahnm.plugins import get_plugin_manager
-from tiahnm.training.cv import run_training
 
 SPIES: list["SpyMiner"] = []
 
@@ -103,7 +103,7 @@ def test_summary_shape_and_determinism(tmp_path):
 
 
 def test_miner_options_name_the_fold(tmp_path):
-    from tiahnm.training.cv import build_miner
+    from tiahnm.crossval import build_miner
     from tiahnm.training.splits import Fold
 
     seen = []
