@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tiahnm.config import Config, iter_schema, load_config
-from tiahnm.data.h5_features import H5FeatureFolder, read_feature_arrays
+from tiahnm.data.h5_features import H5FeatureFolder
 from tiahnm.data.mil_csv import MILCSVSource
 from tiahnm.errors import ConfigError, DataError
+from tiahnm.slides.store import read_feature_arrays
 
 FUZZ = settings(
     max_examples=60,

@@ -282,7 +282,7 @@ def test_slide_ids_cannot_leave_the_features_folder(tmp_path, sid):
 
 
 def test_external_link_and_external_storage_are_refused(tmp_path):
-    from tiahnm.data.h5_features import read_feature_arrays
+    from tiahnm.slides.store import read_feature_arrays
 
     write_h5(tmp_path / "elsewhere.h5")
     linked = tmp_path / "linked.h5"
@@ -306,7 +306,8 @@ def test_external_link_and_external_storage_are_refused(tmp_path):
 
 
 def test_declared_size_is_checked_before_reading(tmp_path, monkeypatch):
-    from tiahnm.data.h5_features import H5FeatureFolder, read_feature_arrays
+    from tiahnm.data.h5_features import H5FeatureFolder
+    from tiahnm.slides.store import read_feature_arrays
 
     huge = tmp_path / "huge.h5"
     with h5py.File(huge, "w") as f:  # 8 GiB declared, nothing written

@@ -387,10 +387,9 @@ def predict_slides(
     """
     import torch
 
-    from tiahnm.data.h5_features import read_feature_arrays
     from tiahnm.slides.extract import ExtractConfig, extract_features, resolve_device
     from tiahnm.slides.reader import slide_id
-    from tiahnm.slides.store import read_attrs
+    from tiahnm.slides.store import read_attrs, read_feature_arrays
 
     start = time.perf_counter()
     out = Path(output_dir)

@@ -318,7 +318,7 @@ def read_instance_scores(
 
 def _read(path: Path, group: Any, name: str) -> np.ndarray:
     """One dataset of a slide group: no links or external storage, size checked."""
-    from tiahnm.data.h5_features import check_size, safe_dataset
+    from tiahnm.slides.store import check_size, safe_dataset
 
     node = safe_dataset(path, group, name)
     check_size(path, f"{group.name}/{name}", node)

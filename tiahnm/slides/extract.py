@@ -549,7 +549,7 @@ class Extractor:
         """Add/replace instance labels of a finished slide when the annotation changed."""
         if not self.cfg.annotations:
             return
-        from tiahnm.data.h5_features import read_feature_arrays
+        from tiahnm.slides.store import read_feature_arrays
 
         arrays = read_feature_arrays(target)
         info = json.loads(attrs.get("tiling_info", "{}") or "{}")

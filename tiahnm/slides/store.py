@@ -12,19 +12,31 @@ Layout of ``<slide_id>.h5``:
 * file attributes: the extraction settings (``encoder``, ``encoder_weights_sha256``,
   ``resolution``, ``units``, ``patch_size``, ``stride``, ``tiatoolbox_version``,
   ``tiahnm_version`` ...) and ``settings``, their JSON used to skip finished slides.
+
+Reading (:func:`read_feature_arrays`, also for files of CLAM, TRIDENT or other tools)
+opens nothing but the file itself: links, external storage and virtual datasets are
+refused, and so is a dataset declaring more than :func:`max_dataset_bytes`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tiahnm.errors import DataError
 from tiahnm.utils.io import atomic_path
+
+#: Default limit of one dataset's declared size (raise with ``data.options.max_bytes``
+#: or the environment variable below): a file cannot make tiahnm allocate more.
+MAX_DATASET_BYTES = 4 * 2**30
+MAX_BYTES_ENV = "TIAHNM_MAX_DATASET_BYTES"
 
 
 def _attr_value(value: Any) -> Any:
@@ -168,3 +180,184 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+@dataclass
+class FeatureArrays:
+    """The arrays of one feature file.
+
+    Attributes:
+        features (np.ndarray): ``[N, D]`` float32.
+        coords (np.ndarray | None): ``[N, 2]`` patch coordinates (level-0 pixels in
+            files written by ``tiahnm extract``).
+        instance_labels (np.ndarray | None): ``[N]`` int64 patch labels (evaluation
+            ground truth from annotations), when the file has them.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray | None = None
+    instance_labels: np.ndarray | None = None
+
+
+def read_feature_arrays(
+    path: str | Path, *, max_bytes: int | None = None
+) -> FeatureArrays:
+    """Read ``features``, ``coords`` and (if present) ``instance_labels``.
+
+    Both the CLAM/TRIDENT layout (``features`` maybe ``[1, N, D]``) and files with an
+    extra leading axis are accepted; ``instance_labels`` must hold one value per
+    instance. Errors name the file and the problem. Links, external storage and datasets declaring more than ``max_bytes``
+    (default :func:`max_dataset_bytes`) are refused before anything is read.
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if not _has(f, "features"):
+                msg = f"{path}: no 'features' dataset (keys: {', '.join(f.keys())})."
+                raise DataError(msg)
+            feats = _numeric(path, f, "features", max_bytes).astype(np.float32)
+            coords = (
+                _numeric(path, f, "coords", max_bytes) if _has(f, "coords") else None
+            )
+            labels = (
+                _numeric(path, f, "instance_labels", max_bytes)
+                if _has(f, "instance_labels")
+                else None
+            )
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        msg = f"{path}: unreadable HDF5 feature file ({exc})."
+        raise DataError(msg) from None
+    if feats.ndim == 3 and feats.shape[0] == 1:
+        feats = feats[0]
+    if feats.ndim != 2:
+        msg = f"{path}: 'features' must be [N, D], got shape {feats.shape}."
+        raise DataError(msg)
+    if feats.shape[0] == 0:
+        msg = f"{path}: empty bag (0 instances)."
+        raise DataError(msg)
+    if feats.shape[1] == 0:
+        msg = f"{path}: 'features' has width 0 (shape {feats.shape})."
+        raise DataError(msg)
+    if not np.isfinite(feats).all():
+        msg = f"{path}: 'features' contains NaN or infinite values."
+        raise DataError(msg)
+    if coords is not None:
+        if coords.ndim == 3 and coords.shape[0] == 1:
+            coords = coords[0]
+        if coords.ndim != 2 or coords.shape[0] != feats.shape[0]:
+            msg = f"{path}: 'coords' shape {coords.shape} does not match {feats.shape[0]} instances."
+            raise DataError(msg)
+        if not np.isfinite(coords).all():
+            msg = f"{path}: 'coords' contains NaN or infinite values."
+            raise DataError(msg)
+    if labels is not None:
+        labels = labels.reshape(-1) if labels.size == feats.shape[0] else labels
+        if labels.shape != (feats.shape[0],):
+            msg = f"{path}: 'instance_labels' shape {labels.shape} does not match {feats.shape[0]} instances."
+            raise DataError(msg)
+        if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+            msg = f"{path}: 'instance_labels' must hold integers (got NaN/inf or fractions)."
+            raise DataError(msg)
+        labels = labels.astype(np.int64)
+    return FeatureArrays(feats, coords, labels)
+
+
+def _numeric(path: Path, f: Any, name: str, max_bytes: int | None = None) -> np.ndarray:
+    """Dataset ``name`` of an open HDF5 file as a plain numeric array.
+
+    Raises:
+        DataError: ``name`` is a group, an empty (null-dataspace) dataset, or not of a
+            numeric type (strings, compound records ...).
+    """
+    import h5py
+
+    node = safe_dataset(path, f, name)
+    if not isinstance(node, h5py.Dataset):
+        msg = f"{path}: {name!r} is a {type(node).__name__}, not a dataset."
+        raise DataError(msg)
+    if node.shape is None:
+        msg = f"{path}: {name!r} is an empty (null) dataset."
+        raise DataError(msg)
+    if node.dtype.kind not in "biuf":
+        msg = f"{path}: {name!r} has non-numeric type {node.dtype}."
+        raise DataError(msg)
+    check_size(path, name, node, max_bytes)
+    try:
+        return np.asarray(node[()])
+    except MemoryError:
+        msg = (
+            f"{path}: {name!r} ({_declared_bytes(node) / 2**30:.1f} GiB) does not fit "
+            "in memory."
+        )
+        raise DataError(msg) from None
+
+
+def _has(f: Any, name: str) -> bool:
+    """Whether ``f`` has a link ``name`` (without following it: no other file opened)."""
+    return f.get(name, getlink=True) is not None
+
+
+def max_dataset_bytes(max_bytes: int | None = None) -> int:
+    """The per-dataset size limit: ``max_bytes``, ``$TIAHNM_MAX_DATASET_BYTES`` or 4 GiB."""
+    if max_bytes is not None:
+        return int(max_bytes)
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    return int(raw) if raw.isdigit() else MAX_DATASET_BYTES
+
+
+def safe_dataset(path: Path, f: Any, name: str) -> Any:
+    """Node ``name`` of an open HDF5 file, refusing anything that reads other files.
+
+    External links, soft links, external raw storage and virtual datasets are refused:
+    a feature file is read on its own, so nothing outside the data folder is opened.
+    """
+    import h5py
+
+    link = f.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        msg = (
+            f"{path}: {name!r} is a {type(link).__name__} (links to other files or "
+            "paths are refused; store the dataset in the file itself)."
+        )
+        raise DataError(msg)
+    node = f[name]
+    if isinstance(node, h5py.Dataset):
+        if node.external:
+            msg = (
+                f"{path}: {name!r} keeps its data in external files "
+                f"({', '.join(str(e[0]) for e in node.external)}); refused."
+            )
+            raise DataError(msg)
+        if node.is_virtual:
+            msg = f"{path}: {name!r} is a virtual dataset (maps other files); refused."
+            raise DataError(msg)
+    return node
+
+
+def _declared_bytes(node: Any) -> int:
+    return int(np.prod(node.shape, dtype=np.float64) * node.dtype.itemsize)
+
+
+def check_size(path: Path, name: str, node: Any, max_bytes: int | None = None) -> None:
+    """Refuse a dataset whose declared size exceeds the limit, before reading it."""
+    limit = max_dataset_bytes(max_bytes)
+    size = _declared_bytes(node)
+    if size > limit:
+        msg = (
+            f"{path}: {name!r} declares shape {tuple(node.shape)} ({size / 2**30:.2f} "
+            f"GiB), over the limit of {limit / 2**30:.2f} GiB per dataset; raise it "
+            f"with data.options.max_bytes or ${MAX_BYTES_ENV} if the file is real."
+        )
+        raise DataError(msg)
+    if node.chunks is None and node.compression is None:
+        file_size = path.stat().st_size
+        if size > file_size:
+            msg = (
+                f"{path}: {name!r} declares {size} bytes but the file has only "
+                f"{file_size} (truncated or corrupt)."
+            )
+            raise DataError(msg)
