@@ -401,146 +401,207 @@ def _run_stages(
         PipelineResult: Summary, exit code (3 when some slides failed), report path,
         heatmaps and what each stage did.
     """
-    say = echo or logger.info
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = StageManifest(out / MANIFEST)
-    result = PipelineResult(summary={})
+    run = _StageRun(
+        config,
+        out,
+        StageManifest(out / MANIFEST),
+        PipelineResult(summary={}),
+        echo or logger.info,
+    )
+    extract_key = _extract_stage(run)
+    train_key = _train_stage(run, extract_key)
+    if not _is_main_process():  # heatmaps and the report are rank 0's
+        return run.result
+    heat_key = _heatmap_stage(run, train_key)
+    _report_stage(run, train_key, heat_key)
+    return run.result
 
-    def record(outcome: StageOutcome) -> None:
-        result.stages.append(outcome)
+
+@dataclass
+class _StageRun:
+    """What the stages of one :func:`_run_stages` call share.
+
+    Attributes:
+        config (Config): The config; the extract stage points its data at the
+            features.
+        out (Path): The output folder.
+        manifest (StageManifest): ``stages.json``.
+        result (PipelineResult): Filled in stage by stage.
+        say (Callable[[str], None]): One line per stage.
+        trained (bool): Whether the train stage ran (rather than being skipped).
+    """
+
+    config: Config
+    out: Path
+    manifest: StageManifest
+    result: PipelineResult
+    say: Callable[[str], None]
+    trained: bool = False
+
+    def record(self, outcome: StageOutcome) -> None:
+        """Keep ``outcome`` and say it."""
+        self.result.stages.append(outcome)
         how = {"skipped": "skipped (done with the same settings)", "off": "off"}
         line = f"[{outcome.name}] {how.get(outcome.status, 'done')}"
         if outcome.status == "done":
             line += f" in {outcome.seconds:.1f} s"
-        say(line + (f": {outcome.detail}" if outcome.detail else ""))
+        self.say(line + (f": {outcome.detail}" if outcome.detail else ""))
 
-    # 1. extract
-    extract_key = None
-    if config.extract.slides:
-        settings = extract_settings(config)
-        extract_key = settings_hash(settings)
-        entry = manifest.entry("extract") or {}
-        features_dir = _features_dir(config)
-        done = manifest.is_done("extract", extract_key) and not entry.get("failed")
-        if done and all(
-            (features_dir / f"{sid}.h5").is_file() for sid in entry.get("slides", [])
-        ):
-            config = _with_features(config, features_dir, failed=False)
-            record(StageOutcome("extract", "skipped", detail=str(features_dir)))
-        else:
-            t0 = time.perf_counter()
-            manifest.start("extract", extract_key, settings)
-            say(f"[extract] tissue masks, tiles and features -> {features_dir}")
-            config, summary = run_extract_stage(config)
-            seconds = time.perf_counter() - t0
-            ok = [r.slide for r in summary.results if r.status != "failed"]
-            manifest.finish(
-                "extract",
-                extract_key,
-                seconds,
-                slides=ok,
-                failed=len(summary.failed),
-                patches=sum(r.n_patches for r in summary.results),
-            )
-            if summary.failed:
-                result.exit_code = 3
-            record(
-                StageOutcome(
-                    "extract",
-                    "done",
-                    seconds,
-                    f"{len(ok)} slides ({summary.count('skipped')} already done), "
-                    f"{len(summary.failed)} failed",
-                )
-            )
-    else:
-        record(StageOutcome("extract", "off", detail="no extract.slides"))
+    def timed(
+        self,
+        name: str,
+        key: str,
+        settings: Any,
+        work: Callable[[], Any],
+        announce: str | None = None,
+    ) -> tuple[Any, float]:
+        """Record that stage ``name`` started, say ``announce``, run ``work``.
 
-    # 2. train (+ evaluation of every fold)
+        Returns:
+            tuple: What ``work`` returned and its wall time in seconds.
+        """
+        t0 = time.perf_counter()
+        self.manifest.start(name, key, settings)
+        if announce:
+            self.say(announce)
+        value = work()
+        return value, time.perf_counter() - t0
+
+
+def _extract_stage(run: _StageRun) -> str | None:
+    """Stage 1: extract (or reuse) the features; returns its settings hash."""
+    config, manifest = run.config, run.manifest
+    if not config.extract.slides:
+        run.record(StageOutcome("extract", "off", detail="no extract.slides"))
+        return None
+    settings = extract_settings(config)
+    key = settings_hash(settings)
+    entry = manifest.entry("extract") or {}
+    features_dir = _features_dir(config)
+    done = manifest.is_done("extract", key) and not entry.get("failed")
+    if done and all(
+        (features_dir / f"{sid}.h5").is_file() for sid in entry.get("slides", [])
+    ):
+        run.config = _with_features(config, features_dir, failed=False)
+        run.record(StageOutcome("extract", "skipped", detail=str(features_dir)))
+        return key
+    (run.config, summary), seconds = run.timed(
+        "extract",
+        key,
+        settings,
+        lambda: run_extract_stage(config),
+        f"[extract] tissue masks, tiles and features -> {features_dir}",
+    )
+    ok = [r.slide for r in summary.results if r.status != "failed"]
+    manifest.finish(
+        "extract",
+        key,
+        seconds,
+        slides=ok,
+        failed=len(summary.failed),
+        patches=sum(r.n_patches for r in summary.results),
+    )
+    if summary.failed:
+        run.result.exit_code = 3
+    detail = (
+        f"{len(ok)} slides ({summary.count('skipped')} already done), "
+        f"{len(summary.failed)} failed"
+    )
+    run.record(StageOutcome("extract", "done", seconds, detail))
+    return key
+
+
+def _train_stage(run: _StageRun, extract_key: str | None) -> str:
+    """Stage 2: cross-validated training and evaluation; returns its settings hash."""
+    config = run.config
     settings = train_settings(config, extract_key)
-    train_key = settings_hash(settings)
-    summary_path = out / "summary.json"
-    trained = False
-    done = manifest.is_done("train", train_key)
+    key = settings_hash(settings)
+    summary_path = run.out / "summary.json"
+    done = run.manifest.is_done("train", key)
     summary = _read_summary(summary_path) if done else None
     if summary is not None:
-        result.summary = summary
-        record(StageOutcome("train", "skipped", detail=str(summary_path)))
-    else:
-        from tiahnm.crossval import run_training
+        run.result.summary = summary
+        run.record(StageOutcome("train", "skipped", detail=str(summary_path)))
+        return key
+    from tiahnm.crossval import run_training
 
-        _check_same_training(manifest, train_key, settings, out)
-        t0 = time.perf_counter()
-        manifest.start("train", train_key, settings)
-        say(f"[train] {config.head.name} + miner {config.miner.name} under CV")
-        result.summary = run_training(config)
-        seconds = time.perf_counter() - t0
-        manifest.finish("train", train_key, seconds)
-        trained = True
-        record(
-            StageOutcome("train", "done", seconds, f"{result.summary['n_folds']} folds")
-        )
+    _check_same_training(run.manifest, key, settings, run.out)
+    run.result.summary, seconds = run.timed(
+        "train",
+        key,
+        settings,
+        lambda: run_training(config),
+        f"[train] {config.head.name} + miner {config.miner.name} under CV",
+    )
+    run.manifest.finish("train", key, seconds)
+    run.trained = True
+    detail = f"{run.result.summary['n_folds']} folds"
+    run.record(StageOutcome("train", "done", seconds, detail))
+    return key
 
-    if not _is_main_process():  # heatmaps and the report are rank 0's
-        return result
 
-    # 3. heatmaps
+def _heatmap_stage(run: _StageRun, train_key: str) -> str:
+    """Stage 3: heatmaps of test slides; returns its settings hash."""
+    config, manifest, out = run.config, run.manifest, run.out
     n_maps = config.evaluation.heatmaps
-    heat_settings = {"train": train_key, "n": n_maps, "ann": config.extract.annotations}
-    heat_key = settings_hash(heat_settings)
+    settings = {"train": train_key, "n": n_maps, "ann": config.extract.annotations}
+    key = settings_hash(settings)
     entry = manifest.entry("heatmaps") or {}
     recorded = [Path(p) for p in entry.get("files", [])]
     if n_maps == 0:
-        record(StageOutcome("heatmaps", "off", detail="evaluation.heatmaps is 0"))
+        run.record(StageOutcome("heatmaps", "off", detail="evaluation.heatmaps is 0"))
     elif (
-        not trained
-        and manifest.is_done("heatmaps", heat_key)
+        not run.trained
+        and manifest.is_done("heatmaps", key)
         and all(p.is_file() for p in recorded)
     ):
-        result.heatmaps = recorded
-        record(StageOutcome("heatmaps", "skipped", detail=str(out / "heatmaps")))
+        run.result.heatmaps = recorded
+        run.record(StageOutcome("heatmaps", "skipped", detail=str(out / "heatmaps")))
     else:
-        t0 = time.perf_counter()
-        manifest.start("heatmaps", heat_key, heat_settings)
-        result.heatmaps = run_heatmap_stage(config)
-        seconds = time.perf_counter() - t0
-        files = [str(p) for p in result.heatmaps]
-        manifest.finish("heatmaps", heat_key, seconds, files=files)
-        record(
-            StageOutcome(
-                "heatmaps", "done", seconds, f"{len(files)} in {out / 'heatmaps'}"
-            )
+        run.result.heatmaps, seconds = run.timed(
+            "heatmaps", key, settings, lambda: run_heatmap_stage(config)
         )
+        files = [str(p) for p in run.result.heatmaps]
+        manifest.finish("heatmaps", key, seconds, files=files)
+        detail = f"{len(files)} in {out / 'heatmaps'}"
+        run.record(StageOutcome("heatmaps", "done", seconds, detail))
+    return key
 
-    # 4. report
-    report = out / "report.md"
-    report_key = settings_hash({"train": train_key, "heatmaps": heat_key})
-    if not config.evaluation.report:
-        record(StageOutcome("report", "off", detail="evaluation.report is false"))
-    elif not trained and manifest.is_done("report", report_key) and report.is_file():
-        result.report = report
-        record(StageOutcome("report", "skipped", detail=str(report)))
+
+def _report_stage(run: _StageRun, train_key: str, heat_key: str) -> None:
+    """Stage 4: ``report.md`` (and ``report.html`` when training did not write it)."""
+    report = run.out / "report.md"
+    key = settings_hash({"train": train_key, "heatmaps": heat_key})
+    if not run.config.evaluation.report:
+        run.record(StageOutcome("report", "off", detail="evaluation.report is false"))
+    elif not run.trained and run.manifest.is_done("report", key) and report.is_file():
+        run.result.report = report
+        run.record(StageOutcome("report", "skipped", detail=str(report)))
     else:
-        from tiahnm.evaluation.report import load_run, write_report_safely
+        run.result.report, seconds = run.timed(
+            "report", key, {}, lambda: _write_report(run.out)
+        )
+        if run.result.report is not None:
+            run.manifest.finish("report", key, seconds)
+        detail = str(run.result.report) if run.result.report else "could not be written"
+        run.record(StageOutcome("report", "done", seconds, detail))
 
-        t0 = time.perf_counter()
-        manifest.start("report", report_key, {})
-        from tiahnm.tasks import task_from_spec
 
-        summary, folds = load_run(out)
-        task = task_from_spec(summary.get("task_spec"))
-        result.report = write_report_safely(out, summary, folds, task)
-        if not (out / "report.html").is_file():  # run_training writes it
-            from tiahnm.evaluation.html_report import write_html_report_safely
+def _write_report(out: Path) -> Path | None:
+    """``report.md`` of the run in ``out`` (None when it could not be written)."""
+    from tiahnm.evaluation.report import load_run, write_report_safely
+    from tiahnm.tasks import task_from_spec
 
-            write_html_report_safely(out)
-        seconds = time.perf_counter() - t0
-        if result.report is not None:
-            manifest.finish("report", report_key, seconds)
-        detail = str(result.report) if result.report else "could not be written"
-        record(StageOutcome("report", "done", seconds, detail))
-    return result
+    summary, folds = load_run(out)
+    task = task_from_spec(summary.get("task_spec"))
+    report = write_report_safely(out, summary, folds, task)
+    if not (out / "report.html").is_file():  # run_training writes it
+        from tiahnm.evaluation.html_report import write_html_report_safely
+
+        write_html_report_safely(out)
+    return report
 
 
 __all__ = [

@@ -385,21 +385,88 @@ def predict_slides(
         DataError: The checkpoint is unusable.
         ConfigError / PluginError: Bad encoder settings.
     """
-    import torch
-
-    from tiahnm.slides.extract import ExtractConfig, extract_features, resolve_device
-    from tiahnm.slides.reader import slide_id
-    from tiahnm.slides.store import read_attrs, read_feature_arrays
+    from tiahnm.runtime.device import resolve_device
+    from tiahnm.slides.extract import ExtractConfig
 
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    heads = load_heads(checkpoint, dev)
-    threshold = float(np.mean([h.threshold for h in heads]))
-    inst_threshold = float(np.mean([h.instance_threshold for h in heads]))
-    cfg = extract_cfg or ExtractConfig()
+    dev = resolve_device(device, "--device")
+    ens = _Ensemble.load(checkpoint, dev)
     notify = on_result or (lambda *_: None)
+    h5s, failures = _feature_files(
+        inputs, extract_cfg or ExtractConfig(), out, features_dir, notify
+    )
+    train_attrs = training_feature_attrs(checkpoint)
+    warned: list[str] = []
+    predictions: list[Prediction] = []
+    scored: list[SlideScores] = []
+    seen: dict[str, Path] = {}
+    for path in h5s:
+        try:
+            done = _predict_file(ens, path, seen, train_attrs, warned)
+        except Exception as exc:  # one bad slide must not stop the others
+            error = (
+                str(exc)
+                if isinstance(exc, DataError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            logger.debug("predicting %s failed", path, exc_info=True)
+            failures.append((str(path), error))
+            notify(str(path), "failed", error)
+            continue
+        row = _prediction(ens, *done, path, scored)
+        predictions.append(row)
+        notify(
+            row.slide_id,
+            "done",
+            f"{ens.task.score_name} {row.probability:.3f}, prediction "
+            f"{row.prediction}, {row.n_patches} patches",
+        )
+    result = PredictSummary(
+        predictions=predictions,
+        failures=failures,
+        output_dir=out,
+        checkpoints=[str(h.path) for h in ens.heads],
+        threshold=ens.threshold,
+        warnings=[f"features differ from the training features: {d}" for d in warned],
+    )
+    _write_outputs(ens, result, scored, start)
+    return result
+
+
+@dataclass
+class _Ensemble:
+    """The heads of a checkpoint or run, their task, device and mean thresholds."""
+
+    heads: list[LoadedHead]
+    device: torch.device
+    task: Any
+    threshold: float
+    instance_threshold: float
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: torch.device) -> _Ensemble:
+        """Every head of ``checkpoint`` (:func:`load_heads`) on ``device``."""
+        heads = load_heads(checkpoint, device)
+        return cls(
+            heads,
+            device,
+            heads_task(heads),
+            float(np.mean([h.threshold for h in heads])),
+            float(np.mean([h.instance_threshold for h in heads])),
+        )
+
+
+def _feature_files(
+    inputs: Sequence[str | Path],
+    cfg: ExtractConfig,
+    out: Path,
+    features_dir: str | Path | None,
+    notify: Callable[[str, str, str], None],
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The feature files of ``inputs`` (slides extracted first) and the failures."""
+    from tiahnm.slides.extract import extract_features
 
     h5s, slides, failures = _split_inputs(inputs, cfg.suffixes)
     for item, error in failures:
@@ -413,103 +480,117 @@ def predict_slides(
                 notify(r.path, "failed", r.error)
             else:
                 h5s.append(Path(r.output) if r.output else feat_dir / f"{r.slide}.h5")
+    return h5s, failures
 
-    train_attrs = training_feature_attrs(checkpoint)
-    warned: list[str] = []
-    predictions: list[Prediction] = []
-    scored: list[SlideScores] = []
-    seen: dict[str, Path] = {}
-    task = heads_task(heads)
-    for path in h5s:
-        sid = slide_id(path)
-        try:
-            if sid in seen:
-                msg = f"duplicate slide id {sid!r} (also {seen[sid]}); rename one."
-                raise DataError(msg)
-            seen[sid] = path
-            arrays = read_feature_arrays(path)
-            diff = _differences(train_attrs, read_attrs(path))
-            if diff and diff not in warned:
-                warned.append(diff)
-                logger.warning(
-                    "%s: features differ from the training features: %s.", sid, diff
-                )
-            outputs, scores, class_scores = ensemble_predict(
-                heads, torch.from_numpy(arrays.features), dev, task
+
+def _predict_file(
+    ens: _Ensemble,
+    path: Path,
+    seen: dict[str, Path],
+    train_attrs: dict[str, Any] | None,
+    warned: list[str],
+) -> tuple[str, Any, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Read one feature file and run the ensemble on it.
+
+    Returns ``(slide id, arrays, outputs, instance scores, class scores)``; a settings
+    difference from the training features is warned about once (kept in ``warned``).
+
+    Raises:
+        DataError: A duplicate slide id, an unreadable file or a width mismatch.
+    """
+    import torch
+
+    from tiahnm.slides.reader import slide_id
+    from tiahnm.slides.store import read_attrs, read_feature_arrays
+
+    sid = slide_id(path)
+    if sid in seen:
+        msg = f"duplicate slide id {sid!r} (also {seen[sid]}); rename one."
+        raise DataError(msg)
+    seen[sid] = path
+    arrays = read_feature_arrays(path)
+    diff = _differences(train_attrs, read_attrs(path))
+    if diff and diff not in warned:
+        warned.append(diff)
+        logger.warning("%s: features differ from the training features: %s.", sid, diff)
+    outputs, scores, class_scores = ensemble_predict(
+        ens.heads, torch.from_numpy(arrays.features), ens.device, ens.task
+    )
+    return sid, arrays, outputs, scores, class_scores
+
+
+def _prediction(
+    ens: _Ensemble,
+    sid: str,
+    arrays: Any,
+    outputs: np.ndarray,
+    scores: np.ndarray | None,
+    class_scores: np.ndarray | None,
+    path: Path,
+    scored: list[SlideScores],
+) -> Prediction:
+    """The slide's row of ``predictions.csv``; its instance scores go to ``scored``."""
+    task = ens.task
+    cols = task.output_columns(outputs, ens.threshold)
+    p = float(task.score(outputs.reshape(1, -1))[0])
+    pred = int(task.predicted_labels(outputs.reshape(1, -1), ens.threshold)[0])
+    n = int(arrays.features.shape[0])
+    if scores is not None:
+        from tiahnm.evaluation.scores import feature_file_meta
+
+        scored.append(
+            SlideScores(
+                slide_id=sid,
+                scores=np.asarray(scores, dtype=np.float32),
+                coords=arrays.coords,
+                instance_labels=arrays.instance_labels,
+                probability=p,
+                prediction=pred,
+                meta=feature_file_meta(path),
+                class_scores=class_scores,
             )
-        except Exception as exc:  # one bad slide must not stop the others
-            error = (
-                str(exc)
-                if isinstance(exc, DataError)
-                else f"{type(exc).__name__}: {exc}"
-            )
-            logger.debug("predicting %s failed", path, exc_info=True)
-            failures.append((str(path), error))
-            notify(str(path), "failed", error)
-            continue
-        cols = task.output_columns(outputs, threshold)
-        p = float(task.score(outputs.reshape(1, -1))[0])
-        pred = int(task.predicted_labels(outputs.reshape(1, -1), threshold)[0])
-        n = int(arrays.features.shape[0])
-        predictions.append(Prediction(sid, p, pred, n, cols))
-        notify(
-            sid, "done", f"{task.score_name} {p:.3f}, prediction {pred}, {n} patches"
         )
-        if scores is not None:
-            from tiahnm.evaluation.scores import feature_file_meta
+    return Prediction(sid, p, pred, n, cols)
 
-            scored.append(
-                SlideScores(
-                    slide_id=sid,
-                    scores=np.asarray(scores, dtype=np.float32),
-                    coords=arrays.coords,
-                    instance_labels=arrays.instance_labels,
-                    probability=p,
-                    prediction=pred,
-                    meta=feature_file_meta(path),
-                    class_scores=class_scores,
-                )
-            )
 
-    write_prediction_rows(out / "predictions.csv", predictions)
-    write_failures(out / "failures.csv", failures)
+def _write_outputs(
+    ens: _Ensemble, result: PredictSummary, scored: list[SlideScores], start: float
+) -> None:
+    """``predictions.csv``, ``failures.csv``, ``instance_scores.h5``, the summary.
+
+    ``result.seconds`` is set from ``start`` once the scores are written.
+    """
+    out, heads = result.output_dir, ens.heads
+    write_prediction_rows(out / "predictions.csv", result.predictions)
+    write_failures(out / "failures.csv", result.failures)
     write_instance_scores(
         out / SCORES_FILE,
         scored,
         {
-            "slide_score": task.score_name,
+            "slide_score": ens.task.score_name,
             "score_kind": heads[0].head.default_eval_score,
             "head": type(heads[0].head).__name__,
-            "threshold": threshold,
-            "instance_threshold": inst_threshold,
+            "threshold": ens.threshold,
+            "instance_threshold": ens.instance_threshold,
             "checkpoints": [str(h.path) for h in heads],
             "val_reference": json.dumps(_fold_references(heads)),
         },
     )
-    result = PredictSummary(
-        predictions=predictions,
-        failures=failures,
-        output_dir=out,
-        checkpoints=[str(h.path) for h in heads],
-        threshold=threshold,
-        warnings=[f"features differ from the training features: {d}" for d in warned],
-        seconds=time.perf_counter() - start,
-    )
+    result.seconds = time.perf_counter() - start
     write_json(
         out / "predict_summary.json",
         {
             "checkpoints": result.checkpoints,
             "ensemble": len(heads) > 1,
-            "task": task.spec(),
-            "threshold": threshold,
-            "instance_threshold": inst_threshold,
-            "n_predicted": len(predictions),
-            "n_failed": len(failures),
+            "task": ens.task.spec(),
+            "threshold": ens.threshold,
+            "instance_threshold": ens.instance_threshold,
+            "n_predicted": len(result.predictions),
+            "n_failed": len(result.failures),
             "warnings": result.warnings,
             "seconds": round(result.seconds, 3),
         },
     )
-    return result
 
 
 def _fold_references(heads: Sequence[Any]) -> dict[str, Any] | None:
