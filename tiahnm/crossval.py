@@ -58,7 +58,7 @@ from tiahnm.training.guards import (
     run_fingerprint,
     watch_divergence,
 )
-from tiahnm.training.loop import fit
+from tiahnm.training.loop import FitResult, fit
 from tiahnm.training.metrics import METRICS, aggregate
 from tiahnm.training.splits import (
     Fold,
@@ -304,7 +304,7 @@ def _finished_result(run: _FoldRun) -> dict[str, Any] | None:
 
 def _train(
     run: _FoldRun, bags: Sequence[Bag], callbacks: CallbackRunner | None
-) -> tuple[torch.nn.Module, Any]:
+) -> tuple[torch.nn.Module, FitResult]:
     """Build and train the fold's head (progress bar, callbacks, divergence guard).
 
     Returns the head with its best state loaded, and the fit result; rank 0 writes
@@ -376,7 +376,7 @@ def _evaluate(
     run: _FoldRun,
     bags: Sequence[Bag],
     head: torch.nn.Module,
-    res: Any,
+    res: FitResult,
     norm: dict[str, torch.Tensor] | None,
     t0: float,
 ) -> dict[str, Any]:
@@ -534,7 +534,7 @@ def _write_result(run: _FoldRun, result: dict[str, Any]) -> None:
 
 def _refit(
     run: _FoldRun, bags: list[Bag], best_epoch: int
-) -> tuple[torch.nn.Module, Any]:
+) -> tuple[torch.nn.Module, FitResult]:
     """Retrain a fresh head on ``bags`` for ``best_epoch + 1`` epochs (same seed)."""
     config = run.config
     torch.manual_seed(run.seed)
