@@ -23,7 +23,7 @@ from tiahnm.miners.hnm_selection import (
     uncertain_negative_mask,
 )
 from tiahnm.plugins import get_registry
-from tiahnm.training.loop import fit
+from tiahnm.training.loop import fit, sub_training
 
 CPU = torch.device("cpu")
 
@@ -121,7 +121,7 @@ def tiny_head(seed: int = 0) -> EncoderMIL:
     )
 
 
-def ctx_for(head, round_idx=0, **state) -> FitContext:
+def ctx_for(head, round_idx=0, best_score=None, monitor=None) -> FitContext:
     return FitContext(
         head=head,
         device=CPU,
@@ -129,7 +129,9 @@ def ctx_for(head, round_idx=0, **state) -> FitContext:
         steps_per_epoch=1,
         round=round_idx,
         generator=torch.Generator().manual_seed(0),
-        state=dict(state),
+        sub=sub_training(CPU),
+        round_best_score=best_score,
+        monitor=monitor,
     )
 
 
@@ -210,7 +212,10 @@ def test_gradients_reach_the_encoder_only_when_fine_tuning():
             )
 
         def on_round_end(self, ctx, train_bags):
-            self.seen_state = dict(ctx.state)
+            self.seen_state = {
+                "monitor": ctx.monitor,
+                "best_score": ctx.round_best_score,
+            }
             return super().on_round_end(ctx, train_bags)
 
         def _step(self, ctx, opt, *args):

@@ -32,7 +32,7 @@ from tiahnm.miners.li2019 import (
     stratified_folds,
 )
 from tiahnm.plugins import get_plugin_manager, get_registry
-from tiahnm.training.loop import fit
+from tiahnm.training.loop import fit, sub_training
 
 CPU = torch.device("cpu")
 DIM = 6
@@ -63,6 +63,7 @@ def ctx_for(head, round_idx: int = 0, seed: int = 0) -> FitContext:
         steps_per_epoch=1,
         round=round_idx,
         generator=gen(seed),
+        sub=sub_training(CPU),
     )
 
 

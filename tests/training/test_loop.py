@@ -165,8 +165,8 @@ def test_extra_losses_are_added():
             for p, n in zip(pos, neg, strict=False):
                 yield [p, n]
 
-        def n_steps(self, n_bags):
-            return n_bags // 2
+        def n_steps(self, bags):
+            return len(bags) // 2
 
     class RecordingRank(MIRankLoss):
         def __init__(self):

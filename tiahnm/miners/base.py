@@ -7,7 +7,7 @@ The shared loop (:func:`tiahnm.training.loop.fit`) calls, for each training roun
         miner.on_epoch_start(ctx, epoch)
         for batch in miner.batches(ctx, train_bags, generator):   # lists of bags
             for bag in batch: out, extra = miner.forward(ctx, bag, step)
-            loss = mean(head.loss(out, y) + sum(extra)) + sum(w * loss(outs, labels))
+            loss = mean(task loss(out, bag) + sum(extra)) + sum(w * loss(outs, labels))
             optimizer step
             miner.after_step(ctx, step)
     new_bags = miner.on_round_end(ctx, train_bags)   # bags to add before the next round
@@ -15,10 +15,16 @@ The shared loop (:func:`tiahnm.training.loop.fit`) calls, for each training roun
 A miner overrides only what it needs: MHIM overrides ``forward`` (teacher scoring,
 masking, consistency) and ``after_step`` (EMA), HNM overrides ``batches`` (bag pairs)
 and Li 2019 overrides ``on_round_end`` (generated hard-negative bags).
+
+Training a miner runs itself (Li 2019's out-of-fold models, HNM's encoder
+fine-tuning) goes through ``ctx.sub`` (:class:`SubTraining`), which the loop fills
+with its device, precision, processes and checkpoint folder; a miner never imports
+the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +37,90 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass
+class SubFitResult:
+    """What :meth:`SubTraining.fit` returns.
+
+    Attributes:
+        best_state (dict): The kept state dict (best on validation; without
+            validation bags the last epoch's).
+        best_epoch (int): Its epoch.
+        history (list[dict]): One row per epoch.
+    """
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[dict[str, float]]
+
+
+class SubTraining:
+    """Training a miner runs itself, under the shared loop's runtime.
+
+    The loop sets ``FitContext.sub`` to an implementation that uses the run's device,
+    autocast precision (``train.amp`` / ``train.cpu_precision``), process group
+    (gradients averaged over ``torchrun`` processes) and checkpoint folder, so
+    inner training gets AMP, DDP and resumable checkpoints as the outer loop has.
+    This base class is what a :class:`FitContext` built by hand gets: it refuses.
+    """
+
+    def fit(
+        self,
+        head: MILHead,
+        train_bags: Sequence[Bag],
+        val_bags: Sequence[Bag] = (),
+        *,
+        key: str,
+        seed: int,
+        epochs: int,
+        lr: float,
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
+        patience: int | None = None,
+    ) -> SubFitResult:
+        """Train ``head`` in place with the shared loop (one round, plain miner).
+
+        Args:
+            head (MILHead): The model to train (a miner's copy, never ``ctx.head``).
+            train_bags (Sequence[Bag]): Its training bags.
+            val_bags (Sequence[Bag]): Validation bags (none: the last epoch is kept).
+            key (str): Names this inner fit within the round (its checkpoint folder).
+            seed (int): Seed of its shuffling and of the torch RNG inside it (the
+                outer random stream is untouched).
+            epochs (int): Epochs.
+            lr (float): Learning rate (Adam).
+            weight_decay (float): Weight decay.
+            scheduler (str): ``none``, ``cosine`` or ``step``.
+            patience (int | None): Early-stopping patience (default: ``epochs``).
+
+        Returns:
+            SubFitResult: The kept state, its epoch and the history.
+        """
+        raise NotImplementedError(self._refusal("fit"))
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Autocast of the run's training precision (a no-op in full precision)."""
+        return contextlib.nullcontext()
+
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Sequence[torch.nn.Parameter],
+        loss: torch.Tensor,
+    ) -> float:
+        """One optimiser step on ``loss``; returns the loss value.
+
+        Backward (scaled under fp16), gradients averaged over the processes, step.
+        """
+        raise NotImplementedError(self._refusal("step"))
+
+    def _refusal(self, what: str) -> str:
+        return (
+            f"SubTraining.{what}: this FitContext has no training runtime; the "
+            "shared loop (tiahnm.training.loop.fit) provides one, or build it with "
+            "tiahnm.training.loop.sub_training(device)."
+        )
+
+
+@dataclass
 class FitContext:
     """State the shared loop shares with the miner.
 
@@ -38,12 +128,19 @@ class FitContext:
         head (MILHead): The student head being trained.
         device (torch.device): Where the head lives.
         epochs (int): Epochs in this round.
-        steps_per_epoch (int): Optimiser steps per epoch (from the first epoch).
+        steps_per_epoch (int): Optimiser steps per epoch: ``Miner.n_steps`` miner
+            batches grouped ``train.batch_size`` per step.
         round (int): Training round index (0-based).
         generator (torch.Generator): The loop's seeded CPU generator.
-        state (dict): Free space for miners (saved with the checkpoint if tensors).
+        state (dict): Free space for a miner within one run. It is NOT checkpointed:
+            what must survive a resume belongs in :meth:`Miner.state_dict`.
         bag (Bag | None): The training bag being forwarded (set by the loop before
             :meth:`Miner.forward`), e.g. to record what was mined in it.
+        sub (SubTraining): Inner training under the loop's runtime (set by the loop).
+        round_best_score (tuple | None): The finished round's best validation score
+            (set by the loop before :meth:`Miner.on_round_end`; None before).
+        monitor (str | None): ``train.monitor`` that score is of (None: the run has no
+            validation bags, so the score is not a validation score).
     """
 
     head: MILHead
@@ -54,6 +151,9 @@ class FitContext:
     generator: torch.Generator | None = None
     state: dict[str, Any] = field(default_factory=dict)
     bag: Bag | None = None
+    sub: SubTraining = field(default_factory=SubTraining)
+    round_best_score: tuple[float, ...] | None = None
+    monitor: str | None = None
 
     @property
     def total_steps(self) -> int:
@@ -145,9 +245,14 @@ class Miner:
         for i in order:
             yield [bags[i]]
 
-    def n_steps(self, n_bags: int) -> int:
-        """Optimiser steps per epoch for ``n_bags`` training bags."""
-        return n_bags
+    def n_steps(self, bags: Sequence[Bag]) -> int:
+        """Miner batches per epoch that :meth:`batches` yields for ``bags``.
+
+        The loop checks every epoch's batches against it (a mismatch is an error
+        naming the miner): it is the one declaration of the epoch length a miner's
+        schedules (``ctx.steps_per_epoch``, ``ctx.total_steps``) rest on.
+        """
+        return len(bags)
 
     def forward(
         self, ctx: FitContext, features: torch.Tensor, label: torch.Tensor, step: int

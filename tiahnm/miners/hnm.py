@@ -24,7 +24,12 @@ flattened images ``[N, C*H*W]``); this miner manages its encoder:
   batch uses ``batch_size * posi_query_ratio`` self-paced positives (top ``r`` of the
   positives, ``r`` ramping from ``spl_start`` to ``spl_end`` over ``spl_epochs``) with
   the same negatives (step B, pair mode ``pos``). Two augmented views per patch pass
-  through the encoder and a projection MLP (``D -> D -> ReLU -> proj_dim``); SGD.
+  through the encoder and a projection MLP (``D -> D -> ReLU -> proj_dim``); SGD,
+  each step through ``ctx.sub`` (the run's autocast precision, an fp16 gradient
+  scaler, gradients averaged over ``torchrun`` processes; every process takes the
+  same contrastive batch, since the loss couples it). A run killed during a
+  fine-tuning stage resumes from the checkpoint before it and repeats the stage
+  exactly (its generator and projector are in the miner's state).
   Finally the inner head is reset to its initial weights (``reinit_head``), so the
   next round retrains it on the re-extracted features.
 
@@ -332,9 +337,13 @@ class HNMMiner(Miner):
             )
             torch.set_rng_state(torch_state)
 
-    def n_steps(self, n_bags: int) -> int:
-        """Bag pairs (about half the bags) or bags per epoch."""
-        return max(1, n_bags // 2) if self.pair_bags != "none" else n_bags
+    def n_steps(self, bags: Sequence[Bag]) -> int:
+        """Bag pairs (as :meth:`batches` forms them) or bags per epoch."""
+        n_pos = sum(1 for b in bags if b.label == 1)
+        n_neg = sum(1 for b in bags if b.label == 0)
+        if self.pair_bags == "none" or not n_pos or not n_neg:
+            return len(bags)
+        return max(n_pos, n_neg) if self.pair_bags == "cycle" else min(n_pos, n_neg)
 
     def batches(
         self, ctx: FitContext, bags: Sequence[Bag], generator: torch.Generator
@@ -369,8 +378,8 @@ class HNMMiner(Miner):
             self.on_fit_start(ctx)
         real = [b for b in train_bags if b.origin != "generated"]
         new_scores = self.score_instances(ctx, real)
-        val = ctx.state.get("best_score")
-        monitored = ctx.state.get("monitor") is not None and val is not None
+        val = ctx.round_best_score
+        monitored = ctx.monitor is not None and val is not None
         accepted = (
             self.scores is None
             or not self.accept_if_improved
@@ -678,8 +687,9 @@ class HNMMiner(Miner):
         views = torch.cat(
             [augment(images, self.generator, self.augment) for _ in range(2)]
         )
-        z = self.projector(ctx.head.encoder(views))
-        z = torch.stack(z.split(len(idx)), dim=1)
+        with ctx.sub.autocast():
+            z = self.projector(ctx.head.encoder(views))
+        z = torch.stack(z.float().split(len(idx)), dim=1)
         loss = supcon_loss(
             z,
             torch.as_tensor(labels[idx], device=ctx.device),
@@ -689,10 +699,8 @@ class HNMMiner(Miner):
             temperature=self.temperature,
             base_temperature=self.temperature,
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        params = [p for group in opt.param_groups for p in group["params"]]
+        return ctx.sub.step(opt, params, loss)
 
 
 class _Cycle:

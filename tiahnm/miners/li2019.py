@@ -569,7 +569,7 @@ class Li2019Miner(Miner):
             held_bags = [bags[i] for i in held]
             labels = {b.label for b in train}
             if 0 in labels and len(labels) > 1:
-                head = self._fit_out_of_fold(ctx, train, seed)
+                head = self._fit_out_of_fold(ctx, train, seed, key=f"oof{k}")
             else:
                 logger.warning(
                     "li2019: out-of-fold fold %d of %d: the other folds lack a "
@@ -585,35 +585,30 @@ class Li2019Miner(Miner):
         return HardNegatives.concat(parts, width)
 
     def _fit_out_of_fold(
-        self, ctx: FitContext, bags: Sequence[Bag], seed: int
+        self, ctx: FitContext, bags: Sequence[Bag], seed: int, *, key: str
     ) -> MILHead:
         """A copy of the head, reset to its initial state, trained on ``bags``.
 
-        The global torch RNG (dropout) is seeded with ``seed`` inside a fork, so the
-        model is reproducible and the outer training's random stream is untouched.
+        Trained through ``ctx.sub`` (the shared loop under the run's device,
+        precision, processes and checkpoints); the torch RNG (dropout) is seeded
+        with ``seed`` inside a fork, so the model is reproducible and the outer
+        training's random stream is untouched.
         """
-        from tiahnm.config import TrainConfig
-        from tiahnm.training.loop import fit
-
         assert self._init_state is not None
         head = copy.deepcopy(ctx.head)
         head.load_state_dict(self._init_state)
         epochs = self.oof_epochs if self.oof_epochs is not None else ctx.epochs
-        cfg = TrainConfig(
+        ctx.sub.fit(
+            head,
+            bags,
+            key=key,
+            seed=seed,
             epochs=epochs,
             lr=self.oof_lr,
             weight_decay=self.oof_weight_decay,
             scheduler="none",
-            progress=False,
             patience=epochs,
         )
-        devices = []
-        if ctx.device.type == "cuda":
-            index = ctx.device.index
-            devices = [torch.cuda.current_device() if index is None else index]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            fit(head, bags, [], cfg, device=ctx.device, seed=seed)
         return head
 
     def generate(

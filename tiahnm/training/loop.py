@@ -11,6 +11,7 @@ the validation bags only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from tiahnm.errors import ConfigError, DataError, TrainingDivergedError
-from tiahnm.miners.base import FitContext, Miner
+from tiahnm.miners.base import FitContext, Miner, SubFitResult, SubTraining
 from tiahnm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from tiahnm.runtime.device import amp_dtype, autocast
 from tiahnm.runtime.distributed import (
@@ -38,6 +39,7 @@ from tiahnm.runtime.distributed import (
 )
 from tiahnm.training.feeding import iter_features, pin_bags
 from tiahnm.training.precision import head_precision
+from tiahnm.training.state import TrainingState
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.config import TrainConfig
@@ -188,6 +190,39 @@ def group_steps(batches: Sequence[list[Bag]], size: int) -> list[list[list[Bag]]
     return [list(batches[i : i + size]) for i in range(0, len(batches), size)]
 
 
+@dataclass
+class _Run:
+    """What stays fixed during one :func:`fit` call (set up by :func:`_prepare`)."""
+
+    head: MILHead
+    cfg: TrainConfig
+    miner: Miner
+    losses: Sequence[tuple[BatchLoss, float]]
+    device: torch.device
+    dtype: torch.dtype | None
+    ckpt_path: Path | None
+    batched: bool
+    train_bags: list[Bag]
+    val_bags: Sequence[Bag] = ()
+    dctx: DistContext = SINGLE
+    task: Task = None  # type: ignore[assignment]  # set by fit before any use
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+    compiled: bool = False
+
+
+@dataclass
+class _Round:
+    """The optimisation tools of one round."""
+
+    ctx: FitContext
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+
+
 def fit(
     head: MILHead,
     train_bags: Sequence[Bag],
@@ -205,6 +240,10 @@ def fit(
 ) -> FitResult:
     """Train ``head`` with the shared loop; return the best (validation) state.
 
+    The run advances a :class:`~tiahnm.training.state.TrainingState` (round, epoch,
+    optimiser step, best states, history), which is what ``last.pt`` holds besides
+    the modules' and the optimiser's state.
+
     Args:
         head (MILHead): Freshly initialised head.
         train_bags (Sequence[Bag]): Training bags.
@@ -218,7 +257,7 @@ def fit(
             every rank).
         checkpoint_dir (str | Path | None): Where ``last.pt`` is written every
             ``cfg.checkpoint_every`` epochs (by rank 0); an existing ``last.pt`` is
-            resumed (by every rank).
+            resumed (by every rank). Miners' inner training checkpoints below it.
         on_epoch_end (Callable | None): Called with each epoch's history row.
         dist_ctx (DistContext | None): Multi-process context (default: the joined
             process group, if any).
@@ -228,273 +267,334 @@ def fit(
     Returns:
         FitResult: Best state dict, its epoch and the history (the same on every rank).
     """
+    run = _prepare(head, train_bags, cfg, miner, losses, device, checkpoint_dir)
+    run.val_bags, run.on_epoch_end = val_bags, on_epoch_end
+    run.generator = torch.Generator().manual_seed(seed)
+    run.dctx = dist_ctx if dist_ctx is not None else current()
+    run.task = task or _default_task(head)
+    run.task.fit(train_bags)
+    saved = _load_resume(run)
+    state = TrainingState() if saved is None else _saved_state(run, saved)
+    run.train_bags.extend(state.added_bags)
+    while state.round < cfg.rounds:
+        tools = _start_round(run, state.round)
+        if saved is not None:
+            _restore(run, tools, saved)
+            if "step" not in saved:  # a checkpoint from before the step counter
+                state.step = state.epoch * tools.ctx.steps_per_epoch
+            saved = None
+        _run_epochs(run, tools, state)
+        _end_round(run, tools, state)
+    return _result(run, state)
+
+
+def _prepare(
+    head: MILHead,
+    train_bags: Sequence[Bag],
+    cfg: TrainConfig,
+    miner: Miner | None,
+    losses: Sequence[tuple[BatchLoss, float]],
+    device: torch.device | None,
+    checkpoint_dir: str | Path | None,
+) -> _Run:
+    """Check the settings, place the head, choose the precision."""
     _check_cfg(cfg)
-    dctx = dist_ctx if dist_ctx is not None else current()
     miner = miner or Miner()
-    task = task or _default_task(head)
-    task.fit(train_bags)
     device = device or torch.device("cpu")
     head.to(device)
-    train_bags = list(train_bags)
-    dtype = _autocast_dtype(head, train_bags, device, cfg)
+    bags = list(train_bags)
+    dtype = _autocast_dtype(head, bags, device, cfg)
     if cfg.pin_memory:
-        train_bags = pin_bags(train_bags, device)
-    generator = torch.Generator().manual_seed(seed)
-    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    batched = _can_pad(head, miner, losses) if cfg.pad_batches else False
-
-    round_idx, start_epoch = 0, 0
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {
-        "score": (-math.inf, -math.inf),
-        "epoch": -1,
-        "state": None,
-        "bad": 0,
-    }
-    # The best over every round (validation only): a later round is kept only when
-    # its best validation score beats the earlier rounds' (none: the last round).
-    overall: dict[str, Any] = {"score": None, "epoch": -1, "state": None, "round": 0}
-    resume = (
-        load_checkpoint(ckpt_path)
-        if ckpt_path is not None and ckpt_path.is_file()
-        else None
+        bags = pin_bags(bags, device)
+    return _Run(
+        head=head,
+        cfg=cfg,
+        miner=miner,
+        losses=losses,
+        device=device,
+        dtype=dtype,
+        ckpt_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None,
+        batched=_can_pad(head, miner, losses) if cfg.pad_batches else False,
+        train_bags=bags,
     )
-    if resume is not None:
-        round_idx = int(resume["round"])
-        for item in resume.get("added_bags", []):
-            train_bags.append(_bag_from_dict(item))
 
-    epoch_seconds: list[float] = []
-    compiled = False
-    while round_idx < cfg.rounds:
-        n_miner_batches = max(1, miner.n_steps(len(train_bags)))
-        ctx = FitContext(
-            head=head,
-            device=device,
-            epochs=cfg.epochs,
-            steps_per_epoch=-(-n_miner_batches // cfg.batch_size),
-            round=round_idx,
-            generator=generator,
+
+def _load_resume(run: _Run) -> dict[str, Any] | None:
+    if run.ckpt_path is not None and run.ckpt_path.is_file():
+        return load_checkpoint(run.ckpt_path)
+    return None
+
+
+def _start_round(run: _Run, round_idx: int) -> _Round:
+    """The round's context, the miner's start, the optimiser and schedule."""
+    head, miner, cfg = run.head, run.miner, run.cfg
+    n_miner_batches = max(1, miner.n_steps(run.train_bags))
+    ctx = FitContext(
+        head=head,
+        device=run.device,
+        epochs=cfg.epochs,
+        steps_per_epoch=-(-n_miner_batches // cfg.batch_size),
+        round=int(round_idx),
+        generator=run.generator,
+        sub=_LoopSubTraining(
+            run.device,
+            cfg=cfg,
+            dtype=run.dtype,
+            dist_ctx=run.dctx,
+            checkpoint_dir=run.ckpt_path.parent if run.ckpt_path else None,
+            round_idx=int(round_idx),
+        ),
+    )
+    # Before the optimiser exists, so a miner can build trainable modules here.
+    miner.on_fit_start(ctx)
+    if cfg.compile and not run.compiled:
+        # after on_fit_start: a miner's copy of the head (MHIM teacher) stays eager
+        compile_head(head)
+        run.compiled = True
+    params = list(head.parameters())
+    for module in miner.modules().values():
+        module.to(run.device)
+        params += [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
+    broadcast_modules([head, *miner.modules().values()], run.dctx)
+    opt = make_optimizer(params, cfg)
+    sched = make_scheduler(opt, cfg)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype is torch.float16)
+    return _Round(ctx, params, opt, sched, scaler)
+
+
+def _not_resumable(run: _Run, exc: Exception) -> DataError:
+    msg = (
+        f"{run.ckpt_path}: this checkpoint was made by a run with other "
+        f"settings and cannot be resumed ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0]}); delete it or use another output "
+        "folder."
+    )
+    return DataError(msg)
+
+
+def _saved_state(run: _Run, saved: dict[str, Any]) -> TrainingState:
+    try:
+        return TrainingState.from_dict(saved)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _not_resumable(run, exc) from None
+
+
+def _restore(run: _Run, tools: _Round, saved: dict[str, Any]) -> None:
+    """Load the checkpoint into the head, miner, optimiser, schedule and RNGs."""
+    try:
+        run.head.load_state_dict(saved["head"])
+        run.miner.load_state_dict(saved["miner"])
+        tools.opt.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise _not_resumable(run, exc) from None
+    if tools.sched is not None and saved.get("scheduler") is not None:
+        tools.sched.load_state_dict(saved["scheduler"])
+    run.generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    if run.device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"], run.device)
+
+
+def _run_epochs(run: _Run, tools: _Round, state: TrainingState) -> None:
+    """The round's remaining epochs, each validated, recorded and checkpointed."""
+    while not state.stopped and state.epoch < run.cfg.epochs:
+        t0 = time.perf_counter()
+        train_loss, n_skipped = _train_epoch(run, tools, state)
+        run.epoch_seconds.append(time.perf_counter() - t0)
+        row: dict[str, float] = {
+            "round": state.round,
+            "epoch": state.epoch,
+            "train_loss": train_loss,
+            **run.miner.epoch_stats(),
+        }
+        if run.cfg.nonfinite == "skip":
+            row["nonfinite_steps"] = n_skipped
+        score = _validate(run, state.epoch, row)
+        state.record_epoch(row, score, run.head)
+        if run.on_epoch_end is not None:
+            run.on_epoch_end(row)
+        state.stopped = (
+            bool(run.val_bags)
+            and state.best.bad_epochs >= run.cfg.patience
+            and state.epoch + 1 >= run.cfg.min_epochs
         )
-        # Before the optimiser exists, so a miner can build trainable modules here.
-        miner.on_fit_start(ctx)
-        if cfg.compile and not compiled:
-            # after on_fit_start: a miner's copy of the head (MHIM teacher) stays eager
-            compile_head(head)
-            compiled = True
-        params = list(head.parameters())
-        for module in miner.modules().values():
-            module.to(device)
-            params += [p for p in module.parameters() if p.requires_grad]
-        params = [p for p in params if p.requires_grad]
-        broadcast_modules([head, *miner.modules().values()], dctx)
-        opt = make_optimizer(params, cfg)
-        sched = make_scheduler(opt, cfg)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-        if resume is not None:
-            try:
-                head.load_state_dict(resume["head"])
-                miner.load_state_dict(resume["miner"])
-                opt.load_state_dict(resume["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as exc:
-                msg = (
-                    f"{ckpt_path}: this checkpoint was made by a run with other "
-                    f"settings and cannot be resumed ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0]}); delete it or use another output "
-                    "folder."
-                )
-                raise DataError(msg) from None
-            if sched is not None and resume.get("scheduler") is not None:
-                sched.load_state_dict(resume["scheduler"])
-            generator.set_state(resume["generator"])
-            torch.set_rng_state(resume["torch_rng"])
-            if device.type == "cuda" and resume.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(resume["cuda_rng"], device)
-            history = list(resume["history"])
-            best = {
-                "score": tuple(resume["best_score"]),
-                "epoch": int(resume["best_epoch"]),
-                "state": resume["best_state"],
-                "bad": int(resume["bad_epochs"]),
-            }
-            start_epoch = int(resume["epoch"]) + 1
-            if resume.get("overall_best") is not None:
-                overall = dict(resume["overall_best"])
-            stopped = bool(resume.get("stopped", False))
-            resume = None
-            if stopped:
-                start_epoch = cfg.epochs
-        step = start_epoch * ctx.steps_per_epoch
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            head.train()
-            miner.on_epoch_start(ctx, epoch)
-            steps = group_steps(
-                list(miner.batches(ctx, train_bags, generator)), cfg.batch_size
+        state.epoch += 1
+        if (
+            state.stopped
+            or state.epoch % run.cfg.checkpoint_every == 0
+            or (state.epoch == run.cfg.epochs)
+        ):
+            _save(run, tools, state)
+
+
+def _epoch_steps(run: _Run, ctx: FitContext) -> list[list[list[Bag]]]:
+    """The epoch's miner batches, grouped per optimiser step (checked)."""
+    batches = list(run.miner.batches(ctx, run.train_bags, run.generator))
+    announced = max(1, run.miner.n_steps(run.train_bags))
+    if len(batches) != announced and batches:
+        msg = (
+            f"miner {run.miner.name!r}: batches() yielded {len(batches)} batches "
+            f"but n_steps() announced {announced} for {len(run.train_bags)} bags; "
+            "the two must agree (the miner's schedules rest on n_steps)."
+        )
+        raise ConfigError(msg)
+    steps = group_steps(batches, run.cfg.batch_size)
+    if run.task.couples_bags:  # one loss over the bags of a step (Cox)
+        steps = [[[b for batch in g for b in batch]] for g in steps]
+    return steps
+
+
+def _train_epoch(run: _Run, tools: _Round, state: TrainingState) -> tuple[float, int]:
+    """One epoch of optimiser steps; returns (mean training loss, skipped steps)."""
+    ctx = tools.ctx
+    run.head.train()
+    run.miner.on_epoch_start(ctx, state.epoch)
+    steps = _epoch_steps(run, ctx)
+    mine = [shard(group, run.dctx) for group in steps]
+    feats = iter_features(
+        [bag for part in mine for batch in part for bag in batch],
+        run.device,
+        prefetch=run.cfg.prefetch,
+        workers=run.cfg.loader_workers,
+    )
+    loss_sum = torch.zeros((), device=run.device)
+    n_skipped = 0
+    for group, part in zip(steps, mine, strict=True):
+        step_loss = _step_loss(run, tools, state, group, part, feats)
+        if run.cfg.nonfinite == "skip" and _nonfinite_step(step_loss, run.dctx):
+            tools.opt.zero_grad(set_to_none=True)  # skip this step (counted)
+            n_skipped += 1
+            state.step += 1
+            continue
+        loss_sum += step_loss
+        _optimizer_step(run, tools)
+        run.miner.after_step(ctx, state.step)
+        state.step += 1
+    if tools.sched is not None:
+        tools.sched.step()
+    loss_sum = all_reduce_sum(loss_sum, run.dctx) / run.dctx.world_size
+    train_loss = float(loss_sum) / max(len(steps), 1)
+    _check_finite("training loss", train_loss, state.epoch)
+    return train_loss, n_skipped
+
+
+def _step_loss(
+    run: _Run,
+    tools: _Round,
+    state: TrainingState,
+    group: list[list[Bag]],
+    part: list[list[Bag]],
+    feats: Iterator[torch.Tensor],
+) -> torch.Tensor:
+    """Forward and backward of this rank's share of one step; its detached loss."""
+    # every rank's share is scaled so that the all-reduced mean of the gradients
+    # is the gradient of the mean loss over the whole step
+    scale = run.dctx.world_size / len(group)
+    tools.opt.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=run.device)
+    if run.batched and part:  # one padded forward; plain batches are 1 bag
+        bags = [bag for batch in part for bag in batch]
+        xs = [next(feats) for _ in bags]
+        loss = _padded_loss(run.head, bags, xs, run.device, run.dtype, run.task)
+        step_loss += _backward(tools.scaler, loss * len(part), scale)
+    elif not run.batched:
+        for batch in part:
+            loss = _batch_loss(
+                run.head,
+                run.miner,
+                tools.ctx,
+                batch,
+                feats,
+                run.losses,
+                run.device,
+                run.dtype,
+                state.step,
+                run.task,
             )
-            if task.couples_bags:  # one loss over the bags of a step (Cox)
-                steps = [[[b for batch in g for b in batch]] for g in steps]
-            mine = [shard(group, dctx) for group in steps]
-            feats = iter_features(
-                [bag for part in mine for batch in part for bag in batch],
-                device,
-                prefetch=cfg.prefetch,
-                workers=cfg.loader_workers,
-            )
-            loss_sum = torch.zeros((), device=device)
-            n_skipped = 0
-            for group, part in zip(steps, mine, strict=True):
-                step_start = loss_sum.clone() if cfg.nonfinite == "skip" else None
-                # every rank's share is scaled so that the all-reduced mean of the
-                # gradients is the gradient of the mean loss over the whole step
-                scale = dctx.world_size / len(group)
-                opt.zero_grad(set_to_none=True)
-                if batched and part:  # one padded forward; plain batches are 1 bag
-                    bags = [bag for batch in part for bag in batch]
-                    xs = [next(feats) for _ in bags]
-                    loss = _padded_loss(head, bags, xs, device, dtype, task) * len(part)
-                    loss_sum += _backward(scaler, loss, scale)
-                elif not batched:
-                    for batch in part:
-                        loss = _batch_loss(
-                            head,
-                            miner,
-                            ctx,
-                            batch,
-                            feats,
-                            losses,
-                            device,
-                            dtype,
-                            step,
-                            task,
-                        )
-                        loss_sum += _backward(scaler, loss, scale)
-                if step_start is not None and _nonfinite_step(loss_sum, dctx):
-                    loss_sum = step_start  # skip this step (counted), keep going
-                    opt.zero_grad(set_to_none=True)
-                    n_skipped += 1
-                    step += 1
-                    continue
-                all_reduce_gradients(params, dctx)
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                miner.after_step(ctx, step)
-                step += 1
-            if sched is not None:
-                sched.step()
-            loss_sum = all_reduce_sum(loss_sum, dctx) / dctx.world_size
-            train_loss = float(loss_sum) / max(len(steps), 1)
-            _check_finite("training loss", train_loss, epoch)
-            epoch_seconds.append(time.perf_counter() - t0)
-            row: dict[str, float] = {
-                "round": round_idx,
-                "epoch": epoch,
-                "train_loss": train_loss,
-                **miner.epoch_stats(),
-            }
-            if cfg.nonfinite == "skip":
-                row["nonfinite_steps"] = n_skipped
-            if val_bags:
-                val_probs, val_loss, _ = predict(
-                    head,
-                    val_bags,
-                    device,
-                    amp=dtype,
-                    dist_ctx=dctx,
-                    prefetch=cfg.prefetch,
-                    task=task,
-                )
-                _check_finite("validation loss", val_loss, epoch)
-                score = task.monitor_score(cfg.monitor, val_loss, val_probs, val_bags)
-                row["val_loss"] = val_loss
-                row.update(task.val_row(val_bags, val_probs))
-            else:
-                score = (float(epoch), 0.0)
-            if score > best["score"]:
-                best = {
-                    "score": score,
-                    "epoch": epoch,
-                    "state": _cpu_state(head),
-                    "bad": 0,
-                }
-            else:
-                best["bad"] += 1
-            history.append(row)
-            if on_epoch_end is not None:
-                on_epoch_end(row)
-            stop = (
-                bool(val_bags)
-                and best["bad"] >= cfg.patience
-                and epoch + 1 >= cfg.min_epochs
-            )
-            last_epoch = stop or epoch + 1 == cfg.epochs
-            if (
-                ckpt_path is not None
-                and dctx.is_main
-                and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch)
-            ):
-                save_checkpoint(
-                    {
-                        "round": round_idx,
-                        "epoch": epoch,
-                        "stopped": stop,
-                        "head": head.state_dict(),
-                        "miner": miner.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict() if sched is not None else None,
-                        "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device)
-                        if device.type == "cuda"
-                        else None,
-                        "history": history,
-                        "best_score": list(best["score"]),
-                        "best_epoch": best["epoch"],
-                        "best_state": best["state"],
-                        "bad_epochs": best["bad"],
-                        "overall_best": overall,
-                        "added_bags": [
-                            _bag_to_dict(b)
-                            for b in train_bags
-                            if b.origin == "generated"
-                        ],
-                    },
-                    ckpt_path,
-                )
-            if stop:
-                break
-        start_epoch = 0
-        overall = _keep_better(overall, best, round_idx, has_val=bool(val_bags))
-        round_idx += 1
-        if round_idx < cfg.rounds:
-            head.load_state_dict(best["state"])
-            # The round's best validation score, for miners that accept its results
-            # only when it improves (HNM's pseudo-labels); monitor None: no val bags.
-            ctx.state["best_score"] = tuple(best["score"])
-            ctx.state["monitor"] = cfg.monitor if val_bags else None
-            new_bags = miner.on_round_end(ctx, train_bags)
-            for b in new_bags:
-                b.origin = "generated"
-            train_bags.extend(new_bags)
-            best = {
-                "score": (-math.inf, -math.inf),
-                "epoch": -1,
-                "state": None,
-                "bad": 0,
-            }
+            step_loss += _backward(tools.scaler, loss, scale)
+    return step_loss
+
+
+def _optimizer_step(run: _Run, tools: _Round) -> None:
+    """Average the gradients over the processes, clip, step (scaled under fp16)."""
+    all_reduce_gradients(tools.params, run.dctx)
+    if run.cfg.grad_clip:
+        tools.scaler.unscale_(tools.opt)
+        torch.nn.utils.clip_grad_norm_(tools.params, run.cfg.grad_clip)
+    tools.scaler.step(tools.opt)
+    tools.scaler.update()
+
+
+def _validate(run: _Run, epoch: int, row: dict[str, float]) -> tuple[float, ...]:
+    """Validation loss and metrics into ``row``; the monitored score."""
+    if not run.val_bags:
+        return (float(epoch), 0.0)
+    val_probs, val_loss, _ = predict(
+        run.head,
+        run.val_bags,
+        run.device,
+        amp=run.dtype,
+        dist_ctx=run.dctx,
+        prefetch=run.cfg.prefetch,
+        task=run.task,
+    )
+    _check_finite("validation loss", val_loss, epoch)
+    row["val_loss"] = val_loss
+    row.update(run.task.val_row(run.val_bags, val_probs))
+    return run.task.monitor_score(run.cfg.monitor, val_loss, val_probs, run.val_bags)
+
+
+def _save(run: _Run, tools: _Round, state: TrainingState) -> None:
+    """``last.pt``: the training state, modules, optimiser, schedule and RNGs."""
+    if run.ckpt_path is None or not run.dctx.is_main:
+        return
+    device = run.device
+    save_checkpoint(
+        {
+            **state.to_dict(),
+            "head": run.head.state_dict(),
+            "miner": run.miner.state_dict(),
+            "optimizer": tools.opt.state_dict(),
+            "scheduler": tools.sched.state_dict() if tools.sched is not None else None,
+            "generator": run.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device)
+            if device.type == "cuda"
+            else None,
+        },
+        run.ckpt_path,
+    )
+
+
+def _end_round(run: _Run, tools: _Round, state: TrainingState) -> None:
+    """Keep the round's best if it beats the rounds before; the miner's round end."""
+    state.overall.keep_better(state.best, state.round, has_val=bool(run.val_bags))
+    if state.round + 1 < run.cfg.rounds:
+        ctx = tools.ctx
+        run.head.load_state_dict(state.best.state)
+        # The round's best validation score, for miners that accept its results
+        # only when it improves (HNM's pseudo-labels); monitor None: no val bags.
+        ctx.round_best_score = tuple(state.best.score)
+        ctx.monitor = run.cfg.monitor if run.val_bags else None
+        new_bags = run.miner.on_round_end(ctx, run.train_bags)
+        for b in new_bags:
+            b.origin = "generated"
+        run.train_bags.extend(new_bags)
+        state.added_bags.extend(new_bags)
+    state.next_round()
+
+
+def _result(run: _Run, state: TrainingState) -> FitResult:
+    seconds = run.epoch_seconds
     return FitResult(
-        best_state=overall["state"],
-        best_epoch=overall["epoch"],
-        history=history,
-        train_bags=train_bags,
-        seconds_per_epoch=float(np.median(epoch_seconds))
-        if epoch_seconds
-        else math.nan,
-        autocast_dtype=dtype,
-        best_round=overall["round"],
+        best_state=state.overall.state,
+        best_epoch=state.overall.epoch,
+        history=state.history,
+        train_bags=run.train_bags,
+        seconds_per_epoch=float(np.median(seconds)) if seconds else math.nan,
+        autocast_dtype=run.dtype,
+        best_round=state.overall.round,
     )
 
 
@@ -523,27 +623,6 @@ def _check_finite(what: str, value: float, epoch: int) -> None:
             "train.nonfinite: skip to skip such steps)."
         )
         raise TrainingDivergedError(msg)
-
-
-def _keep_better(
-    overall: dict[str, Any], best: dict[str, Any], round_idx: int, *, has_val: bool
-) -> dict[str, Any]:
-    """The better of the rounds so far and this round's best (validation score).
-
-    Without validation bags the latest round wins; on a tie the earlier round stays.
-    """
-    if (
-        overall["score"] is None
-        or not has_val
-        or best["score"] > tuple(overall["score"])
-    ):
-        return {
-            "score": list(best["score"]),
-            "epoch": best["epoch"],
-            "state": best["state"],
-            "round": round_idx,
-        }
-    return overall
 
 
 def _batch_loss(
@@ -627,27 +706,123 @@ def _backward(
     return loss.detach().float()
 
 
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+class _LoopSubTraining(SubTraining):
+    """:class:`~tiahnm.miners.base.SubTraining` under a run's runtime.
+
+    Inner fits are :func:`fit` calls on the run's device, precision settings and
+    processes, checkpointed in ``<checkpoint dir>/sub/r<round>_<key>/`` (a resumed
+    run repeats a miner's round end and its inner fits resume there); inner steps
+    use the run's autocast dtype, an fp16 gradient scaler, and average their
+    gradients over the processes.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        cfg: TrainConfig | None = None,
+        dtype: torch.dtype | None = None,
+        dist_ctx: DistContext = SINGLE,
+        checkpoint_dir: Path | None = None,
+        round_idx: int = 0,
+    ) -> None:
+        self.device, self.cfg, self.dtype = device, cfg, dtype
+        self.dist_ctx, self.round = dist_ctx, round_idx
+        self.checkpoint_dir = checkpoint_dir
+        self._scalers: dict[int, torch.amp.GradScaler] = {}
+
+    def fit(
+        self,
+        head: MILHead,
+        train_bags: Sequence[Bag],
+        val_bags: Sequence[Bag] = (),
+        *,
+        key: str,
+        seed: int,
+        epochs: int,
+        lr: float,
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
+        patience: int | None = None,
+    ) -> SubFitResult:
+        """See :meth:`tiahnm.miners.base.SubTraining.fit`."""
+        from tiahnm.config import TrainConfig
+
+        runtime = {k: getattr(self.cfg, k) for k in _RUNTIME_KEYS} if self.cfg else {}
+        cfg = TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            patience=epochs if patience is None else patience,
+            progress=False,
+            **runtime,
+        )
+        folder = None
+        if self.checkpoint_dir is not None:
+            folder = self.checkpoint_dir / "sub" / f"r{self.round}_{key}"
+        devices = []
+        if self.device.type == "cuda":
+            index = self.device.index
+            devices = [torch.cuda.current_device() if index is None else index]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            res = fit(
+                head,
+                train_bags,
+                val_bags,
+                cfg,
+                device=self.device,
+                seed=seed,
+                checkpoint_dir=folder,
+                dist_ctx=self.dist_ctx,
+            )
+        return SubFitResult(res.best_state, res.best_epoch, res.history)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The run's autocast (a no-op in full precision)."""
+        return autocast(self.device, self.dtype)
+
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Sequence[torch.nn.Parameter],
+        loss: torch.Tensor,
+    ) -> float:
+        """Backward (scaled under fp16), gradients averaged over processes, step."""
+        scaler = self._scalers.setdefault(
+            id(optimizer),
+            torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        all_reduce_gradients(list(params), self.dist_ctx)
+        scaler.step(optimizer)
+        scaler.update()
+        return float(loss.detach())
 
 
-def _bag_to_dict(bag: Bag) -> dict[str, Any]:
-    return {
-        "slide_id": bag.slide_id,
-        "label": bag.label,
-        "features": bag.features.cpu(),
-    }
+#: Settings an inner fit takes from the outer run (how it runs, not what it learns).
+_RUNTIME_KEYS = (
+    "amp",
+    "cpu_precision",
+    "nonfinite",
+    "prefetch",
+    "loader_workers",
+    "pin_memory",
+    "checkpoint_every",
+)
 
 
-def _bag_from_dict(item: dict[str, Any]) -> Bag:
-    from tiahnm.data.bag import Bag
+def sub_training(
+    device: torch.device, cfg: TrainConfig | None = None, **kwargs: Any
+) -> SubTraining:
+    """The :class:`~tiahnm.miners.base.SubTraining` :func:`fit` gives its miner.
 
-    return Bag(
-        slide_id=str(item["slide_id"]),
-        label=int(item["label"]),
-        features=item["features"],
-        origin="generated",
-    )
+    For a :class:`~tiahnm.miners.base.FitContext` built outside the loop (tests,
+    notebooks). ``kwargs``: ``dtype``, ``dist_ctx``, ``checkpoint_dir``, ``round_idx``.
+    """
+    return _LoopSubTraining(device, cfg=cfg, **kwargs)
 
 
 __all__ = [
@@ -658,4 +833,5 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "predict",
+    "sub_training",
 ]
