@@ -570,7 +570,8 @@ def reference_markdown() -> str:
         "",
         "Every key is optional. Unknown keys and wrong types are errors naming the key.",
         "`*.options` mappings are passed to the plugin named beside them and checked",
-        "against its signature. Override any key with `--set key.sub=value`.",
+        "against its declared options (see [Component options](#component-options))",
+        "or else its signature. Override any key with `--set key.sub=value`.",
         "`callbacks` feed the run's events to loggers (csv_log, tensorboard, mlflow; see",
         "[plugins.md](plugins.md#callbacks-loggers)); `sweep` is read by `tiahnm sweep`",
         "only (see [cli.md](cli.md#tiahnm-sweep)).",
@@ -585,7 +586,26 @@ def reference_markdown() -> str:
             shown = "`" + dumped.strip().removesuffix("...").strip() + "`"
         escaped = tp.replace("|", r"\|")
         lines.append(f"| `{key}` | {escaped} | {shown} | {doc} |")
-    return "\n".join([*lines, *_CPU_PRECISION_NOTE]) + "\n"
+    return "\n".join([*lines, *_CPU_PRECISION_NOTE, *_component_options()]) + "\n"
+
+
+def _component_options() -> list[str]:
+    """The section documenting the built-in components' declared options."""
+    from tiahnm.plugins import options_markdown
+
+    return [
+        "",
+        "## Component options",
+        "",
+        "Built-in components that declare their options as a typed dataclass",
+        "(`tiahnm/utils/options.py`): each option's type and bounds, default and",
+        "meaning, generated from that class, which also gives the defaults and checks",
+        "the values (an error names the full key, e.g. `miner.options.mask_ratio_h`,",
+        "exit code 2). The other components' options are their factory's keyword",
+        "parameters (unknown and missing names are checked against the signature).",
+        "",
+        *options_markdown()[:-1],
+    ]
 
 
 _CPU_PRECISION_NOTE = [

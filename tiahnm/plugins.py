@@ -25,7 +25,7 @@ import pluggy
 
 from tiahnm import hookspecs
 from tiahnm.errors import ConfigError, PluginError
-from tiahnm.utils.options import OptionSpec, check_values, spec_of
+from tiahnm.utils.options import OptionSpec, check_values, markdown_table, spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +346,45 @@ class PluginManager:
                     }
                 )
         return rows
+
+
+def options_markdown(manager: PluginManager | None = None) -> list[str]:
+    """Markdown sections documenting every declared options class, kind by kind.
+
+    Args:
+        manager (PluginManager | None): Whose components (default: the built-ins
+            alone, so that the generated docs do not depend on what is installed).
+
+    Returns:
+        list[str]: Lines: one ``###`` section and table per component.
+    """
+    manager = manager or PluginManager(autoload=False)
+    lines: list[str] = []
+    for kind in KINDS:
+        for name in manager.get(kind):
+            entry = manager.get(kind)[name]
+            if entry.options is None:
+                continue
+            lines += [
+                f"### {kind} `{name}` (`{kind_key(kind)}`)",
+                "",
+                f"{entry.description}. Declared by `{entry.options.__qualname__}` "
+                f"in `{entry.options.__module__}`.",
+                "",
+                *markdown_table(entry.spec()),
+                "",
+            ]
+    return lines
+
+
+def kind_key(kind: str) -> str:
+    """Config key of a kind's options (``miner.options``, ``losses[i].options`` ...)."""
+    return {
+        "bag_source": "data.options",
+        "loss": "losses[i].options",
+        "callback": "callbacks[i].options",
+        "encoder": "extract.encoder_options",
+    }.get(kind, f"{kind}.options")
 
 
 def _make_register(

@@ -322,3 +322,28 @@ def test_registry_validation_rejects_bad_miner_values_without_building():
     ):
         entry.check({"preset": "c17"}, key=KEY)
     entry.check({"teacher_init": "runs/{fold_name}/best.pt"}, key=KEY)  # no file check
+
+
+def test_documented_defaults_are_the_declared_ones():
+    """docs/configuration.md (generated) shows each built-in class's defaults."""
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    for name, cls in (
+        ("mhim", MHIMOptions),
+        ("hnm", HNMOptions),
+        ("li2019", Li2019Options),
+    ):
+        section = doc.split(f"### miner `{name}`")[1].split("###")[0]
+        rows = {
+            line.split("|")[1].strip().strip("`"): line.split("|")[3].strip().strip("`")
+            for line in section.splitlines()
+            if line.startswith("| `")
+        }
+        shown = {
+            k: "null"
+            if v is None
+            else str(v).lower()
+            if isinstance(v, bool)
+            else str(v)
+            for k, v in defaults(cls).items()
+        }
+        assert rows == shown, name

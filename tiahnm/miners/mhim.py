@@ -241,7 +241,7 @@ class MHIMOptions(Options):
     teacher_init: str | Path | None = option(
         None,
         check=_is_path,
-        expect="a file path",
+        expect="a file path or null",
         help="Checkpoint to initialise the teacher from: a best.pt of a baseline run "
         "(state_dict entry), a last.pt or a raw head state dict; default: a copy of "
         "the student.",

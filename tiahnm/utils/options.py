@@ -293,7 +293,8 @@ class OptionField:
         if self.expect is not None:
             return self.expect
         if self.choices is not None:
-            return "one of " + ", ".join(str(c) for c in self.choices)
+            words = "one of " + ", ".join(str(c) for c in self.choices)
+            return words + (" or null" if _admits_none(self.type) else "")
         return _describe(self.type, self)
 
     def validate(self, value: Any, key: str) -> Any:
@@ -338,6 +339,10 @@ class OptionField:
         return ConfigError(f"{key}: expected {self.describe()}, got {value!r}.")
 
 
+def _admits_none(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
 _WORDS = {
     bool: "true or false",
     int: "an integer",
@@ -352,7 +357,10 @@ _WORDS = {
 def _describe(tp: Any, f: OptionField | None = None) -> str:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a, f) for a in get_args(tp))
+        args = get_args(tp)
+        if Path in args:  # a string is read as a path
+            args = tuple(a for a in args if a is not str)
+        return " or ".join(_describe(a, f) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (list, tuple, Sequence, typing.Sequence):
@@ -575,8 +583,8 @@ def markdown_table(spec: OptionSpec) -> list[str]:
     for f in spec.fields:
         default = "(required)" if f.required else f"`{_shown(f.default)}`"
         kind = f.describe() if f.checked else "any"
-        kind = kind.replace("|", r"\|")
-        lines.append(f"| `{f.name}` | {kind} | {default} | {f.help} |")
+        cells = [f"`{f.name}`", kind, default, f.help]
+        lines.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
     return lines
 
 
