@@ -117,7 +117,8 @@ DECLARED = [n for n in HEAD_NAMES if get_registry("head")[n].options is not None
 
 
 def test_builtin_heads_declare_options():
-    assert {"abmil", "abmil_gated", "clam_sb", "clam_mb"} <= set(DECLARED)
+    builtin = {"abmil", "abmil_gated", "clam_sb", "clam_mb", "dsmil", "dtfd"}
+    assert builtin | {"transmil", "mean_pool", "max_pool"} <= set(DECLARED)
 
 
 @pytest.mark.parametrize("name", DECLARED)
