@@ -25,7 +25,13 @@ import pluggy
 
 from tiahnm import hookspecs
 from tiahnm.errors import ConfigError, PluginError
-from tiahnm.utils.options import OptionSpec, check_values, markdown_table, spec_of
+from tiahnm.utils.options import (
+    OptionSpec,
+    check_values,
+    markdown_table,
+    signature_spec,
+    spec_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ class PluginEntry:
         """The options this component takes (declared class, else the signature)."""
         if self.options is not None:
             return spec_of(self.options)
-        return spec_of(self.factory, n_args=n_args)
+        return signature_spec(self.factory, n_args=n_args)
 
     def check(
         self,
@@ -179,14 +185,14 @@ def check_options(
     n_args: int = 0,
 ) -> None:
     """Raise :class:`ConfigError` naming any option ``factory`` does not accept."""
-    spec_of(factory, n_args=n_args).check_names(options, key=key)
+    signature_spec(factory, n_args=n_args).check_names(options, key=key)
 
 
 def missing_options(
     factory: Callable[..., Any], options: Mapping[str, Any], *, n_args: int = 0
 ) -> list[str]:
     """Required keyword parameters of ``factory`` (after ``n_args``) not in ``options``."""
-    return spec_of(factory, n_args=n_args).missing(options)
+    return signature_spec(factory, n_args=n_args).missing(options)
 
 
 def check_required(
@@ -198,7 +204,7 @@ def check_required(
     n_args: int = 0,
 ) -> None:
     """Raise :class:`PluginError` naming the required options missing from ``key``."""
-    spec_of(factory, n_args=n_args).check_required(options, key=key, what=what)
+    signature_spec(factory, n_args=n_args).check_required(options, key=key, what=what)
 
 
 class PluginManager:
@@ -418,7 +424,9 @@ def _make_register(
         if not callable(factory):
             msg = f"Plugin {plugin_name!r}: factory for {registry.kind} {name!r} is not callable."
             raise PluginError(msg)
-        if options is not None and not dataclasses.is_dataclass(options):
+        if options is not None and not (
+            isinstance(options, type) and dataclasses.is_dataclass(options)
+        ):
             msg = (
                 f"Plugin {plugin_name!r}: options of {registry.kind} {name!r} must be "
                 f"a dataclass, got {options!r}."
@@ -432,7 +440,7 @@ def _make_register(
             package=package,
             version=version,
             description=description,
-            options=options if isinstance(options, type) else None,
+            options=options,
         )
 
     return register

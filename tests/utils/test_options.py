@@ -24,6 +24,7 @@ from tiahnm.utils.options import (
     markdown_table,
     option,
     parse,
+    signature_spec,
     spec_of,
 )
 
@@ -194,7 +195,7 @@ def open_factory(*, x: int = 1, **rest: Any) -> dict[str, Any]:
 
 
 def test_signature_becomes_an_untyped_spec():
-    spec = spec_of(plain_factory, n_args=1)
+    spec = signature_spec(plain_factory, n_args=1)
     assert isinstance(spec, OptionSpec) and spec.cls is None and not spec.open
     assert spec.names == ["b", "c"]
     assert spec.missing({"b": 1}) == ["c"]
@@ -207,8 +208,8 @@ def test_signature_becomes_an_untyped_spec():
         ConfigError, match=r"Unknown option k\.d\. Accepted options: b, c\."
     ):
         spec.validate({"d": 1}, key="k")
-    assert spec_of(open_factory).open
-    assert spec_of(open_factory).validate({"y": 2}, key="k") == {"y": 2}
+    assert signature_spec(open_factory).open
+    assert signature_spec(open_factory).validate({"y": 2}, key="k") == {"y": 2}
 
 
 @dataclass(frozen=True)
@@ -364,3 +365,18 @@ def test_declared_defaults_parse_and_are_documented(kind, name):
         for k, v in given.items()
     }
     assert rows == shown
+
+
+@dataclass
+class DataclassFactory:
+    """A dataclass registered as a factory, without options=: its signature counts."""
+
+    n: int = 1
+
+
+def test_a_dataclass_factory_is_not_mistaken_for_an_options_class():
+    spec = signature_spec(DataclassFactory)
+    assert spec.cls is None and spec.names == ["n"]
+    assert spec.validate({"n": "not checked"}, key="k") == {"n": "not checked"}
+    with pytest.raises(TypeError, match="not an options dataclass"):
+        spec_of(plain_factory)

@@ -18,7 +18,7 @@ same class gives the defaults (:func:`defaults`) and the documentation
 (:func:`markdown_table`).
 
 A factory registered without an options class is described by its signature
-(:func:`spec_of`): the same :class:`OptionSpec`, with untyped fields (the factory keeps
+(:func:`signature_spec`): the same :class:`OptionSpec`, with untyped fields (the factory keeps
 checking its own values), so unknown and missing options go through one code path. A
 ``**kwargs`` factory without a class accepts any key.
 
@@ -27,7 +27,9 @@ This module is a low layer: it imports nothing of tiahnm but the errors.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -61,6 +63,7 @@ __all__ = [
     "markdown_table",
     "option",
     "parse",
+    "signature_spec",
     "spec_of",
     "type_name",
 ]
@@ -499,22 +502,41 @@ def _fields_of_signature(
     return fields, has_kwargs
 
 
-def spec_of(source: type | Callable[..., Any], *, n_args: int = 0) -> OptionSpec:
-    """The :class:`OptionSpec` of an options dataclass or of a factory's signature.
+@functools.cache
+def spec_of(cls: type) -> OptionSpec:
+    """The :class:`OptionSpec` of an options dataclass declared with :func:`option`.
 
     Args:
-        source (type | Callable): A dataclass declared with :func:`option` fields, or a
-            factory (its keyword parameters after the first ``n_args`` positional
-            ones become untyped options; ``**kwargs`` makes the spec open).
+        cls (type): The options dataclass.
+
+    Returns:
+        OptionSpec: Its options, typed and checked.
+
+    Raises:
+        TypeError: ``cls`` is not a dataclass.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        msg = f"{cls!r} is not an options dataclass."
+        raise TypeError(msg)
+    return OptionSpec(_fields_of_class(cls), cls=cls)
+
+
+def signature_spec(factory: Callable[..., Any], *, n_args: int = 0) -> OptionSpec:
+    """The :class:`OptionSpec` of a factory without a declared options class.
+
+    Its keyword parameters after the first ``n_args`` positional ones become untyped
+    options (the factory checks its own values); ``**kwargs`` makes the spec open. A
+    dataclass used as a factory is described by its signature too.
+
+    Args:
+        factory (Callable): The registered factory.
         n_args (int): Positional arguments the caller passes (``in_dim``, ``n_classes``
             for heads), not options.
 
     Returns:
         OptionSpec: The options.
     """
-    if isinstance(source, type) and dataclasses.is_dataclass(source):
-        return OptionSpec(_fields_of_class(source), cls=source)
-    fields, has_kwargs = _fields_of_signature(source, n_args)
+    fields, has_kwargs = _fields_of_signature(factory, n_args)
     return OptionSpec(fields, open=has_kwargs)
 
 
@@ -573,8 +595,8 @@ def _prepared(cls: type, options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def defaults(cls: type) -> dict[str, Any]:
-    """The documented defaults of the options dataclass ``cls``."""
-    return spec_of(cls).defaults()
+    """The documented defaults of the options dataclass ``cls`` (a fresh copy)."""
+    return copy.deepcopy(spec_of(cls).defaults())
 
 
 def markdown_table(spec: OptionSpec) -> list[str]:
