@@ -8,7 +8,8 @@ hooks through the ``tiahnm`` entry-point group::
     [project.entry-points.tiahnm]
     my_miner = "my_package.plugin"
 
-``register(name, factory, *, description="", options=None)`` adds ``factory`` under ``name``:
+``register(name, factory, *, description="", options=None)`` adds ``factory`` under
+``name``:
 
 * heads: ``factory(in_dim: int, n_classes: int, **options) -> tiahnm.heads.MILHead``
 * miners: ``factory(**options) -> tiahnm.miners.Miner``
