@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
 from tiahnm.errors import ConfigError
+from tiahnm.utils.options import coerce, type_name
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -343,83 +343,9 @@ def _resolve(cls: type, name: str) -> Any:
     return _hints(cls)[name]
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp``; return it converted where lossless."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise _type_error(key, value, tp)
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _type_error(key, value, tp)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value in allowed:
-            return value
-        if isinstance(value, (int, float)) and str(value) in allowed:
-            return str(value)
-        msg = f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}."
-        raise ConfigError(msg)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _type_error(key, value, tp)
-        (item,) = get_args(tp) or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(key, value, tp)
-        return {str(k): v for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, value, tp)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(key, value, tp)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-4 as a string
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(key, value, tp)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(key, value, tp)
-    raise _type_error(key, value, tp)  # pragma: no cover
-
-
-def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
-    return ConfigError(
-        f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}."
-    )
+    return coerce(value, tp, key, nested=_build, numeric_strings=True)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -597,7 +523,7 @@ def iter_schema(
             rows.append((key, "mapping", None, f.metadata.get("doc", "")))
             rows.extend(iter_schema(tp, key + "."))
         else:
-            rows.append((key, _type_name(tp), value, f.metadata.get("doc", "")))
+            rows.append((key, type_name(tp), value, f.metadata.get("doc", "")))
     return rows
 
 
@@ -628,7 +554,7 @@ def _template_lines(cls: type, indent: int) -> list[str]:
             out.append(f"{pad}{f.name}:")
             out.extend(_template_lines(tp, indent + 1))
             continue
-        out.append(f"{pad}# {doc} ({_type_name(tp)})")
+        out.append(f"{pad}# {doc} ({type_name(tp)})")
         dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=10_000)
         out.append(pad + dumped.strip()[1:-1])
     return out
@@ -644,7 +570,8 @@ def reference_markdown() -> str:
         "",
         "Every key is optional. Unknown keys and wrong types are errors naming the key.",
         "`*.options` mappings are passed to the plugin named beside them and checked",
-        "against its signature. Override any key with `--set key.sub=value`.",
+        "against its declared options (see [Component options](#component-options))",
+        "or else its signature. Override any key with `--set key.sub=value`.",
         "`callbacks` feed the run's events to loggers (csv_log, tensorboard, mlflow; see",
         "[plugins.md](plugins.md#callbacks-loggers)); `sweep` is read by `tiahnm sweep`",
         "only (see [cli.md](cli.md#tiahnm-sweep)).",
@@ -659,7 +586,26 @@ def reference_markdown() -> str:
             shown = "`" + dumped.strip().removesuffix("...").strip() + "`"
         escaped = tp.replace("|", r"\|")
         lines.append(f"| `{key}` | {escaped} | {shown} | {doc} |")
-    return "\n".join([*lines, *_CPU_PRECISION_NOTE]) + "\n"
+    return "\n".join([*lines, *_CPU_PRECISION_NOTE, *_component_options()]) + "\n"
+
+
+def _component_options() -> list[str]:
+    """The section documenting the built-in components' declared options."""
+    from tiahnm.plugins import options_markdown
+
+    return [
+        "",
+        "## Component options",
+        "",
+        "Built-in components that declare their options as a typed dataclass",
+        "(`tiahnm/utils/options.py`): each option's type and bounds, default and",
+        "meaning, generated from that class, which also gives the defaults and checks",
+        "the values (an error names the full key, e.g. `miner.options.mask_ratio_h`,",
+        "exit code 2). The other components' options are their factory's keyword",
+        "parameters (unknown and missing names are checked against the signature).",
+        "",
+        *options_markdown()[:-1],
+    ]
 
 
 _CPU_PRECISION_NOTE = [

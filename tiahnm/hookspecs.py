@@ -8,7 +8,8 @@ hooks through the ``tiahnm`` entry-point group::
     [project.entry-points.tiahnm]
     my_miner = "my_package.plugin"
 
-``register(name, factory, *, description="")`` adds ``factory`` under ``name``:
+``register(name, factory, *, description="", options=None)`` adds ``factory`` under
+``name``:
 
 * heads: ``factory(in_dim: int, n_classes: int, **options) -> tiahnm.heads.MILHead``
 * miners: ``factory(**options) -> tiahnm.miners.Miner``
@@ -18,7 +19,10 @@ hooks through the ``tiahnm`` entry-point group::
 * callbacks: ``factory(**options) -> tiahnm.callbacks.Callback``
 * tasks: ``factory(**options) -> tiahnm.tasks.Task``
 
-Unknown option names in a config are reported against the factory's signature.
+``register(..., options=OptionsClass)`` declares the component's options as a typed
+dataclass (:mod:`tiahnm.utils.options`): they are then validated (types, bounds,
+choices), documented and defaulted from that class. Without it the factory's signature
+describes the options: unknown and missing option names are reported against it.
 """
 
 from __future__ import annotations
@@ -39,9 +43,14 @@ class Register(Protocol):
     """The callback handed to every ``tiahnm_register_*`` hook."""
 
     def __call__(
-        self, name: str, factory: Callable[..., Any], *, description: str = ""
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        *,
+        description: str = "",
+        options: type | None = None,
     ) -> None:
-        """Register ``factory`` under ``name``."""
+        """Register ``factory`` under ``name`` (``options``: its options dataclass)."""
 
 
 @hookspec

@@ -12,9 +12,9 @@ Environment switches:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata as md
-import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -25,6 +25,13 @@ import pluggy
 
 from tiahnm import hookspecs
 from tiahnm.errors import ConfigError, PluginError
+from tiahnm.utils.options import (
+    OptionSpec,
+    check_values,
+    markdown_table,
+    signature_spec,
+    spec_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ class PluginEntry:
         package (str): Distribution that provides it.
         version (str): Version of that distribution.
         description (str): One line for ``tiahnm plugins``.
+        options (type | None): The declared options dataclass
+            (:mod:`tiahnm.utils.options`); None: the factory's signature describes
+            the options.
     """
 
     name: str
@@ -70,6 +80,41 @@ class PluginEntry:
     package: str
     version: str
     description: str = ""
+    options: type | None = None
+
+    def spec(self, *, n_args: int = 0) -> OptionSpec:
+        """The options this component takes (declared class, else the signature)."""
+        if self.options is not None:
+            return spec_of(self.options)
+        return signature_spec(self.factory, n_args=n_args)
+
+    def check(
+        self,
+        options: Mapping[str, Any],
+        *,
+        key: str,
+        n_args: int = 0,
+        what: str | None = None,
+    ) -> None:
+        """Check ``options`` without building: names, then required, then values.
+
+        Args:
+            options (Mapping): The component's options from the config.
+            key (str): Their config key (``miner.options``).
+            n_args (int): Positional arguments the factory gets besides the options.
+            what (str | None): The component, for a missing-option message; None
+                skips the required-options check.
+
+        Raises:
+            ConfigError: Unknown option or (declared options) a bad value.
+            PluginError: A required option is missing.
+        """
+        spec = self.spec(n_args=n_args)
+        spec.check_names(options, key=key)
+        if what is not None:
+            spec.check_required(options, key=key, what=what)
+        if self.options is not None:
+            check_values(self.options, options, key=key)
 
 
 @dataclass
@@ -128,14 +173,7 @@ class Registry(Mapping[str, PluginEntry]):
         """
         entry = self[name]
         key = key or f"{self.kind}.options"
-        check_options(entry.factory, options, key=key, n_args=len(args))
-        check_required(
-            entry.factory,
-            options,
-            key=key,
-            n_args=len(args),
-            what=f"{self.kind} {name!r}",
-        )
+        entry.check(options, key=key, n_args=len(args), what=f"{self.kind} {name!r}")
         return entry.factory(*args, **options)
 
 
@@ -147,44 +185,14 @@ def check_options(
     n_args: int = 0,
 ) -> None:
     """Raise :class:`ConfigError` naming any option ``factory`` does not accept."""
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without signature
-        return
-    params = list(sig.parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    accepted = [
-        p.name
-        for p in params[n_args:]
-        if p.kind
-        in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    for opt in options:
-        if opt not in accepted:
-            msg = (
-                f"Unknown option {key}.{opt}. Accepted options: "
-                f"{', '.join(accepted) or '(none)'}."
-            )
-            raise ConfigError(msg)
+    signature_spec(factory, n_args=n_args).check_names(options, key=key)
 
 
 def missing_options(
     factory: Callable[..., Any], options: Mapping[str, Any], *, n_args: int = 0
 ) -> list[str]:
     """Required keyword parameters of ``factory`` (after ``n_args``) not in ``options``."""
-    try:
-        params = list(inspect.signature(factory).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover - builtins without signature
-        return []
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [
-        p.name
-        for p in params[n_args:]
-        if p.kind in kinds
-        and p.default is inspect.Parameter.empty
-        and p.name not in options
-    ]
+    return signature_spec(factory, n_args=n_args).missing(options)
 
 
 def check_required(
@@ -196,11 +204,7 @@ def check_required(
     n_args: int = 0,
 ) -> None:
     """Raise :class:`PluginError` naming the required options missing from ``key``."""
-    missing = missing_options(factory, options, n_args=n_args)
-    if missing:
-        shown = ", ".join(f"{key}.{m}" for m in missing)
-        msg = f"{what} needs option(s) {shown} (missing from the config)."
-        raise PluginError(msg)
+    signature_spec(factory, n_args=n_args).check_required(options, key=key, what=what)
 
 
 class PluginManager:
@@ -350,11 +354,54 @@ class PluginManager:
         return rows
 
 
+def options_markdown(manager: PluginManager | None = None) -> list[str]:
+    """Markdown sections documenting every declared options class, kind by kind.
+
+    Args:
+        manager (PluginManager | None): Whose components (default: the built-ins
+            alone, so that the generated docs do not depend on what is installed).
+
+    Returns:
+        list[str]: Lines: one ``###`` section and table per component.
+    """
+    manager = manager or PluginManager(autoload=False)
+    lines: list[str] = []
+    for kind in KINDS:
+        for name in manager.get(kind):
+            entry = manager.get(kind)[name]
+            if entry.options is None:
+                continue
+            lines += [
+                f"### {kind} `{name}` (`{kind_key(kind)}`)",
+                "",
+                f"{entry.description}. Declared by `{entry.options.__qualname__}` "
+                f"in `{entry.options.__module__}`.",
+                "",
+                *markdown_table(entry.spec()),
+                "",
+            ]
+    return lines
+
+
+def kind_key(kind: str) -> str:
+    """Config key of a kind's options (``miner.options``, ``losses[i].options`` ...)."""
+    return {
+        "bag_source": "data.options",
+        "loss": "losses[i].options",
+        "callback": "callbacks[i].options",
+        "encoder": "extract.encoder_options",
+    }.get(kind, f"{kind}.options")
+
+
 def _make_register(
     registry: Registry, plugin_name: str, package: str, version: str
 ) -> Callable[..., None]:
     def register(
-        name: str, factory: Callable[..., Any], *, description: str = ""
+        name: str,
+        factory: Callable[..., Any],
+        *,
+        description: str = "",
+        options: type | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             msg = f"Plugin {plugin_name!r} registered a {registry.kind} with an empty name."
@@ -377,6 +424,14 @@ def _make_register(
         if not callable(factory):
             msg = f"Plugin {plugin_name!r}: factory for {registry.kind} {name!r} is not callable."
             raise PluginError(msg)
+        if options is not None and not (
+            isinstance(options, type) and dataclasses.is_dataclass(options)
+        ):
+            msg = (
+                f"Plugin {plugin_name!r}: options of {registry.kind} {name!r} must be "
+                f"a dataclass, got {options!r}."
+            )
+            raise PluginError(msg)
         registry.entries[name] = PluginEntry(
             name=name,
             kind=registry.kind,
@@ -385,6 +440,7 @@ def _make_register(
             package=package,
             version=version,
             description=description,
+            options=options,
         )
 
     return register

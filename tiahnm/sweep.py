@@ -238,7 +238,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], out: Path) -> Con
 
 def _check_options(config: Config, params: dict[str, Any]) -> None:
     """Component options of the trial against the plugins' factories."""
-    from tiahnm.plugins import check_options, get_registry
+    from tiahnm.plugins import get_registry
 
     items = [
         ("head", config.head.name, config.head.options, "head.options", 2),
@@ -254,9 +254,7 @@ def _check_options(config: Config, params: dict[str, Any]) -> None:
         if not swept:
             continue
         try:
-            check_options(
-                get_registry(kind)[name].factory, options, key=key, n_args=n_args
-            )
+            get_registry(kind)[name].check(options, key=key, n_args=n_args)
         except ConfigError as exc:
             raise ConfigError(f"sweep.params.{swept[0]}: {exc}") from None
 

@@ -1,8 +1,9 @@
 """One validation pass over a whole config before any stage runs.
 
 Every component name (head, miner, losses, bag source, encoder of the extract stage)
-is looked up and every ``*.options`` mapping is checked against the plugin's factory
-(unknown options, required options missing) without building anything, so a typo in
+is looked up and every ``*.options`` mapping is checked against the plugin's options
+(unknown options, required options missing, and the values of declared options, see
+:mod:`tiahnm.utils.options`) without building anything, so a typo in
 ``head.name`` is reported in a second, not after hours of feature extraction. All
 problems are reported together in one error.
 """
@@ -15,12 +16,7 @@ from typing import Any
 
 from tiahnm.config import Config
 from tiahnm.errors import ConfigError, PluginError
-from tiahnm.plugins import (
-    check_options,
-    ensure_options_mapping,
-    get_registry,
-    missing_options,
-)
+from tiahnm.plugins import ensure_options_mapping, get_registry
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +37,9 @@ def _component(
     try:
         opts = ensure_options_mapping(options, key)
         entry = get_registry(kind)[name]
-        check_options(entry.factory, opts, key=key, n_args=n_args)
+        entry.check(opts, key=key, n_args=n_args)  # names, and declared values
         missing = [
-            m
-            for m in missing_options(entry.factory, opts, n_args=n_args)
-            if m not in provided
+            m for m in entry.spec(n_args=n_args).missing(opts) if m not in provided
         ]
     except (ConfigError, PluginError) as exc:
         return exc

@@ -118,6 +118,16 @@ def test_train_end_to_end_and_resume(runner, tmp_path):
         (["--miner", "nope"], 2, "Unknown miner 'nope'"),
         (["--set", "head.options.hidden=3"], 2, "Unknown option head.options.hidden"),
         (["--set", "train.epoch=3"], 2, "Unknown config key 'train.epoch'"),
+        (
+            ["--miner", "mhim", "--set", "miner.options.mask_ratio_h=1.5"],
+            2,
+            "Error: miner.options.mask_ratio_h: expected a number in [0, 1], got 1.5.",
+        ),
+        (
+            ["--head", "clam_sb", "--set", "head.options.inst_loss=hinge"],
+            2,
+            "Error: head.options.inst_loss: expected one of svm, ce, got 'hinge'.",
+        ),
     ],
 )
 def test_train_errors(runner, tmp_path, extra, code, fragment):

@@ -9,7 +9,6 @@ instances.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from tiahnm.heads.base import SCORE_KINDS, MILHead, MILOutput
 from tiahnm.plugins import get_registry
+from tiahnm.utils.options import defaults, parse
 
 IN_DIM = 24
 EMBED_DIM = 32
@@ -48,9 +48,10 @@ HEAD_OPTIONS: dict[str, dict] = {
 def make_head(name: str, n_classes: int = 2, *, seed: int = 0, **options) -> MILHead:
     """Build a registered head with small dimensions (options it does not take are
     left out, so third-party heads get their defaults)."""
-    factory = get_registry("head")[name].factory
+    entry = get_registry("head")[name]
+    factory = entry.factory
     options = {**HEAD_OPTIONS.get(name, {}), **options}
-    accepted = inspect.signature(factory).parameters
+    accepted = entry.spec(n_args=2).names  # declared options, else the signature
     if "embed_dim" in accepted:
         options.setdefault("embed_dim", EMBED_DIM)
     torch.manual_seed(seed)
@@ -109,6 +110,32 @@ def assert_same_output(a: MILOutput, b: MILOutput, *, exact: bool = False) -> No
 
 
 # --------------------------------------------------------------------- contract
+
+
+#: Heads with a declared options class (the others are checked by signature).
+DECLARED = [n for n in HEAD_NAMES if get_registry("head")[n].options is not None]
+
+
+def test_builtin_heads_declare_options():
+    builtin = {"abmil", "abmil_gated", "clam_sb", "clam_mb", "dsmil", "dtfd"}
+    assert builtin | {"transmil", "mean_pool", "max_pool"} <= set(DECLARED)
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_declared_options_defaults_parse_and_build(name):
+    """A head with an options class: its defaults parse and build the same head."""
+    entry = get_registry("head")[name]
+    given = defaults(entry.options)
+    assert parse(entry.options, given, key="head.options") == entry.options()
+    torch.manual_seed(0)
+    explicit = get_registry("head").create(name, IN_DIM, 2, **given)
+    torch.manual_seed(0)
+    implicit = get_registry("head").create(name, IN_DIM, 2)
+    assert explicit.embed_dim == implicit.embed_dim == given["embed_dim"]
+    a, b = explicit.state_dict(), implicit.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_registry_has_builtin_heads():

@@ -17,6 +17,7 @@ from tiahnm.errors import ConfigError
 from tiahnm.heads.base import MILHead
 from tiahnm.losses.base import BatchLoss
 from tiahnm.plugins import get_registry
+from tiahnm.utils.options import defaults, parse
 
 IN_DIM = 12
 LOSS_NAMES = sorted(get_registry("loss"))
@@ -56,6 +57,24 @@ def test_is_a_batch_loss_and_rejects_unknown_options(name):
     assert isinstance(get_registry("loss").create(name), BatchLoss)
     with pytest.raises(ConfigError, match=r"losses\[x\]\.no_such_option"):
         get_registry("loss").create(name, key="losses[x]", no_such_option=1)
+
+
+#: Losses with a declared options class (the others are checked by signature).
+DECLARED = [n for n in LOSS_NAMES if get_registry("loss")[n].options is not None]
+
+
+def test_builtin_losses_declare_options():
+    assert {"mirank", "supcon"} <= set(DECLARED)
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_declared_options_defaults_parse_and_build(name):
+    """A loss with an options class: its defaults parse and give the same loss."""
+    entry = get_registry("loss")[name]
+    given = defaults(entry.options)
+    assert parse(entry.options, given, key="losses[0].options") == entry.options()
+    explicit = get_registry("loss").create(name, **given)
+    assert vars(explicit) == vars(get_registry("loss").create(name))
 
 
 @pytest.mark.parametrize("head_name", HEADS)

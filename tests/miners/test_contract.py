@@ -29,6 +29,7 @@ from tiahnm.heads.end_to_end import EncoderMIL
 from tiahnm.miners.base import Miner
 from tiahnm.plugins import get_registry
 from tiahnm.training.loop import fit
+from tiahnm.utils.options import defaults, parse
 
 MINER_NAMES = sorted(get_registry("miner"))
 SIDE = 8
@@ -152,6 +153,27 @@ def test_builds_with_defaults_and_rejects_unknown_options(name):
     assert isinstance(get_registry("miner").create(name), Miner)
     with pytest.raises(ConfigError, match=r"miner\.options\.no_such_option"):
         get_registry("miner").create(name, key="miner.options", no_such_option=1)
+
+
+#: Miners with a declared options class (the others are checked by signature).
+DECLARED = [n for n in MINER_NAMES if get_registry("miner")[n].options is not None]
+
+
+def test_builtin_mining_miners_declare_options():
+    assert {"mhim", "li2019", "hnm"} <= set(DECLARED)
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_declared_options_defaults_parse_and_build(name):
+    """A miner with an options class: its defaults parse and give the same miner."""
+    entry = get_registry("miner")[name]
+    given = defaults(entry.options)
+    assert parse(entry.options, given, key="miner.options") == entry.options()
+    explicit = get_registry("miner").create(name, **given)
+    implicit = get_registry("miner").create(name)
+    assert {k: getattr(explicit, k) for k in given} == {
+        k: getattr(implicit, k) for k in given
+    }
 
 
 @pytest.mark.parametrize("name", MINER_NAMES)

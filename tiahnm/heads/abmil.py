@@ -7,6 +7,9 @@ pseudo-negative instances while training (see :mod:`tiahnm.heads.adaptive`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +17,8 @@ from torch import nn
 from tiahnm.errors import ConfigError
 from tiahnm.heads.adaptive import AdaptiveWeightingMixin
 from tiahnm.heads.base import MILHead, MILOutput
+from tiahnm.heads.options import KEY, HeadOptions
+from tiahnm.utils.options import option, parse
 
 ATTN_ACTS = ("tanh", "softsign")
 
@@ -51,6 +56,38 @@ class AttentionPool(nn.Module):
         return self.w(a).transpose(-1, -2)
 
 
+@dataclass(frozen=True)
+class GatedABMILOptions(HeadOptions):
+    """Options of :class:`GatedABMIL` (``head.options``)."""
+
+    attn_dim: int = option(
+        128, low=1, help="Hidden width of the attention MLP (128 in the paper)."
+    )
+    attn_act: str = option(
+        "tanh",
+        choices=ATTN_ACTS,
+        help="tanh (Ilse et al.) or softsign (Li et al. eq. 1).",
+    )
+    adaptive_lambda: float | None = option(
+        None,
+        low=0,
+        open_low=True,
+        help="lambda of Li et al. eq. 2 (2 in the paper); null turns adaptive "
+        "weighting off.",
+    )
+    adaptive_renormalise: bool = option(
+        default=False,
+        help="Renormalise the eq. 2 weights to sum to 1 (not in the paper).",
+    )
+
+
+@dataclass(frozen=True)
+class ABMILOptions(GatedABMILOptions):
+    """Options of :class:`ABMIL` (``head.options``)."""
+
+    gated: bool = option(default=False, help="Gated attention.")
+
+
 class ABMIL(AdaptiveWeightingMixin, MILHead):
     """AB-MIL: attention-weighted mean of projected instances, then a linear classifier.
 
@@ -62,41 +99,28 @@ class ABMIL(AdaptiveWeightingMixin, MILHead):
     Args:
         in_dim (int): Instance feature width ``D``.
         n_classes (int): Number of classes ``C``.
-        embed_dim (int): Projection width ``E``.
-        attn_dim (int): Hidden width of the attention MLP (128 in the paper).
-        gated (bool): Gated attention.
-        dropout (float): Dropout after the projection.
-        act (str): ``relu`` or ``gelu``.
-        attn_act (str): ``tanh`` (Ilse et al.) or ``softsign`` (Li et al. eq. 1).
-        adaptive_lambda (float | None): lambda of Li et al. eq. 2 (2 in the paper);
-            None turns adaptive weighting off.
-        adaptive_renormalise (bool): Renormalise the eq. 2 weights to sum to 1 (not
-            in the paper).
+        **options: The options of :class:`ABMILOptions`.
     """
 
     supported_scores = ("attention", "class_aware", "instance_prob", "instance_logit")
     default_eval_score = "instance_prob"
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        attn_dim: int = 128,
-        gated: bool = False,
-        dropout: float = 0.25,
-        act: str = "relu",
-        attn_act: str = "tanh",
-        adaptive_lambda: float | None = None,
-        adaptive_renormalise: bool = False,
-    ) -> None:
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        opts = parse(ABMILOptions, options, key=KEY)
         super().__init__(
-            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+            in_dim,
+            n_classes,
+            embed_dim=opts.embed_dim,
+            dropout=opts.dropout,
+            act=opts.act,
         )
-        self._init_adaptive(adaptive_lambda, adaptive_renormalise=adaptive_renormalise)
-        self.attention = AttentionPool(embed_dim, attn_dim, gated=gated, act=attn_act)
-        self.classifier = nn.Linear(embed_dim, n_classes)
+        self._init_adaptive(
+            opts.adaptive_lambda, adaptive_renormalise=opts.adaptive_renormalise
+        )
+        self.attention = AttentionPool(
+            opts.embed_dim, opts.attn_dim, gated=opts.gated, act=opts.attn_act
+        )
+        self.classifier = nn.Linear(opts.embed_dim, n_classes)
 
     def attention_weights(self, h: torch.Tensor) -> torch.Tensor:
         """Softmax attention ``[1, N]`` over the projected instances."""
@@ -136,30 +160,11 @@ class ABMIL(AdaptiveWeightingMixin, MILHead):
 
 
 class GatedABMIL(ABMIL):
-    """AB-MIL with gated attention (the same head with ``gated=True``)."""
+    """AB-MIL with gated attention (the same head with ``gated=True``).
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        attn_dim: int = 128,
-        dropout: float = 0.25,
-        act: str = "relu",
-        attn_act: str = "tanh",
-        adaptive_lambda: float | None = None,
-        adaptive_renormalise: bool = False,
-    ) -> None:
-        super().__init__(
-            in_dim,
-            n_classes,
-            embed_dim=embed_dim,
-            attn_dim=attn_dim,
-            gated=True,
-            dropout=dropout,
-            act=act,
-            attn_act=attn_act,
-            adaptive_lambda=adaptive_lambda,
-            adaptive_renormalise=adaptive_renormalise,
-        )
+    Takes the options of :class:`GatedABMILOptions` (those of AB-MIL but ``gated``).
+    """
+
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        parse(GatedABMILOptions, options, key=KEY)  # refuses ``gated``
+        super().__init__(in_dim, n_classes, gated=True, **options)

@@ -7,12 +7,16 @@ least attended instances, with one binary instance classifier per class.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tiahnm.errors import ConfigError
 from tiahnm.heads.base import MILHead, MILOutput
+from tiahnm.heads.options import KEY, HeadOptions
+from tiahnm.utils.options import option, parse
 
 INST_LOSSES = ("svm", "ce")
 
@@ -70,6 +74,32 @@ class GatedAttention(nn.Module):
         return self.w(a * b).T
 
 
+@dataclass(frozen=True)
+class CLAMOptions(HeadOptions):
+    """Options of :class:`CLAMSB` and :class:`CLAMMB` (``head.options``)."""
+
+    attn_dim: int = option(
+        256, low=1, help='Hidden width of the attention net (256, CLAM "small").'
+    )
+    k_sample: int = option(
+        8, low=1, help="Instances sampled per side for the instance loss."
+    )
+    bag_weight: float = option(
+        0.7,
+        low=0,
+        high=1,
+        help="Weight of the bag loss; the instance loss gets 1 - bag_weight.",
+    )
+    inst_loss: str = option(
+        "svm",
+        choices=INST_LOSSES,
+        help="svm (smooth top-1 SVM) or ce (cross-entropy).",
+    )
+    subtyping: bool = option(
+        default=False, help="Also train out-of-class instance classifiers."
+    )
+
+
 class CLAM(MILHead):
     """CLAM head; use :class:`CLAMSB` or :class:`CLAMMB`.
 
@@ -98,15 +128,8 @@ class CLAM(MILHead):
         in_dim (int): Instance feature width ``D``.
         n_classes (int): Number of classes ``C``.
         multi_branch (bool): CLAM-MB (True) or CLAM-SB (False).
-        embed_dim (int): Projection width ``E`` (512).
-        attn_dim (int): Hidden width of the attention net (256, CLAM "small").
-        dropout (float): Dropout after the projection and in the attention net.
-        act (str): ``relu`` or ``gelu``.
-        k_sample (int): Instances sampled per side for the instance loss (8).
-        bag_weight (float): Weight of the bag loss (0.7); the instance loss gets
-            ``1 - bag_weight``.
-        inst_loss (str): ``svm`` (smooth top-1 SVM) or ``ce``.
-        subtyping (bool): Also train out-of-class instance classifiers.
+        **options: The options of :class:`CLAMOptions` (dropout also applies in the
+            attention net).
     """
 
     supported_scores = ("attention", "instance_prob", "class_aware", "instance_logit")
@@ -119,31 +142,21 @@ class CLAM(MILHead):
         n_classes: int = 2,
         *,
         multi_branch: bool = False,
-        embed_dim: int = 512,
-        attn_dim: int = 256,
-        dropout: float = 0.25,
-        act: str = "relu",
-        k_sample: int = 8,
-        bag_weight: float = 0.7,
-        inst_loss: str = "svm",
-        subtyping: bool = False,
+        **options: Any,
     ) -> None:
+        opts = parse(CLAMOptions, options, key=KEY)
         super().__init__(
-            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+            in_dim,
+            n_classes,
+            embed_dim=opts.embed_dim,
+            dropout=opts.dropout,
+            act=opts.act,
         )
-        if inst_loss not in INST_LOSSES:
-            msg = f"head.options.inst_loss must be 'svm' or 'ce', got {inst_loss!r}."
-            raise ConfigError(msg)
-        if k_sample < 1:
-            msg = f"head.options.k_sample must be >= 1, got {k_sample}."
-            raise ConfigError(msg)
-        if not 0.0 <= bag_weight <= 1.0:
-            msg = f"head.options.bag_weight must be in [0, 1], got {bag_weight}."
-            raise ConfigError(msg)
         self.multi_branch = multi_branch
         self.n_branches = n_classes if multi_branch else 1
+        embed_dim = opts.embed_dim
         self.attention_net = GatedAttention(
-            embed_dim, attn_dim, self.n_branches, dropout
+            embed_dim, opts.attn_dim, self.n_branches, opts.dropout
         )
         if multi_branch:
             self.bag_classifiers = nn.ModuleList(
@@ -154,10 +167,10 @@ class CLAM(MILHead):
         self.instance_classifiers = nn.ModuleList(
             nn.Linear(embed_dim, 2) for _ in range(n_classes)
         )
-        self.k_sample = k_sample
-        self.bag_weight = bag_weight
-        self.inst_loss = inst_loss
-        self.subtyping = subtyping
+        self.k_sample = opts.k_sample
+        self.bag_weight = opts.bag_weight
+        self.inst_loss = opts.inst_loss
+        self.subtyping = opts.subtyping
 
     def _criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.inst_loss == "svm":
@@ -237,68 +250,18 @@ class CLAM(MILHead):
 class CLAMSB(CLAM):
     """CLAM single-branch: one attention branch and a ``Linear(E, C)`` classifier.
 
-    See :class:`CLAM` for the options.
+    Takes the options of :class:`CLAMOptions`.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        attn_dim: int = 256,
-        dropout: float = 0.25,
-        act: str = "relu",
-        k_sample: int = 8,
-        bag_weight: float = 0.7,
-        inst_loss: str = "svm",
-        subtyping: bool = False,
-    ) -> None:
-        super().__init__(
-            in_dim,
-            n_classes,
-            multi_branch=False,
-            embed_dim=embed_dim,
-            attn_dim=attn_dim,
-            dropout=dropout,
-            act=act,
-            k_sample=k_sample,
-            bag_weight=bag_weight,
-            inst_loss=inst_loss,
-            subtyping=subtyping,
-        )
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        super().__init__(in_dim, n_classes, multi_branch=False, **options)
 
 
 class CLAMMB(CLAM):
     """CLAM multi-branch: one attention branch and one ``Linear(E, 1)`` per class.
 
-    See :class:`CLAM` for the options. ``bag_embedding`` is ``[1, C, E]``.
+    Takes the options of :class:`CLAMOptions`. ``bag_embedding`` is ``[1, C, E]``.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        attn_dim: int = 256,
-        dropout: float = 0.25,
-        act: str = "relu",
-        k_sample: int = 8,
-        bag_weight: float = 0.7,
-        inst_loss: str = "svm",
-        subtyping: bool = False,
-    ) -> None:
-        super().__init__(
-            in_dim,
-            n_classes,
-            multi_branch=True,
-            embed_dim=embed_dim,
-            attn_dim=attn_dim,
-            dropout=dropout,
-            act=act,
-            k_sample=k_sample,
-            bag_weight=bag_weight,
-            inst_loss=inst_loss,
-            subtyping=subtyping,
-        )
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        super().__init__(in_dim, n_classes, multi_branch=True, **options)

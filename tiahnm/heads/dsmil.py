@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from tiahnm.errors import ConfigError
 from tiahnm.heads.base import MILHead, MILOutput
+from tiahnm.heads.options import KEY, HeadOptions
+from tiahnm.utils.options import option, parse
+
+
+@dataclass(frozen=True)
+class DSMILOptions(HeadOptions):
+    """Options of :class:`DSMIL` (``head.options``)."""
+
+    query_dim: int = option(
+        128, low=1, help="Width of the query/key space (128 in the paper)."
+    )
+    bag_weight: float = option(
+        0.5, low=0, high=1, help="Weight of the bag-stream loss (0.5 in the paper)."
+    )
+    passing_v: bool = option(
+        default=True, help="Pass values through a ReLU+Linear (true) or use h."
+    )
+    combine: str = option(
+        "mean",
+        choices=("mean", "bag"),
+        help="Prediction: mean of the bag and max-instance logits, or bag only.",
+    )
 
 
 class DSMIL(MILHead):
@@ -25,13 +48,7 @@ class DSMIL(MILHead):
     Args:
         in_dim (int): Instance feature width ``D``.
         n_classes (int): Number of classes ``C``.
-        embed_dim (int): Projection width ``E``.
-        query_dim (int): Width of the query/key space (128 in the paper).
-        bag_weight (float): Weight of the bag-stream loss (0.5 in the paper).
-        passing_v (bool): Pass values through a ReLU+Linear (True) or use ``h``.
-        combine (str): ``mean`` of the bag and max-instance logits, or ``bag`` only.
-        dropout (float): Dropout after the projection.
-        act (str): ``relu`` or ``gelu``.
+        **options: The options of :class:`DSMILOptions`.
     """
 
     supported_scores = ("attention", "instance_prob", "class_aware", "instance_logit")
@@ -41,22 +58,16 @@ class DSMIL(MILHead):
         """The instance classifier's logit (DSMIL's critical-instance score)."""
         return "instance_logit"
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        query_dim: int = 128,
-        bag_weight: float = 0.5,
-        passing_v: bool = True,
-        combine: str = "mean",
-        dropout: float = 0.25,
-        act: str = "relu",
-    ) -> None:
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        opts = parse(DSMILOptions, options, key=KEY)
         super().__init__(
-            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+            in_dim,
+            n_classes,
+            embed_dim=opts.embed_dim,
+            dropout=opts.dropout,
+            act=opts.act,
         )
+        embed_dim, query_dim = opts.embed_dim, opts.query_dim
         self.instance_classifier = nn.Linear(embed_dim, n_classes)
         self.q = nn.Sequential(
             nn.Linear(embed_dim, query_dim),
@@ -66,16 +77,13 @@ class DSMIL(MILHead):
         )
         self.v = (
             nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU())
-            if passing_v
+            if opts.passing_v
             else nn.Identity()
         )
         # Conv1d(C, C, kernel=E) of the paper: one logit per class from all C rows.
         self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=embed_dim)
-        self.bag_weight = bag_weight
-        if combine not in ("mean", "bag"):
-            msg = f"head.options.combine must be 'mean' or 'bag', got {combine!r}."
-            raise ConfigError(msg)
-        self.combine = combine
+        self.bag_weight = opts.bag_weight
+        self.combine = opts.combine
         self._scale = 1.0 / math.sqrt(query_dim)
 
     def aggregate(

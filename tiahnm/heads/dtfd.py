@@ -8,18 +8,36 @@ distilled vectors and gives the bag prediction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tiahnm.errors import ConfigError
 from tiahnm.heads.abmil import AttentionPool
 from tiahnm.heads.base import MILHead, MILOutput
+from tiahnm.heads.options import KEY, HeadOptions
+from tiahnm.utils.options import option, parse
 
 DISTILL_MODES = ("afs", "maxs", "maxmins")
 
 #: Seed of the fixed instance order used to split bags into pseudo-bags in eval mode.
 EVAL_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DTFDOptions(HeadOptions):
+    """Options of :class:`DTFD` (``head.options``)."""
+
+    attn_dim: int = option(
+        128, low=1, help="Hidden width of both gated attention nets."
+    )
+    n_groups: int = option(4, low=1, help="Number of pseudo-bags G.")
+    distill: str = option(
+        "afs", choices=DISTILL_MODES, help="Distilled vectors: afs, maxs or maxmins."
+    )
+    tier1_weight: float = option(1.0, low=0, help="Weight of the tier-1 loss.")
 
 
 class DTFD(MILHead):
@@ -62,47 +80,26 @@ class DTFD(MILHead):
     Args:
         in_dim (int): Instance feature width ``D``.
         n_classes (int): Number of classes ``C``.
-        embed_dim (int): Projection width ``E`` (512).
-        attn_dim (int): Hidden width of both gated attention nets (128).
-        n_groups (int): Number of pseudo-bags G (4).
-        distill (str): ``afs``, ``maxs`` or ``maxmins``.
-        tier1_weight (float): Weight of the tier-1 loss (1.0).
-        dropout (float): Dropout after the projection.
-        act (str): ``relu`` or ``gelu``.
+        **options: The options of :class:`DTFDOptions`.
     """
 
     supported_scores = ("attention", "instance_prob", "class_aware", "instance_logit")
     default_eval_score = "instance_prob"
     needs_label_in_forward = True
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        attn_dim: int = 128,
-        n_groups: int = 4,
-        distill: str = "afs",
-        tier1_weight: float = 1.0,
-        dropout: float = 0.25,
-        act: str = "relu",
-    ) -> None:
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        opts = parse(DTFDOptions, options, key=KEY)
         super().__init__(
-            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+            in_dim,
+            n_classes,
+            embed_dim=opts.embed_dim,
+            dropout=opts.dropout,
+            act=opts.act,
         )
-        if distill not in DISTILL_MODES:
-            msg = (
-                f"head.options.distill must be one of {', '.join(DISTILL_MODES)}, "
-                f"got {distill!r}."
-            )
-            raise ConfigError(msg)
-        if n_groups < 1:
-            msg = f"head.options.n_groups must be >= 1, got {n_groups}."
-            raise ConfigError(msg)
-        self.n_groups = n_groups
-        self.distill = distill
-        self.tier1_weight = tier1_weight
+        self.n_groups = opts.n_groups
+        self.distill = opts.distill
+        self.tier1_weight = opts.tier1_weight
+        embed_dim, attn_dim = opts.embed_dim, opts.attn_dim
         self.attention1 = AttentionPool(embed_dim, attn_dim, gated=True)
         self.classifier1 = nn.Linear(embed_dim, n_classes)
         self.attention2 = AttentionPool(embed_dim, attn_dim, gated=True)

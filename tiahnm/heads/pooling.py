@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from tiahnm.heads.base import MILHead, MILOutput
+from tiahnm.heads.options import KEY, HeadOptions
+from tiahnm.utils.options import parse
 
 
 class PoolingMIL(MILHead):
@@ -15,26 +19,22 @@ class PoolingMIL(MILHead):
         in_dim (int): Instance feature width ``D``.
         n_classes (int): Number of classes ``C``.
         pool (str): ``mean`` or ``max`` over the instance logits.
-        embed_dim (int): Projection width ``E``.
-        dropout (float): Dropout after the projection.
-        act (str): ``relu`` or ``gelu``.
+        **options: The options of :class:`~tiahnm.heads.options.HeadOptions`.
     """
 
     supported_scores = ("instance_prob", "class_aware", "instance_logit")
     default_eval_score = "instance_prob"
 
     def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        pool: str = "mean",
-        embed_dim: int = 512,
-        dropout: float = 0.25,
-        act: str = "relu",
+        self, in_dim: int, n_classes: int = 2, *, pool: str = "mean", **options: Any
     ) -> None:
+        opts = parse(HeadOptions, options, key=KEY)
         super().__init__(
-            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+            in_dim,
+            n_classes,
+            embed_dim=opts.embed_dim,
+            dropout=opts.dropout,
+            act=opts.act,
         )
         if pool not in ("mean", "max"):
             from tiahnm.errors import ConfigError
@@ -42,7 +42,7 @@ class PoolingMIL(MILHead):
             msg = f"head.options.pool must be 'mean' or 'max', got {pool!r}."
             raise ConfigError(msg)
         self.pool = pool
-        self.classifier = nn.Linear(embed_dim, n_classes)
+        self.classifier = nn.Linear(opts.embed_dim, n_classes)
 
     def aggregate(
         self, h: torch.Tensor, *, label: torch.Tensor | None = None
@@ -81,39 +81,14 @@ class PoolingMIL(MILHead):
 
 
 class MeanPoolingMIL(PoolingMIL):
-    """Mean pooling of instance logits."""
+    """Mean pooling of instance logits (options: :class:`HeadOptions`)."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        dropout: float = 0.25,
-        act: str = "relu",
-    ) -> None:
-        super().__init__(
-            in_dim,
-            n_classes,
-            pool="mean",
-            embed_dim=embed_dim,
-            dropout=dropout,
-            act=act,
-        )
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        super().__init__(in_dim, n_classes, pool="mean", **options)
 
 
 class MaxPoolingMIL(PoolingMIL):
-    """Max pooling of instance logits."""
+    """Max pooling of instance logits (options: :class:`HeadOptions`)."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        dropout: float = 0.25,
-        act: str = "relu",
-    ) -> None:
-        super().__init__(
-            in_dim, n_classes, pool="max", embed_dim=embed_dim, dropout=dropout, act=act
-        )
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        super().__init__(in_dim, n_classes, pool="max", **options)

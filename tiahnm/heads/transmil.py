@@ -10,6 +10,8 @@ self-attention is the Nystrom approximation (Xiong et al., AAAI 2021).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ from torch import nn
 
 from tiahnm.errors import ConfigError
 from tiahnm.heads.base import MILHead, MILOutput
+from tiahnm.heads.options import KEY, HeadOptions
+from tiahnm.utils.options import option, parse
 
 #: Kernel of the depthwise convolution on the values (Nystromformer default).
 RESIDUAL_CONV_KERNEL = 33
@@ -265,6 +269,25 @@ class PPEG(nn.Module):
         return torch.cat([cls_token, grid.flatten(2)[0].T], dim=0)
 
 
+@dataclass(frozen=True)
+class TransMILOptions(HeadOptions):
+    """Options of :class:`TransMIL` (``head.options``)."""
+
+    n_heads: int = option(
+        8, low=1, help="Attention heads (8: 64 dims per head at embed_dim 512)."
+    )
+    attn_dropout: float = option(
+        0.1, low=0, high=1, help="Dropout after each attention output projection."
+    )
+    num_landmarks: int = option(
+        256,
+        low=1,
+        help="Nystrom landmarks (clipped to the sequence length; sequences no longer "
+        "than this use exact attention).",
+    )
+    pinv_iterations: int = option(6, low=1, help="Pseudo-inverse iterations.")
+
+
 class TransMIL(MILHead):
     """TransMIL: correlated MIL with a two-layer Nystrom Transformer and PPEG.
 
@@ -291,42 +314,30 @@ class TransMIL(MILHead):
     Args:
         in_dim (int): Instance feature width ``D``.
         n_classes (int): Number of classes ``C``.
-        embed_dim (int): Token width ``E`` (512).
-        n_heads (int): Attention heads (8, so 64 dims per head at ``E = 512``).
-        dropout (float): Dropout after the projection.
-        attn_dropout (float): Dropout after each attention output projection.
-        act (str): ``relu`` or ``gelu`` in the projection.
-        num_landmarks (int): Nystrom landmarks (clipped to the sequence length;
-            sequences no longer than this use exact attention).
-        pinv_iterations (int): Pseudo-inverse iterations.
+        **options: The options of :class:`TransMILOptions` (``embed_dim`` is the
+            token width).
     """
 
     supported_scores = ("attention", "class_aware", "instance_prob", "instance_logit")
     default_eval_score = "instance_prob"
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int = 2,
-        *,
-        embed_dim: int = 512,
-        n_heads: int = 8,
-        dropout: float = 0.25,
-        attn_dropout: float = 0.1,
-        act: str = "relu",
-        num_landmarks: int = 256,
-        pinv_iterations: int = 6,
-    ) -> None:
+    def __init__(self, in_dim: int, n_classes: int = 2, **options: Any) -> None:
+        opts = parse(TransMILOptions, options, key=KEY)
         super().__init__(
-            in_dim, n_classes, embed_dim=embed_dim, dropout=dropout, act=act
+            in_dim,
+            n_classes,
+            embed_dim=opts.embed_dim,
+            dropout=opts.dropout,
+            act=opts.act,
         )
-        self.n_heads = n_heads
+        embed_dim = opts.embed_dim
+        self.n_heads = opts.n_heads
         self.cls_token = nn.Parameter(torch.randn(1, embed_dim))
         layer_opts = {
-            "n_heads": n_heads,
-            "num_landmarks": num_landmarks,
-            "pinv_iterations": pinv_iterations,
-            "dropout": attn_dropout,
+            "n_heads": opts.n_heads,
+            "num_landmarks": opts.num_landmarks,
+            "pinv_iterations": opts.pinv_iterations,
+            "dropout": opts.attn_dropout,
         }
         self.layer1 = TransLayer(embed_dim, **layer_opts)
         self.ppeg = PPEG(embed_dim)

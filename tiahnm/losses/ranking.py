@@ -10,12 +10,14 @@ batches hold both classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tiahnm.errors import ConfigError
 from tiahnm.losses.base import BatchLoss
+from tiahnm.utils.options import Options, option, parse
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.heads.base import MILHead, MILOutput
@@ -49,49 +51,48 @@ def mi_rank_loss(
     return torch.clamp(margin - top_pos + top_neg, min=0.0)
 
 
+@dataclass(frozen=True)
+class MIRankOptions(Options):
+    """Options of :class:`MIRankLoss` (``losses[i].options``)."""
+
+    k: int = option(10, low=1, help="Top-K instances per bag (10 in HNM-WSI).")
+    margin: float = option(1.0, help="Ranking margin.")
+    on: str = option(
+        "logit",
+        choices=("logit", "prob"),
+        help="logit (HNM's code: raw instance logits of the positive class) or prob "
+        "(instance probabilities).",
+    )
+    score: str | None = option(
+        None,
+        help="Instance score kind to rank (default: the head's instance_logit / "
+        "instance_prob); any kind the head lists in supported_scores (e.g. "
+        "class_aware for AB-MIL, which has no instance classifier).",
+    )
+    pairing: str = option(
+        "all",
+        choices=PAIRINGS,
+        help="Which (positive, negative) pairs of a step's batch are ranked: all "
+        "(every pair, mean) or index (the i-th positive with the i-th negative in "
+        "batch order, as HNM's index-wise bag pairing; surplus bags of one class are "
+        "not ranked).",
+    )
+
+
 class MIRankLoss(BatchLoss):
     """MI-Rank over every (positive, negative) bag pair in a step's batch.
 
-    Args:
-        k (int): Top-K instances per bag (10 in HNM-WSI).
-        margin (float): Ranking margin (1.0).
-        on (str): ``logit`` (HNM's code: raw instance logits of the positive class) or
-            ``prob`` (instance probabilities).
-        score (str | None): Instance score kind to rank (default: the head's
-            ``instance_logit`` / ``instance_prob``); any kind the head lists in
-            ``supported_scores`` (e.g. ``class_aware`` for AB-MIL, which has no
-            instance classifier).
-        pairing (str): Which (positive, negative) pairs of a step's batch are ranked:
-            ``all`` (every pair, mean) or ``index`` (the i-th positive with the i-th
-            negative in batch order, as HNM's index-wise bag pairing; surplus bags of
-            one class are not ranked).
+    Takes the options of :class:`MIRankOptions`.
     """
 
-    def __init__(
-        self,
-        *,
-        k: int = 10,
-        margin: float = 1.0,
-        on: str = "logit",
-        score: str | None = None,
-        pairing: str = "all",
-    ) -> None:
-        if on not in ("logit", "prob"):
-            msg = f"losses[mirank].options.on must be 'logit' or 'prob', got {on!r}."
-            raise ConfigError(msg)
-        if k < 1:
-            msg = f"losses[mirank].options.k must be >= 1, got {k}."
-            raise ConfigError(msg)
-        if pairing not in PAIRINGS:
-            msg = (
-                f"losses[mirank].options.pairing must be one of {', '.join(PAIRINGS)}, "
-                f"got {pairing!r}."
-            )
-            raise ConfigError(msg)
-        self.pairing = pairing
-        self.k = k
-        self.margin = margin
-        self.score = score or ("instance_logit" if on == "logit" else "instance_prob")
+    def __init__(self, **options: Any) -> None:
+        opts = parse(MIRankOptions, options, key="losses[mirank].options")
+        self.pairing = opts.pairing
+        self.k = opts.k
+        self.margin = opts.margin
+        self.score = opts.score or (
+            "instance_logit" if opts.on == "logit" else "instance_prob"
+        )
 
     def __call__(
         self, head: MILHead, outputs: Sequence[MILOutput], labels: Sequence[int]

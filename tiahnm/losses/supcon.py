@@ -20,13 +20,14 @@ gives the same values (up to the official ``1e-10`` inside the log) without over
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from tiahnm.errors import ConfigError
 from tiahnm.losses.base import BatchLoss
+from tiahnm.utils.options import Options, option, parse
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.heads.base import MILHead, MILOutput
@@ -113,6 +114,17 @@ def supcon_loss(
     return -(temperature / base_temperature) * mean_log_prob.mean()
 
 
+@dataclass(frozen=True)
+class SupConOptions(Options):
+    """Options of :class:`SupConLoss` (``losses[i].options``)."""
+
+    temperature: float = option(0.07, low=0, open_low=True, help="T.")
+    base_temperature: float = option(0.07, low=0, open_low=True, help="T_b.")
+    pair_mode: str = option(
+        "all", choices=PAIR_MODES, help="Pairs contrasted: all, neg or pos."
+    )
+
+
 class SupConLoss(BatchLoss):
     """SupCon over the bag embeddings of a step's batch (bag labels as classes).
 
@@ -120,42 +132,14 @@ class SupConLoss(BatchLoss):
     pseudo-labels; as a loss plugin it pulls together the bag embeddings of the same
     class within a batch (useful with batches of several bags, e.g. ``hnm``'s
     positive/negative pairs plus more bags per step). Batches of one bag give ``None``.
-
-    Args:
-        temperature (float): ``T`` (0.07).
-        base_temperature (float): ``T_b`` (0.07).
-        pair_mode (str): ``all``, ``neg`` or ``pos``.
+    Takes the options of :class:`SupConOptions`.
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.07,
-        base_temperature: float = 0.07,
-        pair_mode: str = "all",
-    ) -> None:
-        if pair_mode not in PAIR_MODES:
-            msg = (
-                f"losses[supcon].options.pair_mode must be one of "
-                f"{', '.join(PAIR_MODES)}, got {pair_mode!r}."
-            )
-            raise ConfigError(msg)
-        for key, value in (
-            ("temperature", temperature),
-            ("base_temperature", base_temperature),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or value <= 0
-            ):
-                msg = (
-                    f"losses[supcon].options.{key} must be a number > 0, got {value!r}."
-                )
-                raise ConfigError(msg)
-        self.temperature = float(temperature)
-        self.base_temperature = float(base_temperature)
-        self.pair_mode = pair_mode
+    def __init__(self, **options: Any) -> None:
+        opts = parse(SupConOptions, options, key="losses[supcon].options")
+        self.temperature = opts.temperature
+        self.base_temperature = opts.base_temperature
+        self.pair_mode = opts.pair_mode
 
     def __call__(
         self, head: MILHead, outputs: Sequence[MILOutput], labels: Sequence[int]

@@ -53,7 +53,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,9 +73,8 @@ from tiahnm.miners.hnm_selection import (
     spl_ratio,
 )
 from tiahnm.miners.options import KEY
-from tiahnm.miners.options import check_choice as _choice
-from tiahnm.miners.options import check_positive_int as _positive_int
 from tiahnm.utils.io import atomic_path
+from tiahnm.utils.options import Options, option, parse
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.data.bag import Bag
@@ -87,37 +86,6 @@ PAIR_POLICIES = ("none", "min", "cycle")
 AUGMENTS = ("simclr", "flip", "none")
 #: Added to the loop's seed, so the miner's stream differs from the shuffling stream.
 SEED_OFFSET = 5024
-
-
-def _number(name: str, value: Any, low: float, high: float, *, open_low=False) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (low < value if open_low else low <= value)
-        and value <= high
-    )
-    if not ok:
-        bracket = "(" if open_low else "["
-        msg = (
-            f"{KEY}.{name} must be a number in {bracket}{low}, {high}], got {value!r}."
-        )
-        raise ConfigError(msg)
-    return float(value)
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        msg = f"{KEY}.{name} must be true or false, got {value!r}."
-        raise ConfigError(msg)
-    return value
-
-
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        msg = f"{KEY}.{name} must be an integer >= 0, got {value!r}."
-        raise ConfigError(msg)
-    return value
 
 
 def augment(
@@ -173,6 +141,102 @@ def augment(
     return x.clamp(0.0, 1.0)
 
 
+def _nonempty(value: Any) -> bool:
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class HNMOptions(Options):
+    """Options of :class:`HNMMiner` (``miner.options``)."""
+
+    neg_ratio: float = option(
+        0.05,
+        low=0,
+        high=1,
+        open_low=True,
+        help="Fraction rho of negative-slide patches kept as hard negatives (top by "
+        "score; 0.05 is the paper's headline, 1.0 = ItS2CLR).",
+    )
+    threshold: float = option(
+        0.3, low=0, high=1, help="Pseudo-label threshold tau on the scores."
+    )
+    score: str = option(
+        "instance_prob",
+        check=_nonempty,
+        expect="an instance score kind",
+        help="Instance score kind of the inner head used as pseudo-score.",
+    )
+    accept_if_improved: bool = option(
+        default=True,
+        help="Adopt new pseudo-scores only when the round's best validation score is "
+        ">= the best so far (official behaviour).",
+    )
+    pair_bags: str = option(
+        "min",
+        choices=PAIR_POLICIES,
+        help="Bag batches of the MIL rounds: none (one bag per step), min (HNM: "
+        "positive and negative bags shuffled and paired index-wise, min(#pos, #neg) "
+        "steps) or cycle (the shorter list is cycled so every bag is used each "
+        "epoch).",
+    )
+    finetune_epochs: int = option(
+        5, low=0, help="Encoder epochs between two MIL rounds."
+    )
+    batch_size: int = option(512, low=2, help="Patches per SupCon batch.")
+    posi_batch_ratio: float = option(
+        0.2, low=0, high=0.9, help="Share of confident positives in step A."
+    )
+    posi_query_ratio: float = option(
+        0.05, low=0, high=0.9, help="Share of self-paced positives in step B."
+    )
+    warmup: int = option(
+        1, low=0, help="Fine-tuning epochs before step B and the self-paced ramp."
+    )
+    spl_start: float = option(
+        0.2, low=0, high=1, help="Initial self-paced positive ratio."
+    )
+    spl_start_neg: float = option(
+        0.2, low=0, high=1, help="Initial uncertain-negative ratio after warmup."
+    )
+    spl_end: float = option(0.8, low=0, high=1, help="Final ratio of both.")
+    spl_epochs: int = option(
+        10, low=1, help="Fine-tuning epochs of the ramp after warmup."
+    )
+    mask_uncertain_neg: bool = option(
+        default=True,
+        help="Keep uncertain negatives out of the step-A pool and out of step A's "
+        "denominators (HNM: true).",
+    )
+    temperature: float = option(0.07, low=0, open_low=True, help="SupCon temperature.")
+    proj_dim: int = option(256, low=1, help="Output width of the projection MLP.")
+    lr: float = option(
+        0.01, low=0, open_low=True, help="SGD learning rate of the encoder."
+    )
+    weight_decay: float = option(1e-4, low=0, help="SGD weight decay.")
+    momentum: float = option(0.0, low=0, high=1, help="SGD momentum.")
+    augment: str = option(
+        "simclr", choices=AUGMENTS, help="Patch augmentation: simclr, flip or none."
+    )
+    extract_batch_size: int = option(
+        512, low=1, help="Patches per encoder forward when extracting."
+    )
+    cache_dir: str | Path | None = option(
+        None, help="Also keep extracted features on disk here."
+    )
+    reinit_head: bool = option(
+        default=True, help="Reset the inner head before each new round."
+    )
+    standardize: bool = option(
+        default=True,
+        help="Standardise the features per dimension with the mean and standard "
+        "deviation of the training patches of each encoder version (stored in the "
+        "encoder_mil head, so evaluation uses them too). A randomly initialised "
+        "encoder gives features of tiny spread (std ~0.003 per dimension for "
+        "small_cnn on MNIST) on which the MIL head does not train; standardised, a "
+        "linear probe on them reaches AUC 0.93.",
+    )
+
+
 class HNMMiner(Miner):
     """Hard-negative SupCon fine-tuning of the patch encoder between MIL rounds.
 
@@ -181,114 +245,19 @@ class HNMMiner(Miner):
     fine-tuned one) and, for HNM's full recipe, ``losses: [{name: mirank, weight:
     0.1}]``.
 
-    Args:
-        neg_ratio (float): Fraction ``rho`` of negative-slide patches kept as hard
-            negatives (top by score; 0.05 is the paper's headline, 1.0 = ItS2CLR).
-        threshold (float): Pseudo-label threshold ``tau`` on the scores (0.3).
-        score (str): Instance score kind of the inner head used as pseudo-score
-            (``instance_prob``).
-        accept_if_improved (bool): Adopt new pseudo-scores only when the round's best
-            validation score is >= the best so far (official behaviour).
-        pair_bags (str): Bag batches of the MIL rounds: ``none`` (one bag per step),
-            ``min`` (HNM: positive and negative bags shuffled and paired index-wise,
-            ``min(#pos, #neg)`` steps) or ``cycle`` (the shorter list is cycled so
-            every bag is used each epoch).
-        finetune_epochs (int): Encoder epochs between two MIL rounds.
-        batch_size (int): Patches per SupCon batch (512).
-        posi_batch_ratio (float): Share of confident positives in step A (0.2).
-        posi_query_ratio (float): Share of self-paced positives in step B (0.05).
-        warmup (int): Fine-tuning epochs before step B and the self-paced ramp.
-        spl_start (float): Initial self-paced positive ratio (0.2).
-        spl_start_neg (float): Initial uncertain-negative ratio after warmup (0.2).
-        spl_end (float): Final ratio of both (0.8).
-        spl_epochs (int): Fine-tuning epochs of the ramp after warmup.
-        mask_uncertain_neg (bool): Keep uncertain negatives out of the step-A pool and
-            out of step A's denominators (HNM: true).
-        temperature (float): SupCon temperature (0.07).
-        proj_dim (int): Output width of the projection MLP (256).
-        lr (float): SGD learning rate of the encoder (0.01).
-        weight_decay (float): SGD weight decay (1e-4).
-        momentum (float): SGD momentum (0).
-        augment (str): ``simclr``, ``flip`` or ``none``.
-        extract_batch_size (int): Patches per encoder forward when extracting.
-        cache_dir (str | None): Also keep extracted features on disk here.
-        reinit_head (bool): Reset the inner head before each new round.
-        standardize (bool): Standardise the features per dimension with the mean
-            and standard deviation of the training patches of each encoder version
-            (stored in the ``encoder_mil`` head, so evaluation uses them too). A
-            randomly initialised encoder gives features of tiny spread (std ~0.003
-            per dimension for ``small_cnn`` on MNIST) on which the MIL head does
-            not train; standardised, a linear probe on them reaches AUC 0.93.
+    Takes the keyword options of :class:`HNMOptions` (``miner.options``), each also an
+    attribute of the miner (``cache_dir`` as a :class:`~pathlib.Path` or None).
     """
 
     name = "hnm"
     #: Hard negatives are instances of negative (label 0) bags: binary only.
     supported_tasks = ("binary",)
 
-    def __init__(
-        self,
-        *,
-        neg_ratio: float = 0.05,
-        threshold: float = 0.3,
-        score: str = "instance_prob",
-        accept_if_improved: bool = True,
-        pair_bags: str = "min",
-        finetune_epochs: int = 5,
-        batch_size: int = 512,
-        posi_batch_ratio: float = 0.2,
-        posi_query_ratio: float = 0.05,
-        warmup: int = 1,
-        spl_start: float = 0.2,
-        spl_start_neg: float = 0.2,
-        spl_end: float = 0.8,
-        spl_epochs: int = 10,
-        mask_uncertain_neg: bool = True,
-        temperature: float = 0.07,
-        proj_dim: int = 256,
-        lr: float = 0.01,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.0,
-        augment: str = "simclr",
-        extract_batch_size: int = 512,
-        cache_dir: str | None = None,
-        reinit_head: bool = True,
-        standardize: bool = True,
-    ) -> None:
-        self.neg_ratio = _number("neg_ratio", neg_ratio, 0.0, 1.0, open_low=True)
-        self.threshold = _number("threshold", threshold, 0.0, 1.0)
-        if not isinstance(score, str) or not score:
-            msg = f"{KEY}.score must be an instance score kind, got {score!r}."
-            raise ConfigError(msg)
-        self.score = score
-        self.accept_if_improved = _bool("accept_if_improved", accept_if_improved)
-        self.pair_bags = _choice("pair_bags", pair_bags, PAIR_POLICIES)
-        self.finetune_epochs = _count("finetune_epochs", finetune_epochs)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if self.batch_size < 2:
-            msg = f"{KEY}.batch_size must be >= 2, got {batch_size!r}."
-            raise ConfigError(msg)
-        self.posi_batch_ratio = _number("posi_batch_ratio", posi_batch_ratio, 0.0, 0.9)
-        self.posi_query_ratio = _number("posi_query_ratio", posi_query_ratio, 0.0, 0.9)
-        self.warmup = _count("warmup", warmup)
-        self.spl_start = _number("spl_start", spl_start, 0.0, 1.0)
-        self.spl_start_neg = _number("spl_start_neg", spl_start_neg, 0.0, 1.0)
-        self.spl_end = _number("spl_end", spl_end, 0.0, 1.0)
-        self.spl_epochs = _positive_int("spl_epochs", spl_epochs)
-        self.mask_uncertain_neg = _bool("mask_uncertain_neg", mask_uncertain_neg)
-        self.temperature = _number(
-            "temperature", temperature, 0.0, math.inf, open_low=True
-        )
-        self.proj_dim = _positive_int("proj_dim", proj_dim)
-        self.lr = _number("lr", lr, 0.0, math.inf, open_low=True)
-        self.weight_decay = _number("weight_decay", weight_decay, 0.0, math.inf)
-        self.momentum = _number("momentum", momentum, 0.0, 1.0)
-        self.augment = _choice("augment", augment, AUGMENTS)
-        self.extract_batch_size = _positive_int(
-            "extract_batch_size", extract_batch_size
-        )
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.reinit_head = _bool("reinit_head", reinit_head)
-        self.standardize = _bool("standardize", standardize)
+    def __init__(self, **options: Any) -> None:
+        opts = parse(HNMOptions, options, key=KEY)
+        for f in fields(opts):
+            setattr(self, f.name, getattr(opts, f.name))
+        self.cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
 
         self.generator: torch.Generator | None = None
         self.projector: nn.Module | None = None

@@ -59,10 +59,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,8 +71,7 @@ from tiahnm.data.bag import Bag
 from tiahnm.errors import ConfigError
 from tiahnm.miners.base import FitContext, Miner
 from tiahnm.miners.options import KEY
-from tiahnm.miners.options import check_choice as _choice
-from tiahnm.miners.options import check_positive_int as _positive_int
+from tiahnm.utils.options import Options, option, parse
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.heads.base import MILHead
@@ -250,31 +248,66 @@ class HardNegatives:
         )
 
 
-# ------------------------------------------------------------------ option checks
-def _number(name: str, value: Any, low: float, high: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not low <= value <= high
-    ):
-        msg = f"{KEY}.{name} must be a number in [{low}, {high}], got {value!r}."
-        raise ConfigError(msg)
-    return float(value)
+# ------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class Li2019Options(Options):
+    """Options of :class:`Li2019Miner` (``miner.options``)."""
 
-
-def _int_at_least(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        msg = f"{KEY}.{name} must be an integer >= {low}, got {value!r}."
-        raise ConfigError(msg)
-    return value
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        msg = f"{KEY}.{name} must be true or false, got {value!r}."
-        raise ConfigError(msg)
-    return value
+    mode: str = option("fmb", choices=MODES, help="sb, mb or fmb (the paper's best).")
+    n_bags: int = option(
+        10,
+        low=1,
+        help="Bags generated per round by mb/fmb (not given in the paper); sb always "
+        "makes one.",
+    )
+    n_clusters: int = option(
+        10,
+        low=1,
+        help="K-means c of fmb (not given in the paper), capped at the number of "
+        "distinct hard negatives.",
+    )
+    feature_space: str = option(
+        "input",
+        choices=FEATURE_SPACES,
+        help="Clustering space of fmb: input or the head's embedding.",
+    )
+    fp_threshold: float = option(
+        0.5,
+        low=0,
+        high=1,
+        help="A negative bag is a false positive when its positive probability is "
+        ">= this.",
+    )
+    std_scale: float = option(
+        1.0, low=0, help="Multiplier of sigma in eq. 3 (1.0 as in the paper)."
+    )
+    reinit: bool = option(
+        default=True,
+        help="Reset the head to its initial state before the next round (re-training) "
+        "instead of fine-tuning the round's best model.",
+    )
+    fp_source: str = option(
+        "train",
+        choices=FP_SOURCES,
+        help="Which model finds the false-positive bags: train (the paper: the "
+        "round's best model on its own training bags) or out_of_fold (a departure "
+        "from the paper: every real training bag is predicted by a copy of the head "
+        "reset to its fit-start state and trained on the other oof_folds - 1 "
+        "stratified folds).",
+    )
+    oof_folds: int = option(3, low=2, help="Folds of out_of_fold.")
+    oof_epochs: int | None = option(
+        None,
+        low=1,
+        help="Fixed training epochs of each out-of-fold model (default: the round's "
+        "train.epochs).",
+    )
+    oof_lr: float = option(
+        5e-4, low=0, open_low=True, help="Adam learning rate of the out-of-fold models."
+    )
+    oof_weight_decay: float = option(
+        1e-4, low=0, help="Weight decay of the out-of-fold models."
+    )
 
 
 # ------------------------------------------------------------------ the miner
@@ -285,71 +318,18 @@ class Li2019Miner(Miner):
     the paper's model also sets ``head.options.adaptive_lambda: 2`` (eq. 2) and
     ``head.options.attn_act: softsign`` (eq. 1) on AB-MIL.
 
-    Args:
-        mode (str): ``sb``, ``mb`` or ``fmb`` (default, the paper's best).
-        n_bags (int): Bags generated per round by ``mb``/``fmb`` (not given in the
-            paper; default 10). ``sb`` always makes one.
-        n_clusters (int): K-means ``c`` of ``fmb`` (not given in the paper; default
-            10), capped at the number of distinct hard negatives.
-        feature_space (str): Clustering space of ``fmb``: ``input`` (default) or the
-            head's ``embedding``.
-        fp_threshold (float): A negative bag is a false positive when its positive
-            probability is ``>=`` this (0.5).
-        std_scale (float): Multiplier of sigma in eq. 3 (1.0 as in the paper).
-        reinit (bool): Reset the head to its initial state before the next round
-            (re-training; default) instead of fine-tuning the round's best model.
-        fp_source (str): Which model finds the false-positive bags. ``train``
-            (default, the paper): the round's best model on its own training bags.
-            ``out_of_fold``: a departure from the paper, for when the model fits its
-            training bags so that no training bag is a false positive: every real
-            training bag is predicted by a copy of the head (reset to its state at
-            fit start) trained on the other ``oof_folds - 1`` stratified folds.
-        oof_folds (int): Folds of ``out_of_fold`` (>= 2; default 3).
-        oof_epochs (int | None): Fixed training epochs of each out-of-fold model
-            (default: the round's ``train.epochs``).
-        oof_lr (float): Adam learning rate of the out-of-fold models (5e-4).
-        oof_weight_decay (float): Their weight decay (1e-4).
+    Takes the keyword options of :class:`Li2019Options` (``miner.options``), each also
+    an attribute of the miner.
     """
 
     name = "li2019"
     #: Hard-negative bags are built from false positives of class 0: binary only.
     supported_tasks = ("binary",)
 
-    def __init__(
-        self,
-        *,
-        mode: str = "fmb",
-        n_bags: int = 10,
-        n_clusters: int = 10,
-        feature_space: str = "input",
-        fp_threshold: float = 0.5,
-        std_scale: float = 1.0,
-        reinit: bool = True,
-        fp_source: str = "train",
-        oof_folds: int = 3,
-        oof_epochs: int | None = None,
-        oof_lr: float = 5e-4,
-        oof_weight_decay: float = 1e-4,
-    ) -> None:
-        self.mode = _choice("mode", mode, MODES)
-        self.n_bags = _positive_int("n_bags", n_bags)
-        self.n_clusters = _positive_int("n_clusters", n_clusters)
-        self.feature_space = _choice("feature_space", feature_space, FEATURE_SPACES)
-        self.fp_threshold = _number("fp_threshold", fp_threshold, 0.0, 1.0)
-        self.std_scale = _number("std_scale", std_scale, 0.0, math.inf)
-        self.reinit = _bool("reinit", reinit)
-        self.fp_source = _choice("fp_source", fp_source, FP_SOURCES)
-        self.oof_folds = _int_at_least("oof_folds", oof_folds, 2)
-        self.oof_epochs = (
-            None if oof_epochs is None else _positive_int("oof_epochs", oof_epochs)
-        )
-        self.oof_lr = _number("oof_lr", oof_lr, 0.0, math.inf)
-        if self.oof_lr == 0.0:
-            msg = f"{KEY}.oof_lr must be > 0, got {oof_lr!r}."
-            raise ConfigError(msg)
-        self.oof_weight_decay = _number(
-            "oof_weight_decay", oof_weight_decay, 0.0, math.inf
-        )
+    def __init__(self, **options: Any) -> None:
+        opts = parse(Li2019Options, options, key=KEY)
+        for f in fields(opts):
+            setattr(self, f.name, getattr(opts, f.name))
         self.generator: torch.Generator | None = None
         self.log: list[dict[str, float]] = []
         self._init_state: dict[str, torch.Tensor] | None = None

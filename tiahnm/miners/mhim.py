@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +49,8 @@ from tiahnm.miners.mhim_masking import (
     floor_count,
 )
 from tiahnm.miners.options import KEY
-from tiahnm.miners.options import check_choice as _choice
-from tiahnm.miners.options import check_positive_int as _positive_int
 from tiahnm.miners.recycle import GlobalRecycleNetwork
+from tiahnm.utils.options import Options, defaults, option, parse
 
 logger = logging.getLogger(__name__)
 
@@ -62,34 +62,6 @@ SCORES = ("auto", "attention", "class_aware", "instance_logit")
 SCHEDULES = ("constant", "cosine")
 TEACHER_MODES = ("eval", "train")
 STUDENT_INITS = ("none", "embed", "all")
-
-#: Values used when neither an explicit option nor the preset sets a key: the
-#: paper's main AB-MIL setting (C16: R-HAM with randomly HAM, beta_h decay).
-DEFAULTS: dict[str, Any] = {
-    "mask_ratio_h": 0.01,
-    "mask_ratio_hr": 0.5,
-    "mask_ratio_l": 0.0,
-    "mask_ratio_r": 0.5,
-    "mask_h_schedule": "cosine",
-    "score": "auto",
-    "head_fusion": "vote",
-    "consistency_weight": 0.1,
-    "tau_t": 0.1,
-    "tau_s": 1.0,
-    "momentum": 0.9999,
-    "momentum_schedule": "constant",
-    "teacher_mode": "eval",
-    "teacher_init": None,
-    "student_init": "embed",
-    "teacher_warmup": None,
-    "recycle": False,
-    "recycle_ratio": 0.8,
-    "recycle_tokens": 5,
-    "recycle_momentum": 0.9999,
-    "recycle_heads": 8,
-    "recycle_dropout": 0.1,
-    "embed_dim": None,
-}
 
 #: Published settings (algorithms.md sec. 2.4). v1 presets copy the projection of the
 #: teacher checkpoint into the student (``student_init="embed"``, the official
@@ -191,6 +163,141 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["v2_dsmil"] = {**PRESETS["v2"], "score": "instance_logit"}
 
 
+def _is_path(value: Any) -> bool:
+    return bool(str(value))
+
+
+@dataclass(frozen=True)
+class MHIMOptions(Options):
+    """Options of :class:`MHIMMiner` (``miner.options``); ratios are fractions *dropped*.
+
+    A value comes from the explicit option, else from ``preset``, else from the default
+    here (the paper's C16 AB-MIL setting: R-HAM with randomly HAM, beta_h decay). An
+    explicit ``null`` means "not set".
+    """
+
+    preset: str | None = option(
+        None,
+        choices=tuple(PRESETS),
+        help="Published settings (PRESETS): c16_abmil, c16_transmil, c16_dsmil, "
+        "tcga_abmil, tcga_transmil, tcga_dsmil, v2, v2_dsmil.",
+    )
+    mask_ratio_h: float = option(
+        0.01, low=0, high=1, help="beta_h, high-score fraction masked."
+    )
+    mask_ratio_hr: float = option(
+        0.5,
+        low=0,
+        high=1,
+        open_low=True,
+        help='rho_h, "randomly HAM": the candidates are the top beta_h / rho_h and a '
+        "random rho_h of them are masked (1.0 = plain HAM).",
+    )
+    mask_ratio_l: float = option(
+        0.0, low=0, high=1, help="beta_l, low-score fraction masked."
+    )
+    mask_ratio_r: float = option(
+        0.5, low=0, high=1, help="beta_r, random fraction masked."
+    )
+    mask_h_schedule: str = option(
+        "cosine",
+        choices=SCHEDULES,
+        help="cosine: beta_h decays to 0 over the round's optimiser steps.",
+    )
+    score: str = option(
+        "auto",
+        choices=SCORES,
+        help="Teacher score used for masking: attention (v1; multi-head attention "
+        "fused by head_fusion), class_aware (v2: max over classes of the class "
+        "probability of the attention-weighted instance), instance_logit (max over "
+        "classes of the instance logits, MHIM's DSMIL rule) or auto (instance_logit "
+        "for DSMIL, else attention when the head has attention, else class_aware).",
+    )
+    head_fusion: str = option(
+        "vote",
+        choices=FUSIONS,
+        help="vote: each attention head votes for its own top-k, the k most voted "
+        "win; mean: top-k of the head-mean score.",
+    )
+    consistency_weight: float = option(
+        0.1, low=0, help="alpha, weight of the consistency loss (0 disables it)."
+    )
+    tau_t: float = option(0.1, low=0, open_low=True, help="Teacher temperature.")
+    tau_s: float = option(1.0, low=0, open_low=True, help="Student temperature.")
+    momentum: float = option(
+        0.9999, low=0, high=1, help="EMA momentum m of the teacher."
+    )
+    momentum_schedule: str = option(
+        "constant",
+        choices=SCHEDULES,
+        help="cosine: m rises to 1 over the round's optimiser steps.",
+    )
+    teacher_mode: str = option(
+        "eval",
+        choices=TEACHER_MODES,
+        help="eval: no dropout while scoring (the paper's pseudocode); train: dropout "
+        "active (the official code).",
+    )
+    teacher_init: str | Path | None = option(
+        None,
+        check=_is_path,
+        expect="a file path or null",
+        help="Checkpoint to initialise the teacher from: a best.pt of a baseline run "
+        "(state_dict entry), a last.pt or a raw head state dict; default: a copy of "
+        "the student.",
+    )
+    student_init: str = option(
+        "embed",
+        choices=STUDENT_INITS,
+        help="With teacher_init, also copy into the student: embed (the projection "
+        "only, v1's init_stu_type=fc; for encoder_mil the encoder and the inner "
+        "head's projection), all or none of the checkpoint.",
+    )
+    teacher_warmup: int | None = option(
+        None,
+        low=0,
+        help="Epochs of plain training at the start of the first round, after which "
+        "the teacher starts as a copy of the student (default: 20% of the epochs "
+        "without teacher_init, 0 with it; must be 0 with teacher_init).",
+    )
+    recycle: bool = option(False, help="Enable the v2 Global Recycle Network.")
+    recycle_ratio: float = option(
+        0.8,
+        low=0,
+        high=1,
+        open_low=True,
+        help="Fraction of the instances kept after masking that stay in the student "
+        "input; the rest are recycled.",
+    )
+    recycle_tokens: int = option(5, low=1, help="Number k of global tokens.")
+    recycle_momentum: float = option(
+        0.9999, low=0, high=1, help="EMA momentum of the global tokens."
+    )
+    recycle_heads: int = option(8, low=1, help="Cross-attention heads.")
+    recycle_dropout: float = option(0.1, low=0, high=1, help="Cross-attention dropout.")
+    embed_dim: int | None = option(
+        None,
+        low=1,
+        help="Width of the recycle network; default the head's embed_dim, which it "
+        "must equal when recycle is on.",
+    )
+
+    @classmethod
+    def prepare(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The preset's values under the explicit ones; ``null`` means not set."""
+        known = {f.name for f in fields(cls)}
+        explicit = {k: v for k, v in given.items() if v is not None or k not in known}
+        preset = explicit.get("preset")
+        base = PRESETS.get(preset, {}) if isinstance(preset, str) else {}
+        return {**base, **explicit}
+
+
+#: Values used when neither an explicit option nor the preset sets a key.
+DEFAULTS: dict[str, Any] = {
+    k: v for k, v in defaults(MHIMOptions).items() if k != "preset"
+}
+
+
 def consistency_loss(
     student: torch.Tensor, teacher: torch.Tensor, tau_t: float = 0.1, tau_s: float = 1.0
 ) -> torch.Tensor:
@@ -218,19 +325,6 @@ def consistency_loss(
     target = torch.softmax(teacher.detach().float() / tau_t, dim=-1)
     log_p = torch.log_softmax(student.float() / tau_s, dim=-1)
     return -(target * log_p).sum(dim=-1).mean()
-
-
-def _number(name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{KEY}.{name}: expected a number, got {value!r}."
-        raise ConfigError(msg)
-    value = float(value)
-    ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        msg = f"{KEY}.{name} must be in {bracket}{low}, {high}], got {value!r}."
-        raise ConfigError(msg)
-    return value
 
 
 def _extract_state_dict(obj: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -267,192 +361,22 @@ def ema_update(
 class MHIMMiner(Miner):
     """MHIM-MIL miner: EMA teacher, masked hard instances, consistency, (v2) GRN.
 
-    Every option defaults to ``None``: its value comes from the explicit option, else
-    from ``preset``, else from :data:`DEFAULTS` (the paper's C16 AB-MIL setting, the
-    values in brackets below). Ratios are fractions *dropped*.
-
-    Args:
-        preset (str | None): Published settings: ``c16_abmil``, ``c16_transmil``,
-            ``c16_dsmil``, ``tcga_abmil``, ``tcga_transmil``, ``tcga_dsmil``, ``v2``
-            or ``v2_dsmil`` (see :data:`PRESETS`).
-        mask_ratio_h (float | None): beta_h, high-score fraction masked (0.01).
-        mask_ratio_hr (float | None): rho_h, "randomly HAM": the candidates are the
-            top ``beta_h / rho_h`` and a random ``rho_h`` of them are masked (0.5;
-            1.0 = plain HAM).
-        mask_ratio_l (float | None): beta_l, low-score fraction masked (0).
-        mask_ratio_r (float | None): beta_r, random fraction masked (0.5).
-        mask_h_schedule (str | None): ``constant`` or ``cosine`` (default: beta_h
-            decays to 0 over the round's optimiser steps).
-        score (str | None): Teacher score used for masking: ``attention`` (v1;
-            multi-head attention fused by ``head_fusion``), ``class_aware`` (v2: max
-            over classes of the class probability of the attention-weighted
-            instance), ``instance_logit`` (max over classes of the instance logits,
-            MHIM's DSMIL rule) or ``auto`` (``instance_logit`` for DSMIL, else
-            ``attention`` when the head has attention, else ``class_aware``).
-        head_fusion (str | None): ``vote`` (each head votes for its own top-k, the k
-            most voted win) or ``mean`` (top-k of the head-mean score).
-        consistency_weight (float | None): alpha, weight of the consistency loss
-            (0.1; 0 disables it).
-        tau_t (float | None): Teacher temperature (0.1).
-        tau_s (float | None): Student temperature (1.0).
-        momentum (float | None): EMA momentum m of the teacher (0.9999).
-        momentum_schedule (str | None): ``constant`` or ``cosine`` (m rises to 1 over
-            the round's optimiser steps).
-        teacher_mode (str | None): ``eval`` (no dropout, as the paper's pseudocode;
-            default) or ``train`` (dropout active while scoring, as the official
-            code).
-        teacher_init (str | None): Checkpoint to initialise the teacher from: a
-            ``best.pt`` of a baseline run (``state_dict`` entry), a ``last.pt`` or a
-            raw head state dict. Without it the teacher starts as a copy of the
-            student.
-        student_init (str | None): With ``teacher_init``, also copy into the student
-            ``embed`` (default: the projection only, v1's ``init_stu_type=fc``; for
-            ``encoder_mil`` the encoder and the inner head's projection), ``all`` or
-            ``none`` of the checkpoint.
-        teacher_warmup (int | None): Epochs of plain training at the start of the
-            first round, after which the teacher starts as a copy of the student
-            (default: 20% of the epochs without ``teacher_init``, 0 with it; must be
-            0 with ``teacher_init``).
-        recycle (bool | None): Enable the v2 Global Recycle Network (False).
-        recycle_ratio (float | None): Fraction of the instances kept after masking
-            that stay in the student input; the rest are recycled (0.8).
-        recycle_tokens (int | None): Number k of global tokens (5).
-        recycle_momentum (float | None): EMA momentum of the global tokens (0.9999).
-        recycle_heads (int | None): Cross-attention heads (8).
-        recycle_dropout (float | None): Cross-attention dropout (0.1).
-        embed_dim (int | None): Width of the recycle network; default (None) the
-            head's ``embed_dim``, which it must equal when ``recycle`` is on.
+    Takes the keyword options of :class:`MHIMOptions` (``miner.options``), each also an
+    attribute of the miner: ``MHIMMiner(preset="v2", mask_ratio_h=0.02)``.
     """
 
     name = "mhim"
     #: Masking needs only instance scores: every task (MHIM-MIL v2 trains survival).
     supported_tasks = ("binary", "multiclass", "survival")
 
-    def __init__(
-        self,
-        *,
-        preset: str | None = None,
-        mask_ratio_h: float | None = None,
-        mask_ratio_hr: float | None = None,
-        mask_ratio_l: float | None = None,
-        mask_ratio_r: float | None = None,
-        mask_h_schedule: str | None = None,
-        score: str | None = None,
-        head_fusion: str | None = None,
-        consistency_weight: float | None = None,
-        tau_t: float | None = None,
-        tau_s: float | None = None,
-        momentum: float | None = None,
-        momentum_schedule: str | None = None,
-        teacher_mode: str | None = None,
-        teacher_init: str | None = None,
-        student_init: str | None = None,
-        teacher_warmup: int | None = None,
-        recycle: bool | None = None,
-        recycle_ratio: float | None = None,
-        recycle_tokens: int | None = None,
-        recycle_momentum: float | None = None,
-        recycle_heads: int | None = None,
-        recycle_dropout: float | None = None,
-        embed_dim: int | None = None,
-    ) -> None:
-        explicit = {
-            "mask_ratio_h": mask_ratio_h,
-            "mask_ratio_hr": mask_ratio_hr,
-            "mask_ratio_l": mask_ratio_l,
-            "mask_ratio_r": mask_ratio_r,
-            "mask_h_schedule": mask_h_schedule,
-            "score": score,
-            "head_fusion": head_fusion,
-            "consistency_weight": consistency_weight,
-            "tau_t": tau_t,
-            "tau_s": tau_s,
-            "momentum": momentum,
-            "momentum_schedule": momentum_schedule,
-            "teacher_mode": teacher_mode,
-            "teacher_init": teacher_init,
-            "student_init": student_init,
-            "teacher_warmup": teacher_warmup,
-            "recycle": recycle,
-            "recycle_ratio": recycle_ratio,
-            "recycle_tokens": recycle_tokens,
-            "recycle_momentum": recycle_momentum,
-            "recycle_heads": recycle_heads,
-            "recycle_dropout": recycle_dropout,
-            "embed_dim": embed_dim,
-        }
-        if preset is not None and preset not in PRESETS:
-            msg = f"{KEY}.preset must be one of {', '.join(PRESETS)}; got {preset!r}."
-            raise ConfigError(msg)
-        opts = dict(DEFAULTS)
-        if preset is not None:
-            opts.update(PRESETS[preset])
-        opts.update({k: v for k, v in explicit.items() if v is not None})
-        self.preset = preset
-        self.options = opts
-
-        self.mask_ratio_h = _number(
-            "mask_ratio_h", opts["mask_ratio_h"], 0.0, 1.0, open_low=False
-        )
-        self.mask_ratio_hr = _number(
-            "mask_ratio_hr", opts["mask_ratio_hr"], 0.0, 1.0, open_low=True
-        )
-        self.mask_ratio_l = _number(
-            "mask_ratio_l", opts["mask_ratio_l"], 0.0, 1.0, open_low=False
-        )
-        self.mask_ratio_r = _number(
-            "mask_ratio_r", opts["mask_ratio_r"], 0.0, 1.0, open_low=False
-        )
-        self.mask_h_schedule = _choice(
-            "mask_h_schedule", opts["mask_h_schedule"], SCHEDULES
-        )
-        self.score = _choice("score", opts["score"], SCORES)
-        self.head_fusion = _choice("head_fusion", opts["head_fusion"], FUSIONS)
-        self.consistency_weight = _number(
-            "consistency_weight",
-            opts["consistency_weight"],
-            0.0,
-            float("inf"),
-            open_low=False,
-        )
-        self.tau_t = _number("tau_t", opts["tau_t"], 0.0, float("inf"), open_low=True)
-        self.tau_s = _number("tau_s", opts["tau_s"], 0.0, float("inf"), open_low=True)
-        self.momentum = _number("momentum", opts["momentum"], 0.0, 1.0, open_low=False)
-        self.momentum_schedule = _choice(
-            "momentum_schedule", opts["momentum_schedule"], SCHEDULES
-        )
-        self.teacher_mode = _choice("teacher_mode", opts["teacher_mode"], TEACHER_MODES)
-        self.student_init = _choice("student_init", opts["student_init"], STUDENT_INITS)
-        init = opts["teacher_init"]
-        if init is not None:
-            if not isinstance(init, (str, Path)) or not str(init):
-                msg = f"{KEY}.teacher_init: expected a file path, got {init!r}."
-                raise ConfigError(msg)
-            if not Path(init).is_file():
-                msg = f"{KEY}.teacher_init: checkpoint {init} not found."
-                raise ConfigError(msg)
-        self.teacher_init = str(init) if init is not None else None
-        self.teacher_warmup = self._check_warmup(opts["teacher_warmup"])
-        if not isinstance(opts["recycle"], bool):
-            msg = f"{KEY}.recycle: expected true or false, got {opts['recycle']!r}."
-            raise ConfigError(msg)
-        self.recycle = opts["recycle"]
-        self.recycle_ratio = _number(
-            "recycle_ratio", opts["recycle_ratio"], 0.0, 1.0, open_low=True
-        )
-        self.recycle_momentum = _number(
-            "recycle_momentum", opts["recycle_momentum"], 0.0, 1.0, open_low=False
-        )
-        self.recycle_dropout = _number(
-            "recycle_dropout", opts["recycle_dropout"], 0.0, 1.0, open_low=False
-        )
-        self.recycle_tokens = _positive_int("recycle_tokens", opts["recycle_tokens"])
-        self.recycle_heads = _positive_int("recycle_heads", opts["recycle_heads"])
-        self.embed_dim = (
-            None
-            if opts["embed_dim"] is None
-            else _positive_int("embed_dim", opts["embed_dim"])
-        )
+    def __init__(self, **options: Any) -> None:
+        opts = parse(MHIMOptions, options, key=KEY)
+        self.preset = opts.preset
+        #: The resolved option values (explicit, else preset, else default).
+        self.options = {k: v for k, v in asdict(opts).items() if k != "preset"}
+        for name, value in self.options.items():
+            setattr(self, name, value)
+        self.teacher_init = self._check_teacher_start(opts)
         # Built in on_fit_start (before the loop creates the optimiser), with the
         # head's width unless embed_dim is given.
         self.grn: GlobalRecycleNetwork | None = None
@@ -468,19 +392,22 @@ class MHIMMiner(Miner):
         self._warmup_epochs = 0
         self._teacher_ready = True
 
-    def _check_warmup(self, value: Any) -> int | None:
-        if value is None:
+    @staticmethod
+    def _check_teacher_start(opts: MHIMOptions) -> str | None:
+        """``teacher_init`` as a string, after checking it and ``teacher_warmup``."""
+        init = opts.teacher_init
+        if init is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            msg = f"{KEY}.teacher_warmup: expected an integer >= 0, got {value!r}."
+        if not Path(init).is_file():
+            msg = f"{KEY}.teacher_init: checkpoint {init} not found."
             raise ConfigError(msg)
-        if value > 0 and self.teacher_init is not None:
+        if opts.teacher_warmup:
             msg = (
                 f"{KEY}.teacher_warmup must be 0 with teacher_init (the teacher "
-                f"starts from the checkpoint), got {value}."
+                f"starts from the checkpoint), got {opts.teacher_warmup}."
             )
             raise ConfigError(msg)
-        return value
+        return str(init)
 
     def warmup_epochs(self, epochs: int) -> int:
         """Plain-training epochs before the teacher starts (see the module doc)."""

@@ -9,8 +9,8 @@ from tiahnm.hookspecs import Register, hookimpl
 def tiahnm_register_tasks(register: Register) -> None:
     """Register the built-in tasks."""
     from tiahnm.tasks.classification import BinaryTask, MulticlassTask
-    from tiahnm.tasks.regression import RegressionTask
-    from tiahnm.tasks.survival import SurvivalTask
+    from tiahnm.tasks.regression import RegressionOptions, RegressionTask
+    from tiahnm.tasks.survival import SurvivalOptions, SurvivalTask
 
     register(
         "binary", BinaryTask, description="Two classes: cross-entropy, AUC, threshold"
@@ -23,10 +23,12 @@ def tiahnm_register_tasks(register: Register) -> None:
     register(
         "survival",
         SurvivalTask,
+        options=SurvivalOptions,
         description="Censored times: discrete-time NLL or Cox (Breslow/Efron), c-index",
     )
     register(
         "regression",
         RegressionTask,
+        options=RegressionOptions,
         description="Continuous target: MSE / Huber, MAE, RMSE, R2, Pearson, Spearman",
     )

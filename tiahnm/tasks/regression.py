@@ -12,21 +12,33 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tiahnm.errors import ConfigError, DataError
 from tiahnm.tasks.base import Task
+from tiahnm.utils.options import Options, option, parse
 
 LOSSES = ("mse", "huber")
+
+
+@dataclass(frozen=True)
+class RegressionOptions(Options):
+    """Options of :class:`RegressionTask` (``task.options``)."""
+
+    loss: str = option(
+        "mse",
+        choices=LOSSES,
+        help="mse or huber (torch.nn.functional.huber_loss, delta 1).",
+    )
 
 
 class RegressionTask(Task):
     """Continuous bag targets.
 
-    Args:
-        loss (str): ``mse`` or ``huber`` (``torch.nn.functional.huber_loss``, delta 1).
+    Takes the options of :class:`RegressionOptions` (``task.options``).
     """
 
     name = "regression"
@@ -37,11 +49,8 @@ class RegressionTask(Task):
     report_metrics = ("mae", "rmse", "r2", "pearson_r", "spearman_rho")
     ci_metrics = ("mae", "rmse", "r2")
 
-    def __init__(self, *, loss: str = "mse") -> None:
-        if loss not in LOSSES:
-            msg = f"task.options.loss must be one of {', '.join(LOSSES)}, got {loss!r}."
-            raise ConfigError(msg)
-        self.loss = loss
+    def __init__(self, **options: Any) -> None:
+        self.loss = parse(RegressionOptions, options, key="task.options").loss
 
     def n_outputs(self, n_classes: int) -> int:
         """Two logits; the prediction is their difference."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,21 @@ from tiahnm.tasks.survival_losses import (
     discrete_time_nll,
     quantile_bins,
 )
+from tiahnm.utils.options import Options, option, parse
 
 LOSSES = ("nll", "cox")
+
+
+@dataclass(frozen=True)
+class SurvivalOptions(Options):
+    """Options of :class:`SurvivalTask` (``task.options``)."""
+
+    loss: str = option("nll", choices=LOSSES, help="nll or cox.")
+    n_bins: int = option(4, low=2, help="Time bins of nll (4, as MHIM-MIL v2).")
+    ties: str = option("breslow", choices=TIES, help="Tie handling of cox.")
+    alpha: float = option(
+        0.0, help="Extra weight of the uncensored NLL term (0: plain NLL)."
+    )
 
 
 class SurvivalTask(Task):
@@ -37,11 +51,7 @@ class SurvivalTask(Task):
 
     The per-bag output kept by prediction is ``[risk, logits...]``.
 
-    Args:
-        loss (str): ``nll`` or ``cox``.
-        n_bins (int): Time bins of ``nll`` (4, as MHIM-MIL v2).
-        ties (str): Tie handling of ``cox``.
-        alpha (float): Extra weight of the uncensored NLL term (0: plain NLL).
+    Takes the options of :class:`SurvivalOptions` (``task.options``).
     """
 
     name = "survival"
@@ -49,28 +59,13 @@ class SurvivalTask(Task):
     monitors = ("val_loss", "val_c_index")
     primary_metric = "c_index"
 
-    def __init__(
-        self,
-        *,
-        loss: str = "nll",
-        n_bins: int = 4,
-        ties: str = "breslow",
-        alpha: float = 0.0,
-    ) -> None:
-        if loss not in LOSSES:
-            msg = f"task.options.loss must be one of {', '.join(LOSSES)}, got {loss!r}."
-            raise ConfigError(msg)
-        if ties not in TIES:
-            msg = f"task.options.ties must be one of {', '.join(TIES)}, got {ties!r}."
-            raise ConfigError(msg)
-        if n_bins < 2:
-            msg = f"task.options.n_bins must be >= 2, got {n_bins}."
-            raise ConfigError(msg)
-        self.loss = loss
-        self.n_bins = int(n_bins)
-        self.ties = ties
-        self.alpha = float(alpha)
-        self.couples_bags = loss == "cox"
+    def __init__(self, **options: Any) -> None:
+        opts = parse(SurvivalOptions, options, key="task.options")
+        self.loss = opts.loss
+        self.n_bins = opts.n_bins
+        self.ties = opts.ties
+        self.alpha = opts.alpha
+        self.couples_bags = opts.loss == "cox"
         self.edges: np.ndarray | None = None
         #: ``(time, event)`` of the bags of the last :meth:`fit` (the censoring
         #: distribution of Uno's c-index and the time-dependent AUC).
