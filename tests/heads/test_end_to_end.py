@@ -135,3 +135,26 @@ def test_models_saved_before_feature_norm_load_with_none_only():
     assert bool(h.stats_set)
     with pytest.raises(RuntimeError, match="feature_norm: none"):
         head().load_state_dict(old)
+
+
+def test_runs_the_base_head_init_without_a_shared_embedding(monkeypatch):
+    """EncoderMIL goes through MILHead.__init__ (its checks and attributes) but adds
+    no in_dim -> embed_dim layer: the encoder and the inner head embed."""
+    from tiahnm.heads.base import MILHead
+
+    calls = []
+    real = MILHead.__init__
+
+    def spy(self, *args, **kwargs):
+        calls.append((type(self).__name__, args, kwargs))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MILHead, "__init__", spy)
+    h = head()
+    outer = [c for c in calls if c[0] == "EncoderMIL"]
+    assert outer == [("EncoderMIL", (784, 2), {"shared_embed": False})]
+    assert not hasattr(h, "embed")
+    assert not any(k.startswith("embed.") for k in h.state_dict())
+    assert (h.in_dim, h.n_classes, h.embed_dim) == (784, 2, h.head.embed_dim)
+    with pytest.raises(ConfigError, match="n_classes >= 2"):
+        EncoderMIL(784, 1, encoder_options={"out_dim": 8, "width": 4})

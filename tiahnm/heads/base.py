@@ -98,6 +98,7 @@ class MILHead(nn.Module):
         embed_dim: int = 512,
         dropout: float = 0.25,
         act: str = "relu",
+        shared_embed: bool = True,
     ) -> None:
         super().__init__()
         if in_dim <= 0 or n_classes < 2:
@@ -106,6 +107,8 @@ class MILHead(nn.Module):
         self.in_dim = in_dim
         self.n_classes = n_classes
         self.embed_dim = embed_dim
+        if not shared_embed:  # a head that embeds otherwise (EncoderMIL: its encoder)
+            return
         layers: list[nn.Module] = [nn.Linear(in_dim, embed_dim), make_activation(act)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))

@@ -74,7 +74,8 @@ class EncoderMIL(MILHead):
         freeze_encoder: bool = False,
         feature_norm: str = "batch",
     ) -> None:
-        torch.nn.Module.__init__(self)
+        # no shared in_dim -> embed_dim layer: the encoder and inner head embed
+        super().__init__(in_dim, n_classes, shared_embed=False)
         shape = tuple(image_shape) if image_shape is not None else _square(in_dim)
         if len(shape) != 3 or math.prod(shape) != in_dim:
             msg = (
