@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from tests.synthetic import make_bags, write_mil_csv
@@ -99,6 +100,18 @@ def test_summary_shape_and_determinism(tmp_path):
     assert set(a["metrics"]) >= {"auc", "accuracy", "f1", "balanced_accuracy"}
     assert set(a["repeat_metrics"]["accuracy"]) == {"mean", "std", "n"}
     assert a["repeat_metrics"]["accuracy"]["n"] == 2
+    # over folds: mean and sample std of the 6 fold values; over repeats: of the
+    # 2 repeat means (each of its 3 folds)
+    for key in ("auc", "accuracy"):
+        values = {(f["repeat"], f["fold"]): f["metrics"][key] for f in a["folds"]}
+        assert sorted(values) == [(r, f) for r in range(2) for f in range(3)]
+        got = a["metrics"][key]
+        assert got["mean"] == pytest.approx(np.mean(list(values.values())))
+        assert got["std"] == pytest.approx(np.std(list(values.values()), ddof=1))
+        means = [np.mean([values[r, f] for f in range(3)]) for r in range(2)]
+        assert a["repeat_metrics"][key]["mean"] == pytest.approx(np.mean(means))
+        assert a["repeat_metrics"][key]["std"] == pytest.approx(np.std(means, ddof=1))
+    assert a["repeat_metrics"]["accuracy"]["std"] > 0  # the repeats differ
     assert "instance_auc" not in a["metrics"]  # the CSV carries no instance labels
 
 

@@ -474,6 +474,15 @@ def test_nan_loss_can_skip_the_step_and_count_it(tmp_path):
     skipped = [row["nonfinite_steps"] for row in result["history"]]
     assert sum(skipped) > 0
     assert all(np.isfinite(row["train_loss"]) for row in result["history"])
+    # 4 steps an epoch; the loss is NaN from the 4th training call on (of the run):
+    # fold 0 skips 1 step, then all 4, fold 1 all of them
+    again = json.loads((out / "folds" / "r0_f1" / "result.json").read_text())
+    assert skipped == [1, 4, 4]
+    assert [row["nonfinite_steps"] for row in again["history"]] == [4, 4, 4]
+    # a skipped step leaves the head alone: the validation loss stays where the
+    # last finite step left it
+    for history in (result["history"][1:], again["history"]):
+        assert len({row["val_loss"] for row in history}) == 1
 
 
 # ---------------------------------------------------------- damaged JSON files

@@ -1,10 +1,13 @@
+import csv as csv_module
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from sklearn.metrics import accuracy_score, roc_auc_score
 
 from tests.synthetic import make_bags, write_mil_csv
 from tiahnm.cli import cli
@@ -95,6 +98,23 @@ def test_train_end_to_end_and_resume(runner, tmp_path):
     lines = (out / "predictions.csv").read_text().splitlines()
     assert lines[0] == "slide_id,repeat,fold,label,probability,prediction"
     assert len(lines) == 21
+    # the summary is scikit-learn's AUC and accuracy of each fold's test rows, averaged
+    rows = list(csv_module.DictReader(lines))
+    truth = {b.slide_id: b.label for b in make_bags(20)}
+    assert {r["slide_id"]: int(r["label"]) for r in rows} == truth
+    aucs, accs = [], []
+    for fold in summary["folds"]:
+        part = [r for r in rows if int(r["fold"]) == fold["fold"]]
+        y = [int(r["label"]) for r in part]
+        p = np.array([float(r["probability"]) for r in part])
+        pred = [int(r["prediction"]) for r in part]
+        assert pred == (p >= fold["threshold"]).astype(int).tolist()
+        assert fold["metrics"]["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+        assert fold["metrics"]["accuracy"] == pytest.approx(accuracy_score(y, pred))
+        aucs.append(fold["metrics"]["auc"])
+        accs.append(fold["metrics"]["accuracy"])
+    assert summary["metrics"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert summary["metrics"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
     assert (out / "folds" / "r0_f0" / "best.pt").is_file()
     assert not (out / "folds" / "r0_f0" / "last.pt").exists()
     # A second run finds every fold done and reproduces the same summary.

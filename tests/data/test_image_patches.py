@@ -65,8 +65,11 @@ def test_threshold_options_and_registry(folder):
 
 
 def test_custom_columns_and_stride(tmp_path):
-    write_png(tmp_path / "x.png", np.zeros((8, 8, 3), dtype=np.uint8))
-    (tmp_path / "lab.csv").write_text("file,y\nx.png,0\n")
+    # 8 x 10 (h x w), every pixel distinct and dark (never dropped as background)
+    pixels = np.arange(8 * 10 * 3, dtype=np.uint8).reshape(8, 10, 3) % 200
+    write_png(tmp_path / "x.png", pixels)
+    write_png(tmp_path / "z.png", np.zeros((4, 4, 3), dtype=np.uint8))
+    (tmp_path / "lab.csv").write_text("file,y\nx.png,1\nz.png,0\n")
     bags = ImagePatchBags(
         str(tmp_path),
         labels_csv=str(tmp_path / "lab.csv"),
@@ -75,7 +78,17 @@ def test_custom_columns_and_stride(tmp_path):
         patch_size=4,
         stride=2,
     ).load()
-    assert bags[0].coords.shape == (9, 2)
+    assert [(b.slide_id, b.label) for b in bags] == [("x", 1), ("z", 0)]
+    x = bags[0]
+    # top-left corners (x, y) every 2 px, row-major: 4 columns x 3 rows
+    want = [[cx, cy] for cy in (0, 2, 4) for cx in (0, 2, 4, 6)]
+    assert x.coords.tolist() == want
+    # each patch holds the pixels under its corner, channel-major, scaled to [0, 1]
+    got = x.features.reshape(len(want), 3, 4, 4).numpy()
+    for patch, (cx, cy) in zip(got, want, strict=True):
+        crop = pixels[cy : cy + 4, cx : cx + 4].transpose(2, 0, 1) / 255.0
+        np.testing.assert_allclose(patch, crop, atol=1e-6)
+    assert bags[1].coords.tolist() == [[0, 0]]
 
 
 def test_errors_name_the_file(tmp_path):

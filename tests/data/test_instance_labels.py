@@ -265,3 +265,30 @@ def test_mnist_mosaics_instance_metrics_in_summary(shared_data, tmp_path):
 
     with h5py.File(tmp_path / "out" / "folds" / "r0_f0" / "instance_scores.h5") as f:
         assert f.attrs["score_kind"] == "attention"
+    # each fold's instance metrics are scikit-learn's on its test slides' stored
+    # scores against the mosaics' own digit labels, F1 at the stored threshold
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+    from tiahnm.evaluation.scores import read_instance_scores
+
+    folds = {key: [] for key in ("instance_auc", "instance_ap", "instance_f1")}
+    tested = []
+    for fold in summary["folds"]:
+        name = f"r{fold['repeat']}_f{fold['fold']}"
+        slides, attrs = read_instance_scores(
+            tmp_path / "out" / "folds" / name / "instance_scores.h5"
+        )
+        tested += [s.slide_id for s in slides]
+        y = np.concatenate([truth[s.slide_id] for s in slides])
+        scores = np.concatenate([s.scores for s in slides]).astype(np.float64)
+        want = {
+            "instance_auc": roc_auc_score(y, scores),
+            "instance_ap": average_precision_score(y, scores),
+            "instance_f1": f1_score(y, scores >= attrs["instance_threshold"]),
+        }
+        for key, value in want.items():
+            assert fold["metrics"][key] == pytest.approx(value, abs=1e-5), key
+            folds[key].append(fold["metrics"][key])
+    assert sorted(tested) == sorted(truth)  # every mosaic tested once
+    for key, values in folds.items():
+        assert summary["metrics"][key]["mean"] == pytest.approx(np.mean(values))

@@ -2,6 +2,7 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
 from tiahnm.data.mnist_bags import MNISTBags, read_mnist_csv
 from tiahnm.errors import DataError
@@ -38,8 +39,20 @@ def test_balanced_bags_labels_and_sizes(tmp_path):
 def test_images_layout(tmp_path):
     p = tmp_path / "m.csv.gz"
     fake_mnist(p)
-    (bag, *_) = MNISTBags(str(p), n_bags=2, as_images=True).load()
-    assert bag.features.shape[1:] == (1, 28, 28)
+    images = MNISTBags(str(p), n_bags=2, as_images=True).load()
+    flat = MNISTBags(str(p), n_bags=2).load()
+    assert images[0].features.shape[1:] == (1, 28, 28)
+    # the same bags; each image is its 784 pixels in row-major order
+    pixels, digits = read_mnist_csv(p)
+    digit_of = {r.tobytes(): int(d) for r, d in zip(pixels, digits, strict=True)}
+    for img, row in zip(images, flat, strict=True):
+        assert (img.slide_id, img.label) == (row.slide_id, row.label)
+        assert img.meta["digits"] == row.meta["digits"]
+        assert torch.equal(img.features, row.features.reshape(-1, 1, 28, 28))
+        # image [k, 0, r, c] is pixel 28 r + c of a CSV row, scaled to [0, 1]
+        for k, image in enumerate(img.features):
+            raw = np.rint(image.numpy()[0] * 255).astype(np.uint8).reshape(784)
+            assert digit_of[raw.tobytes()] == img.meta["digits"][k]
 
 
 def test_bad_file(tmp_path):

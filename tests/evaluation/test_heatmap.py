@@ -128,6 +128,32 @@ def test_heatmap_cli_from_a_run(trained_run, tmp_path):
     assert res.exit_code == 0, res.output
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 4  # 2 figures + 2 overlays
+    # the first two slides of the first fold's scores
+    slides, _ = read_instance_scores(
+        trained_run.run / "folds" / "r0_f0" / "instance_scores.h5"
+    )
+    drawn = slides[:2]
+    names = [f"{s.slide_id}{tail}.png" for s in drawn for tail in ("", "_overlay")]
+    assert pngs == sorted(names)
+    # on the slide's min-max scale, exactly the patches in the top half are painted
+    res = CliRunner().invoke(
+        cli,
+        [
+            "heatmap",
+            str(trained_run.run),
+            *("--output-path", str(tmp_path / "mm"), "--limit", "2"),
+            *("--scale", "minmax", "--threshold", "0.5", "--alpha", "0.6"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    for s in drawn:
+        values = (s.scores - s.scores.min()) / (s.scores.max() - s.scores.min())
+        img = np.asarray(Image.open(tmp_path / "mm" / f"{s.slide_id}_overlay.png"))
+        scale = img.shape[1] / s.meta["level0_dimensions"][0]
+        centres = ((s.coords + PATCH // 2) * scale).astype(int)
+        alpha = img[centres[:, 1], centres[:, 0], 3]
+        want = np.where(values >= 0.5, round(0.6 * 255), 0)
+        assert alpha.tolist() == want.tolist(), s.slide_id
     res = CliRunner().invoke(
         cli,
         [

@@ -340,11 +340,14 @@ def test_mined_patches_of_slide_patch_bags_are_read_from_the_slide(quick_run):
 
 def test_report_command_rewrites_html(quick_run):
     page = quick_run / "report.html"
+    before = page.read_text()
     page.unlink()
     res = CliRunner().invoke(cli, ["report", str(quick_run)])
     assert res.exit_code == 0, res.output
     assert f"HTML report: {page}" in res.output
     assert page.is_file()
+    # the run's files alone make the page: rewritten, it is the page the run wrote
+    assert page.read_text() == before
 
 
 def test_standalone_heatmap_uses_class_names_and_outlines(

@@ -131,11 +131,18 @@ def test_bootstrap_width_shrinks_with_more_slides():
 def test_add_confidence_intervals_to_summary():
     results = fold_results()
     summary = {"metrics": {k: {"mean": 0.5, "std": 0.1, "n": 6} for k in METRICS}}
-    add_confidence_intervals(summary, results, n_resamples=100, seed=0)
-    assert summary["ci"]["n_resamples"] == 100
+    add_confidence_intervals(summary, results, n_resamples=100, seed=3)
+    assert summary["ci"]["n_resamples"] == 100 and summary["ci"]["seed"] == 3
+    # the pooled estimate and interval of the bootstrap with the given seed
+    want = bootstrap_ci(pooled_predictions(results), n_resamples=100, seed=3)
+    other = bootstrap_ci(pooled_predictions(results), n_resamples=100, seed=0)
+    assert want != other
     for k in METRICS:
         assert len(summary["metrics"][k]["ci95"]) == 2
+        assert summary["metrics"][k]["ci95"] == want[k]["ci95"], k
+        assert summary["metrics"][k]["pooled"] == want[k]["pooled"], k
         assert summary["metrics"][k]["mean"] == 0.5  # untouched
+        assert summary["metrics"][k]["std"] == 0.1 and summary["metrics"][k]["n"] == 6
     assert confidence_intervals(results, n_resamples=0) == {}
 
 

@@ -389,12 +389,36 @@ def test_score_resolution_per_head():
         (abmil(), "class_aware", "class_aware"),
     ]
     x = torch.randn(12, 8)
+    by_hand = {
+        "attention": lambda t, o: o.attention.float().mean(0),
+        "instance_logit": lambda t, o: o.instance_logits.float().max(-1).values,
+        "class_aware": lambda t, o: torch.softmax(t._instance_logits(o), -1).amax(-1),
+    }
     for head, score, resolved in cases:
-        miner = MHIMMiner(score=score)
+        # only the top quarter is masked: the student sees the other 9 instances
+        miner = MHIMMiner(
+            score=score,
+            mask_ratio_h=0.25,
+            mask_ratio_hr=1.0,
+            mask_ratio_l=0.0,
+            mask_ratio_r=0.0,
+        )
         miner.on_fit_start(context(head))
         assert miner._resolved_score == resolved
+        with torch.no_grad():
+            scores = by_hand[resolved](miner.teacher, miner.teacher(x))
+        top = set(torch.topk(scores, 3).indices.tolist())
+        seen = {}
+        forward = head.forward
+
+        def spy(v, forward=forward, seen=seen, **kw):
+            seen.update(kw)
+            return forward(v, **kw)
+
+        head.forward = spy
         out, _ = miner.forward(context(head), x, torch.tensor([1]), 0)
         assert out.bag_logits.shape == (1, 2)
+        assert seen["keep_idx"].tolist() == sorted(set(range(12)) - top), resolved
     with pytest.raises(ConfigError, match=r"miner\.options\.score"):
         MHIMMiner(score="attention").on_fit_start(
             context(MeanPoolingMIL(8, 2, embed_dim=16))

@@ -139,6 +139,26 @@ def test_fit_with_encoder_mil_and_teacher_init(tmp_path):
     best = tmp_path / "best.pt"
     save_checkpoint({"state_dict": encoder_mil(seed=1).state_dict()}, best)
     cfg = TrainConfig(epochs=2, lr=1e-3, progress=False, patience=10)
-    miner = MHIMMiner(teacher_init=str(best), mask_ratio_h=0.2)
+    start = encoder_mil(seed=1).state_dict()
+
+    class Recording(MHIMMiner):
+        """Keeps the student's parameters each time the teacher takes an EMA step."""
+
+        students: list[dict[str, torch.Tensor]] = []
+
+        def after_step(self, ctx, step):
+            params = ctx.head.named_parameters()
+            self.students.append({k: v.detach().clone() for k, v in params})
+            super().after_step(ctx, step)
+
+    miner = Recording(teacher_init=str(best), mask_ratio_h=0.2, momentum=0.9)
     res = fit(encoder_mil(), bags[:6], bags[6:], cfg, miner=miner, seed=0)
     assert len(res.history) == 2 and miner.last_stats["n_kept"] < miner.last_stats["n"]
+    # the teacher starts from teacher_init (no warm-up) and takes one EMA step of
+    # momentum 0.9 towards the student after each of the 2 x 6 optimiser steps
+    assert len(miner.students) == 12
+    for name, t in miner.teacher.named_parameters():
+        want = start[name].clone()
+        for student in miner.students:
+            want = 0.9 * want + 0.1 * student[name]
+        torch.testing.assert_close(t, want, rtol=0, atol=1e-6, msg=name)

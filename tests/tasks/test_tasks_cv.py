@@ -8,6 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    roc_auc_score,
+)
+from sksurv.metrics import concordance_index_censored
 
 from tiahnm.config import from_dict
 from tiahnm.crossval import make_folds, run_training
@@ -73,6 +79,20 @@ def test_survival_cv_writes_c_index_and_risks(
     rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
     assert {"risk", "time", "event", "high_risk"} <= set(rows[0])
     assert len(rows) == 40
+    # each fold's c-index is scikit-survival's on its test rows of predictions.csv
+    truth = {b.slide_id: (b.time, b.event) for b in survival_bags()}
+    folds = []
+    for fold in summary["folds"]:
+        part = [r for r in rows if int(r["fold"]) == fold["fold"]]
+        time = np.array([float(r["time"]) for r in part])
+        event = np.array([int(r["event"]) for r in part], dtype=bool)
+        assert time == pytest.approx([truth[r["slide_id"]][0] for r in part], abs=1e-6)
+        assert event.tolist() == [bool(truth[r["slide_id"]][1]) for r in part]
+        risk = np.array([float(r["risk"]) for r in part])
+        want = concordance_index_censored(event, time, risk)[0]
+        assert fold["metrics"]["c_index"] == pytest.approx(want, abs=1e-6)
+        folds.append(fold["metrics"]["c_index"])
+    assert c["mean"] == pytest.approx(np.mean(folds))
     best = torch.load(tmp_path / "run/folds/r0_f0/best.pt", weights_only=False)
     assert best["n_classes"] == (4 if loss == "nll" else 2)
 
@@ -99,6 +119,28 @@ def test_multiclass_cv_macro_auc_kappa_and_val_auc(tmp_path) -> None:
     )
     assert "ci95" in m["auc"] and "ci95" in m["kappa"]
     assert summary["task"]["kappa_weights"] == "quadratic"
+    # each fold's metrics are scikit-learn's on its test rows of predictions.csv
+    rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
+    assert sorted(r["slide_id"] for r in rows) == sorted(b.slide_id for b in bags)
+    per_fold = {}
+    for fold in summary["folds"]:
+        part = [r for r in rows if int(r["fold"]) == fold["fold"]]
+        y = np.array([int(r["label"]) for r in part])
+        p = np.array([[float(r[f"p_{k}"]) for k in range(3)] for r in part])
+        pred = np.array([int(r["prediction"]) for r in part])
+        assert pred.tolist() == p.argmax(1).tolist()
+        want = {
+            "auc": roc_auc_score(y, p, multi_class="ovr"),
+            "kappa": cohen_kappa_score(y, pred, weights="quadratic"),
+            "balanced_accuracy": balanced_accuracy_score(y, pred),
+            "auc_class2": roc_auc_score(y == 2, p[:, 2]),
+            "recall_class1": float((pred[y == 1] == 1).mean()),
+        }
+        for key, value in want.items():
+            assert fold["metrics"][key] == pytest.approx(value, abs=1e-4), key
+            per_fold.setdefault(key, []).append(fold["metrics"][key])
+    for key, values in per_fold.items():
+        assert m[key]["mean"] == pytest.approx(np.mean(values)), key
     hist = json.loads((tmp_path / "run/folds/r0_f0/result.json").read_text())["history"]
     assert all(np.isfinite(row["val_auc"]) for row in hist)
 
@@ -233,7 +275,34 @@ def test_patient_bag_level_and_patient_metrics(tmp_path) -> None:
         b.features = torch.from_numpy(x)
     summary = run_training(from_dict(base_config(tmp_path)), bags=bags)
     assert "auc" in summary["patient_metrics"]
+    # a patient's probability is the mean of its slides' (predictions.csv), scored
+    # with the fold's threshold
+    rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
+    aucs, accs = [], []
+    for fold in summary["folds"]:
+        probs, labels = {}, {}
+        for r in rows:
+            if int(r["fold"]) == fold["fold"]:
+                probs.setdefault(r["patient_id"], []).append(float(r["probability"]))
+                labels[r["patient_id"]] = int(r["label"])
+        ids = sorted(probs)
+        y = [labels[i] for i in ids]
+        p = np.array([np.mean(probs[i]) for i in ids])
+        name = f"r{fold['repeat']}_f{fold['fold']}"
+        result = json.loads((tmp_path / "run/folds" / name / "result.json").read_text())
+        got = result["patient_metrics"]
+        assert got["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+        acc = np.mean((p >= fold["threshold"]) == np.array(y))
+        assert got["accuracy"] == pytest.approx(acc)
+        aucs.append(got["auc"])
+        accs.append(got["accuracy"])
+    assert summary["patient_metrics"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert summary["patient_metrics"]["accuracy"]["mean"] == pytest.approx(
+        np.mean(accs)
+    )
     cfg = from_dict(base_config(tmp_path / "p", data={"bag_level": "patient"}))
     summary = run_training(cfg, bags=bags)
     rows = list(csv.DictReader(open(tmp_path / "p/run/predictions.csv")))
     assert len(rows) == 16 and rows[0]["slide_id"].startswith("P")
+    patients = {b.patient_id: b.label for b in bags}
+    assert {r["slide_id"]: int(r["label"]) for r in rows} == patients

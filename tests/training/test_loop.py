@@ -100,6 +100,16 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
         assert torch.equal(resumed.best_state[k], full.best_state[k])
 
 
+def _stop_epoch(val_losses, patience, min_epochs):
+    """The early-stopping rule by hand: the epoch after which training stops."""
+    best, bad = float("inf"), 0
+    for epoch, loss in enumerate(val_losses):
+        best, bad = (loss, 0) if loss < best else (best, bad + 1)
+        if bad >= patience and epoch + 1 >= min_epochs:
+            return epoch
+    return None
+
+
 def test_early_stopping_uses_patience_and_min_epochs():
     bags = make_bags(12)
     res = fit(
@@ -118,6 +128,20 @@ def test_early_stopping_uses_patience_and_min_epochs():
         seed=0,
     )
     assert len(res.history) == 10
+    assert res.best_epoch == 0
+    # lr 0.02: validation improves up to epoch 5, stalls for 2 epochs, improves at 8
+    # (the count restarts), then stalls for 3: training stops after epoch 11
+    res = fit(
+        new_head(),
+        bags[:8],
+        bags[8:],
+        cfg(epochs=30, lr=0.02, patience=3, min_epochs=0),
+        seed=0,
+    )
+    losses = [r["val_loss"] for r in res.history]
+    assert _stop_epoch(losses, 3, 0) == len(losses) - 1 == 11
+    assert res.best_epoch == losses.index(min(losses)) == 8
+    assert _stop_epoch(losses[:8], 3, 0) is None  # 2 stalled epochs before epoch 8
 
 
 def test_no_validation_keeps_last_epoch():
