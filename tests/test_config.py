@@ -67,8 +67,10 @@ def test_invalid_configs_name_the_key(tmp_path, text, fragment):
 
 def test_scientific_notation_and_int_to_float(tmp_path):
     cfg = load_config(write(tmp_path, "train: {lr: 1e-4, weight_decay: 0}"))
-    assert cfg.train.lr == pytest.approx(1e-4)
-    assert isinstance(cfg.train.weight_decay, float)
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.weight_decay == 0.0 and isinstance(cfg.train.weight_decay, float)
+    cfg = load_config(write(tmp_path, "train: {lr: 2.5E-3, weight_decay: 1}"))
+    assert (cfg.train.lr, cfg.train.weight_decay) == (2.5e-3, 1.0)
 
 
 def test_overrides():

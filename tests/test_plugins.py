@@ -260,15 +260,20 @@ def test_hook_tiahnm_register_losses() -> None:
     head = TinyHead(8)
     outs = [head(b.features) for b in make_bags(2)]
     value = loss(head, outs, [0, 1])
-    assert value is not None
-    assert value.dim() == 0
-    assert value.item() >= 0
+    # the registered factory got the option: 2 x the mean squared bag logit
+    by_hand = 2.0 * sum(float(o.bag_logits.pow(2).mean()) for o in outs) / 2
+    assert value.dim() == 0 and float(value) == pytest.approx(by_hand, rel=1e-6)
     value.backward()
-    assert head.classifier.weight.grad is not None
+    assert head.classifier.weight.grad.abs().sum() > 0
     config = from_dict(
         {"losses": [{"name": "norm", "weight": 0.5, "options": {"scale": 3}}]}
     )
-    assert config.losses[0].name == "norm"
+    assert (config.losses[0].name, config.losses[0].weight) == ("norm", 0.5)
+    from_config = pm.get("loss").create(
+        config.losses[0].name, key="losses[0].options", **config.losses[0].options
+    )
+    assert from_config.scale == 3
+    assert float(from_config(head, outs, [0, 1])) == pytest.approx(1.5 * by_hand)
 
 
 def test_hook_tiahnm_register_encoders() -> None:
@@ -276,7 +281,11 @@ def test_hook_tiahnm_register_encoders() -> None:
     assert pm.get("encoder")["pool_encoder"].package == "test-encoders"
     encoder = pm.get("encoder").create("pool_encoder", key="encoder.options", out_dim=5)
     assert isinstance(encoder, nn.Module)
-    assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    x = torch.randn(2, 3, 16, 16)
+    linear = encoder[2]
+    assert linear.out_features == 5  # the option reached the factory
+    by_hand = x.mean(dim=(2, 3)) @ linear.weight.T + linear.bias
+    torch.testing.assert_close(encoder(x), by_hand)
 
 
 def test_hook_tiahnm_register_bag_sources(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -354,3 +356,23 @@ def test_augment_is_reproducible_and_in_range():
     assert torch.equal(v1, v2) and v1.shape == x.shape
     assert v1.min() >= 0 and v1.max() <= 1 and not torch.equal(v1, x)
     assert torch.equal(augment(x, torch.Generator(), "none"), x)
+
+
+def test_finetuning_steps_run_under_the_run_precision():
+    """SupCon steps go through ctx.sub: in a bf16 run the encoder and projector
+    compute in bf16, each step changes the encoder, and the loss is finite."""
+    bags = image_bags(4, 5)
+    head = tiny_head()
+    m = miner(neg_ratio=1.0)
+    ctx = ctx_for(head)
+    ctx.sub = sub_training(CPU, dtype=torch.bfloat16)
+    m.on_fit_start(ctx)
+    dtypes = []
+    m.projector.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    before = {k: v.clone() for k, v in head.encoder.state_dict().items()}
+    m.on_round_end(ctx, bags)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert math.isfinite(m.log[-1]["hnm_supcon_loss"])
+    assert any(
+        not torch.equal(before[k], v) for k, v in head.encoder.state_dict().items()
+    )

@@ -142,6 +142,10 @@ def test_a_hand_built_context_refuses_inner_training_by_name():
 def test_inner_fit_takes_the_run_runtime_and_checkpoints_below_it(
     tmp_path, monkeypatch
 ):
+    from tiahnm.runtime import precision
+
+    # bf16 autocast runs on any CPU; the guard wants AMX / AVX-512 bf16 units
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "amx_bf16")
     """Li 2019's out-of-fold models train through ctx.sub: the outer run's CPU
     precision reaches them, and each leaves a resumable checkpoint per round."""
     import tiahnm.training.loop as loop
@@ -172,21 +176,24 @@ def test_inner_fit_takes_the_run_runtime_and_checkpoints_below_it(
     assert all(math.isfinite(r["train_loss"]) for r in res.history)
 
 
-def test_inner_steps_use_the_run_autocast(monkeypatch):
-    entered: list[torch.dtype | None] = []
+def test_inner_step_is_one_optimiser_step_under_the_run_autocast():
+    import copy
+
     sub = sub_training(CPU, dtype=torch.bfloat16)
-    real = sub.autocast
-
-    def autocast():
-        entered.append(sub.dtype)
-        return real()
-
-    monkeypatch.setattr(sub, "autocast", autocast)
+    torch.manual_seed(0)
     lin = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    ref = copy.deepcopy(lin)
+    x = torch.randn(3, 4)
     with sub.autocast():
-        out = lin(torch.ones(2, 4))
-    assert out.dtype is torch.bfloat16 and entered == [torch.bfloat16]
-    before = lin.weight.detach().clone()
-    value = sub.step(opt, list(lin.parameters()), out.float().pow(2).mean())
-    assert math.isfinite(value) and not torch.equal(before, lin.weight)
+        out = lin(x)
+    assert out.dtype is torch.bfloat16
+    loss = out.float().pow(2).mean()
+    # the same step by hand: bf16 autocast forward, backward, w - lr * grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss = ref(x).float().pow(2).mean()
+    ref_loss.backward()
+    want = ref.weight.detach() - 0.1 * ref.weight.grad
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    value = sub.step(opt, list(lin.parameters()), loss)
+    assert value == float(ref_loss)
+    torch.testing.assert_close(lin.weight.detach(), want, rtol=0, atol=0)
