@@ -338,7 +338,8 @@ def report(args: argparse.Namespace) -> None:
             },
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "argv": sys.argv,
-            "commands": [
+            "commands": args.command
+            or [
                 "python benchmarks/hard_mining_compare.py --study mhim --dataset "
                 "mnist10 --repeats 2",
                 "python benchmarks/hard_mining_compare.py --study mhim --dataset "
@@ -357,8 +358,11 @@ def report(args: argparse.Namespace) -> None:
             "variant of a study/dataset; 20% of each training fold for validation "
             "(epoch, and round, by validation loss); threshold 0.5; abmil_gated "
             "(embed 128, attn 64, dropout 0); Adam lr 5e-4, wd 1e-4, cosine, "
-            "patience 15; p-values: two-sided Wilcoxon signed-rank of the per-fold "
-            "differences against the first variant (plain / e2e_plain)",
+            "patience 15; end-to-end variants (e2e_*): encoder_mil = small_cnn "
+            "(out 64, width 16) + abmil_gated (embed 64, attn 32), feature_norm batch "
+            "except e2e_plain/e2e_stable; p-values: two-sided Wilcoxon signed-rank of "
+            "the per-fold differences against the first variant of the study "
+            "(plain / e2e_plain / e2e_featnorm)",
             "results": results,
         },
     )
@@ -384,6 +388,11 @@ def main() -> None:
     p.add_argument("--n-bags", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", action="store_true")
+    p.add_argument(
+        "--command",
+        action="append",
+        help="with --report: a command that produced the runs (repeat; kept in the JSON)",
+    )
     p.add_argument(
         "--out",
         type=Path,
