@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import itertools
 import logging
 import math
@@ -300,6 +301,7 @@ def _sqlite_path(url: str) -> Path | None:
     return None if parsed.database == ":memory:" else Path(parsed.database)
 
 
+@functools.cache
 def _storage_class() -> type:
     """``RDBStorage`` whose trial-state changes hold a file lock beside the database.
 

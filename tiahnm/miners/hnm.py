@@ -73,6 +73,7 @@ from tiahnm.miners.hnm_selection import (
     spl_ratio,
 )
 from tiahnm.miners.options import KEY
+from tiahnm.runtime.checkpoint import cpu_state_dict
 from tiahnm.utils.io import atomic_path
 from tiahnm.utils.options import Options, option, parse
 
@@ -295,7 +296,7 @@ class HNMMiner(Miner):
             base = ctx.generator.initial_seed() if ctx.generator is not None else 0
             self.generator = torch.Generator().manual_seed((base + SEED_OFFSET) % 2**63)
         if self._init_head is None:
-            self._init_head = _cpu_state(head.head)
+            self._init_head = cpu_state_dict(head.head)
         if self.projector is None:
             dim = _out_dim(head)
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
@@ -701,10 +702,6 @@ def _perm(n: int, generator: torch.Generator) -> np.ndarray:
 def _out_dim(head: MILHead) -> int:
     """Width of the patch encoder's features (declared by image heads)."""
     return head.feature_dim
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def _safe(name: str) -> str:

@@ -42,3 +42,8 @@ def load_checkpoint(
         msg = f"{path}: checkpoint is a {type(obj).__name__}, expected a dict."
         raise DataError(msg)
     return obj
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``module``'s state dict (kept while training goes on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

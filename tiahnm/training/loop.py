@@ -203,11 +203,11 @@ class _Run:
     ckpt_path: Path | None
     batched: bool
     train_bags: list[Bag]
-    val_bags: Sequence[Bag] = ()
-    dctx: DistContext = SINGLE
-    task: Task = None  # type: ignore[assignment]  # set by fit before any use
-    generator: torch.Generator = field(default_factory=torch.Generator)
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None
+    val_bags: Sequence[Bag]
+    dctx: DistContext
+    task: Task
+    generator: torch.Generator
+    on_epoch_end: Callable[[dict[str, float]], None] | None
     epoch_seconds: list[float] = field(default_factory=list)
     compiled: bool = False
 
@@ -267,12 +267,23 @@ def fit(
     Returns:
         FitResult: Best state dict, its epoch and the history (the same on every rank).
     """
-    run = _prepare(head, train_bags, cfg, miner, losses, device, checkpoint_dir)
-    run.val_bags, run.on_epoch_end = val_bags, on_epoch_end
-    run.generator = torch.Generator().manual_seed(seed)
-    run.dctx = dist_ctx if dist_ctx is not None else current()
-    run.task = task or _default_task(head)
-    run.task.fit(train_bags)
+    _check_cfg(cfg)
+    task = task or _default_task(head)
+    task.fit(train_bags)
+    run = _prepare(
+        head,
+        train_bags,
+        val_bags,
+        cfg,
+        miner=miner or Miner(),
+        losses=losses,
+        device=device or torch.device("cpu"),
+        checkpoint_dir=checkpoint_dir,
+        dctx=dist_ctx if dist_ctx is not None else current(),
+        task=task,
+        generator=torch.Generator().manual_seed(seed),
+        on_epoch_end=on_epoch_end,
+    )
     saved = _load_resume(run)
     state = TrainingState() if saved is None else _saved_state(run, saved)
     run.train_bags.extend(state.added_bags)
@@ -291,16 +302,20 @@ def fit(
 def _prepare(
     head: MILHead,
     train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
     cfg: TrainConfig,
-    miner: Miner | None,
+    *,
+    miner: Miner,
     losses: Sequence[tuple[BatchLoss, float]],
-    device: torch.device | None,
+    device: torch.device,
     checkpoint_dir: str | Path | None,
+    **fixed: Any,
 ) -> _Run:
-    """Check the settings, place the head, choose the precision."""
-    _check_cfg(cfg)
-    miner = miner or Miner()
-    device = device or torch.device("cpu")
+    """Place the head, choose the precision, build the run.
+
+    ``fixed``: the rest of :class:`_Run` (``dctx``, ``task``, ``generator``,
+    ``on_epoch_end``), as :func:`fit` resolved them.
+    """
     head.to(device)
     bags = list(train_bags)
     dtype = _autocast_dtype(head, bags, device, cfg)
@@ -316,6 +331,8 @@ def _prepare(
         ckpt_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None,
         batched=_can_pad(head, miner, losses) if cfg.pad_batches else False,
         train_bags=bags,
+        val_bags=val_bags,
+        **fixed,
     )
 
 
@@ -729,7 +746,9 @@ class _LoopSubTraining(SubTraining):
         self.device, self.cfg, self.dtype = device, cfg, dtype
         self.dist_ctx, self.round = dist_ctx, round_idx
         self.checkpoint_dir = checkpoint_dir
-        self._scalers: dict[int, torch.amp.GradScaler] = {}
+        # one scaler serves every optimiser a miner steps (GradScaler keeps
+        # per-optimiser state itself)
+        self._scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def fit(
         self,
@@ -790,10 +809,7 @@ class _LoopSubTraining(SubTraining):
         loss: torch.Tensor,
     ) -> float:
         """Backward (scaled under fp16), gradients averaged over processes, step."""
-        scaler = self._scalers.setdefault(
-            id(optimizer),
-            torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16),
-        )
+        scaler = self._scaler
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         all_reduce_gradients(list(params), self.dist_ctx)

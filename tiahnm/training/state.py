@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tiahnm.runtime.checkpoint import cpu_state_dict
+
 if TYPE_CHECKING:  # pragma: no cover
     from tiahnm.data.bag import Bag
 
@@ -96,7 +98,7 @@ class TrainingState:
     ) -> None:
         """Append the epoch's row; keep the head's state when ``score`` improves."""
         if score > self.best.score:
-            self.best = RoundBest(tuple(score), self.epoch, _cpu_state(head), 0)
+            self.best = RoundBest(tuple(score), self.epoch, cpu_state_dict(head), 0)
         else:
             self.best.bad_epochs += 1
         self.history.append(row)
@@ -163,10 +165,6 @@ class TrainingState:
             ),
             added_bags=[_bag_from_dict(item) for item in saved.get("added_bags", [])],
         )
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def _bag_to_dict(bag: Bag) -> dict[str, Any]:
