@@ -64,6 +64,32 @@ def _setup_logging(*, verbose: bool) -> None:
     logging.getLogger("tiahnm").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _suffixes(file_types: str | None) -> tuple[str, ...]:
+    """``--file-types`` as lower-case suffixes (default: every slide format read)."""
+    from tiahnm.slides.reader import SLIDE_SUFFIXES
+
+    if not file_types:
+        return tuple(sorted(SLIDE_SUFFIXES))
+    return tuple(
+        "." + s.strip().lstrip("*").lstrip(".").lower()
+        for s in file_types.split(",")
+        if s.strip()
+    )
+
+
+def _echo_result(result: Any) -> None:
+    """One line per slide as it finishes."""
+    if result.status == "failed":
+        click.echo(f"FAILED  {result.slide}: {result.error}", err=True)
+    elif result.status == "skipped":
+        click.echo(f"skipped {result.slide} (done, {result.n_patches} patches)")
+    else:
+        click.echo(
+            f"done    {result.slide}: {result.n_patches} patches in "
+            f"{result.seconds:.1f} s"
+        )
+
+
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("slides", nargs=-1, type=click.Path(exists=False))
 @click.option(
@@ -259,16 +285,8 @@ def extract(
         raise click.UsageError("give SLIDES (files or folders) or --img-input.")
     _setup_logging(verbose=verbose)
     from tiahnm.slides.extract import ExtractConfig, extract_features
-    from tiahnm.slides.reader import SLIDE_SUFFIXES
     from tiahnm.slides.tiling import TilingConfig
 
-    suffixes = tuple(sorted(SLIDE_SUFFIXES))
-    if file_types:
-        suffixes = tuple(
-            "." + s.strip().lstrip("*").lstrip(".").lower()
-            for s in file_types.split(",")
-            if s.strip()
-        )
     cfg = ExtractConfig(
         tiling=TilingConfig(
             resolution=resolution,
@@ -295,21 +313,9 @@ def extract(
         min_overlap=min_overlap,
         annotation_classes=annotation_classes,
         overwrite=overwrite,
-        suffixes=suffixes,
+        suffixes=_suffixes(file_types),
     )
-
-    def report(result: Any) -> None:
-        if result.status == "failed":
-            click.echo(f"FAILED  {result.slide}: {result.error}", err=True)
-        elif result.status == "skipped":
-            click.echo(f"skipped {result.slide} (done, {result.n_patches} patches)")
-        else:
-            click.echo(
-                f"done    {result.slide}: {result.n_patches} patches in "
-                f"{result.seconds:.1f} s"
-            )
-
-    summary = extract_features(inputs, output_path, cfg, on_result=report)
+    summary = extract_features(inputs, output_path, cfg, on_result=_echo_result)
     info = summary.as_dict()
     rate = info["patches_per_second"]
     click.echo(

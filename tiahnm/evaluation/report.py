@@ -293,18 +293,35 @@ def write_report(
             *inst,
             "",
         ]
-    if roc or cm:
-        lines += ["## Plots", ""]
-        if roc:
-            lines += ["![ROC curve of the pooled test predictions](roc.png)", ""]
-        if cm:
-            lines += [
-                "![Confusion matrix at the validation-chosen thresholds](confusion.png)",
-                "",
-            ]
+    lines += _plots_section(roc, cm)
     if task is not None:
         lines += task.report_sections(out, results, summary)
-    lines += [
+    lines += _folds_section(results)
+    lines += _heatmaps_section(out)
+    path = out / "report.md"
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    return path
+
+
+def _plots_section(roc: Any, cm: Any) -> list[str]:
+    """Links to the ROC and confusion plots that were drawn."""
+    if not (roc or cm):
+        return []
+    lines = ["## Plots", ""]
+    if roc:
+        lines += ["![ROC curve of the pooled test predictions](roc.png)", ""]
+    if cm:
+        lines += [
+            "![Confusion matrix at the validation-chosen thresholds](confusion.png)",
+            "",
+        ]
+    return lines
+
+
+def _folds_section(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One row per fold: best epoch, threshold, test metrics."""
+    lines = [
         "## Folds",
         "",
         "| repeat | fold | best epoch | threshold | AUC | accuracy | F1 | n test |",
@@ -319,29 +336,30 @@ def write_report(
             f"| {r.get('n_test', len(r['predictions']))} |"
         )
     lines.append("")
+    return lines
+
+
+def _heatmaps_section(out: Path) -> list[str]:
+    """The run's heatmaps (the first inline, the rest linked), or how to draw them."""
     heatmaps = sorted(
         p for p in (out / "heatmaps").glob("*.png") if not p.stem.endswith("_overlay")
     )
-    if heatmaps:
-        lines += ["## Heatmaps", ""]
-        for i, p in enumerate(heatmaps):
-            rel = p.relative_to(out).as_posix()
-            if i < MAX_INLINE_HEATMAPS:
-                lines += [f"![{p.stem}]({rel})", ""]
-            else:
-                lines.append(f"- [{p.stem}]({rel})")
-        lines.append("")
-    else:
-        lines += [
+    if not heatmaps:
+        return [
             "Heatmaps: `tiahnm heatmap "
             f"{out} --output-path {out / 'heatmaps'}`, then `tiahnm report {out}` "
             "to link them here.",
             "",
         ]
-    path = out / "report.md"
-    with atomic_open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
-    return path
+    lines = ["## Heatmaps", ""]
+    for i, p in enumerate(heatmaps):
+        rel = p.relative_to(out).as_posix()
+        if i < MAX_INLINE_HEATMAPS:
+            lines += [f"![{p.stem}]({rel})", ""]
+        else:
+            lines.append(f"- [{p.stem}]({rel})")
+    lines.append("")
+    return lines
 
 
 def write_report_safely(

@@ -482,22 +482,7 @@ class Extractor:
                 reader=slide.reader if self.loader_workers(len(tiling)) == 0 else None,
             )
             features, read_s, model_s = self.encode(dataset)
-            info = {
-                "slide_id": sid,
-                "slide_path": str(Path(path).resolve()),  # heatmaps from any folder
-                "level0_dimensions": list(tiling.dimensions),
-                "level0_mpp": slide.mpp,
-                "mpp_source": slide.mpp_source,
-                "objective_power": slide.power,
-                "objective_power_source": slide.power_source,
-                "reader": type(slide.reader).__name__,
-                "n_grid_patches": tiling.n_grid,
-                "mask_scale": tiling.mask_scale,
-                "tiling_info": {
-                    "patch_size_level0": list(tiling.patch_size_level0),
-                    "dimensions": list(tiling.dimensions),
-                },
-            }
+            info = _slide_info(sid, path, slide, tiling)
         finally:
             slide.close()
         t_write = time.perf_counter()
@@ -762,3 +747,23 @@ def _extract_locked(
         write_json(output_dir / "extract_summary.json", summary.as_dict())
     barrier(dctx)  # the merged files exist before any rank returns
     return summary
+
+
+def _slide_info(sid: str, path: Path, slide: Any, tiling: Any) -> dict[str, Any]:
+    """What a feature file records about its slide and tiling."""
+    return {
+        "slide_id": sid,
+        "slide_path": str(Path(path).resolve()),  # heatmaps from any folder
+        "level0_dimensions": list(tiling.dimensions),
+        "level0_mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "objective_power": slide.power,
+        "objective_power_source": slide.power_source,
+        "reader": type(slide.reader).__name__,
+        "n_grid_patches": tiling.n_grid,
+        "mask_scale": tiling.mask_scale,
+        "tiling_info": {
+            "patch_size_level0": list(tiling.patch_size_level0),
+            "dimensions": list(tiling.dimensions),
+        },
+    }
